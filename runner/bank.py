@@ -1,0 +1,237 @@
+"""The memory bank M: the CM math as pure functions, and the bank's own portable file.
+
+Notation follows the paper: Y' is the model's answer, Y the user's (true) label, and
+M[k', k] = 1 iff some user sample had Y' = k' and Y = k. Row k' of M is the refined
+candidate set for a new item the model answers k'. The bank keeps the counts behind M;
+normalising them over Y' for each Y gives the empirical p(Y' | Y).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BANK_FORMAT_VERSION = 1
+EmptyRowPolicy = Literal["keep_initial", "abstain"]
+
+
+class BankError(ValueError):
+    """A memory bank file that cannot be used; the message names the file."""
+
+
+# --- pure CM math -------------------------------------------------------------------------
+
+
+def count_confusions(pairs: Iterable[tuple[str, str]]) -> Counter[tuple[str, str]]:
+    """Counts of (answer Y', truth Y) pairs from the user split."""
+    return Counter(pairs)
+
+
+def binary_matrix(counts: Counter[tuple[str, str]], labels: Sequence[str]) -> list[list[int]]:
+    """M as a K x K 0/1 matrix, rows indexed by the answer k', columns by the truth k."""
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for (answer, truth), count in counts.items():
+        if count > 0:
+            matrix[index[answer]][index[truth]] = 1
+    return matrix
+
+
+def p_answer_given_truth(counts: Counter[tuple[str, str]], labels: Sequence[str]) -> list[list[float]]:
+    """Empirical p(Y' = k' | Y = k) as a K x K matrix [k'][k]; a column with no samples is all 0."""
+    index = {label: i for i, label in enumerate(labels)}
+    totals = Counter[str]()
+    for (_, truth), count in counts.items():
+        totals[truth] += count
+    matrix = [[0.0] * len(labels) for _ in labels]
+    for (answer, truth), count in counts.items():
+        matrix[index[answer]][index[truth]] = count / totals[truth]
+    return matrix
+
+
+def candidate_set(counts: Counter[tuple[str, str]], labels: Sequence[str], answer: str) -> tuple[str, ...]:
+    """Row ``answer`` of M: every truth ever seen behind that answer, in label order."""
+    seen = {truth for (a, truth), count in counts.items() if a == answer and count > 0}
+    return tuple(label for label in labels if label in seen)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What CM does with one first answer Y'.
+
+    ``candidates`` is the refined set C. When ``decided`` is set no second call is needed
+    (C is a single label, or the row was empty and the policy decided); otherwise ask the
+    model again, choosing only from ``candidates``.
+    """
+
+    candidates: tuple[str, ...]
+    decided: str | None
+    needs_second_call: bool
+    fallback: str | None = None
+
+
+def refine(row: Sequence[str], answer: str, empty_row: EmptyRowPolicy = "keep_initial") -> Refinement:
+    """Apply the candidate set ``row`` (row Y' of M) to the first answer ``answer``.
+
+    An empty row means the user split never saw the model give this answer, so the bank
+    has no evidence against it: ``keep_initial`` keeps it, ``abstain`` leaves the item
+    unlabelled. Either way the item is marked ``fallback='empty_row'``.
+    """
+    if not row:
+        decided = answer if empty_row == "keep_initial" else None
+        candidates = (answer,) if empty_row == "keep_initial" else ()
+        return Refinement(candidates, decided, needs_second_call=False, fallback="empty_row")
+    if len(row) == 1:
+        return Refinement(tuple(row), row[0], needs_second_call=False)
+    return Refinement(tuple(row), None, needs_second_call=True)
+
+
+# --- the bank file ------------------------------------------------------------------------
+
+
+class Confusion(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    answer: str = Field(description="The model's answer Y' (a label name).")
+    truth: str = Field(description="The user's label Y (a label name).")
+    count: int = Field(gt=0, description="How many user samples had this (Y', Y) pair.")
+
+
+class UserSplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    fraction: float | None
+    seed: int
+    stratified: bool
+    n_samples: int = Field(ge=0, description="User samples the bank was estimated on.")
+
+
+class MemoryBank(BaseModel):
+    """A portable, human-readable memory bank: label names, provenance and counts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int = BANK_FORMAT_VERSION
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    dataset: str
+    model: str = Field(description="The model G the bank was estimated with.")
+    strategy: str = Field(description="The prompt strategy Z used for the estimate.")
+    user_split: UserSplitInfo
+    labels: list[str] = Field(description="The label set, in index order of the matrix M.")
+    n_unparsed: int = Field(
+        default=0,
+        ge=0,
+        description="User samples whose answer mapped to no label (left out of counts).",
+    )
+    confusions: list[Confusion] = Field(
+        description="Every observed (answer, truth) pair with its count: M[answer, truth] = 1."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MemoryBank:
+        if self.format_version != BANK_FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version} is not supported (expected {BANK_FORMAT_VERSION})")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels are not unique")
+        known = set(self.labels)
+        seen: set[tuple[str, str]] = set()
+        for entry in self.confusions:
+            for role, label in (("answer", entry.answer), ("truth", entry.truth)):
+                if label not in known:
+                    raise ValueError(f"confusion {role} {label!r} is not in labels")
+            if (entry.answer, entry.truth) in seen:
+                raise ValueError(f"confusion ({entry.answer!r}, {entry.truth!r}) is listed twice")
+            seen.add((entry.answer, entry.truth))
+        return self
+
+    @property
+    def counts(self) -> Counter[tuple[str, str]]:
+        return Counter({(c.answer, c.truth): c.count for c in self.confusions})
+
+    @property
+    def n_samples(self) -> int:
+        return self.user_split.n_samples
+
+    def row(self, answer: str) -> tuple[str, ...]:
+        return candidate_set(self.counts, self.labels, answer)
+
+    def rows(self) -> dict[str, tuple[str, ...]]:
+        """Every label's candidate set, computed once (for annotating many items)."""
+        counts = self.counts
+        return {label: candidate_set(counts, self.labels, label) for label in self.labels}
+
+    def matrix(self) -> list[list[int]]:
+        return binary_matrix(self.counts, self.labels)
+
+    def digest(self) -> str:
+        """A content hash of what drives annotation (labels and counts), not of timestamps."""
+        payload = orjson.dumps({"labels": self.labels, "confusions": [c.model_dump() for c in self.confusions]})
+        return hashlib.sha256(payload).hexdigest()
+
+
+def estimate_bank(
+    pairs: Iterable[tuple[str | None, str]],
+    labels: Sequence[str],
+    *,
+    dataset: str,
+    model: str,
+    strategy: str,
+    user_split: UserSplitInfo,
+) -> MemoryBank:
+    """Build the bank from (answer, truth) pairs; answers that mapped to no label are None."""
+    pairs = list(pairs)
+    parsed = [(answer, truth) for answer, truth in pairs if answer is not None]
+    counts = count_confusions(parsed)
+    order = {label: i for i, label in enumerate(labels)}
+    confusions = [
+        Confusion(answer=answer, truth=truth, count=count)
+        for (answer, truth), count in sorted(counts.items(), key=lambda item: (order[item[0][0]], order[item[0][1]]))
+    ]
+    return MemoryBank(
+        dataset=dataset,
+        model=model,
+        strategy=strategy,
+        user_split=user_split,
+        labels=list(labels),
+        n_unparsed=len(pairs) - len(parsed),
+        confusions=confusions,
+    )
+
+
+def save_bank(bank: MemoryBank, path: str | Path) -> None:
+    """Write the bank as indented JSON, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    body = orjson.dumps(bank.model_dump(), option=orjson.OPT_INDENT_2) + b"\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(body)
+    tmp.replace(path)
+
+
+def load_bank(path: str | Path, *, labels: Sequence[str] | None = None) -> MemoryBank:
+    """Read and validate a bank; with ``labels``, also check it was made for that label set."""
+    path = Path(path)
+    try:
+        raw = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise BankError(f"{path}: memory bank not found") from None
+    except orjson.JSONDecodeError as error:
+        raise BankError(f"{path}: memory bank is not valid JSON ({error})") from None
+    try:
+        bank = MemoryBank.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise BankError(f"{path}: invalid memory bank at {key}: {first['msg']}") from None
+    if labels is not None and list(labels) != bank.labels:
+        missing = sorted(set(labels) - set(bank.labels))
+        extra = sorted(set(bank.labels) - set(labels))
+        detail = f"missing {missing}, extra {extra}" if missing or extra else "same labels, other order"
+        raise BankError(f"{path}: memory bank was made for another label set ({detail})")
+    return bank

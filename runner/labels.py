@@ -1,0 +1,97 @@
+"""The label set: readable names for prompts, and mapping whatever a model says back to a label.
+
+Pure functions, no I/O. Raw labels are what the data holds (``card_arrival``,
+``academia.stackexchange.com``, ``GET_EVENT``); readable labels are what the model sees
+(``card arrival``, ``academia``, ``get event``) unless the spec gives descriptions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+_SITE_SUFFIXES = (".stackexchange.com", ".com", ".net", ".org")
+_NON_WORD = re.compile(r"[^0-9a-zà-ÿ]+")
+
+
+def readable(label: str) -> str:
+    """A label as a person would write it: separators become spaces, site suffixes go."""
+    text = label
+    for suffix in _SITE_SUFFIXES:
+        if text.lower().endswith(suffix) and len(text) > len(suffix):
+            text = text[: -len(suffix)]
+            break
+    text = re.sub(r"[_\-./:]+", " ", text).strip()
+    return text.lower() if text.isupper() or "_" in label else text
+
+
+def _normalise(text: str) -> str:
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """An ordered label set with the text shown to the model for each label."""
+
+    labels: tuple[str, ...]
+    shown: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def build(cls, labels: Sequence[str], descriptions: Mapping[str, str] | None = None) -> LabelSet:
+        descriptions = descriptions or {}
+        shown = [descriptions.get(label) or readable(label) for label in labels]
+        # Two labels may read alike after cleaning; fall back to the raw name so each stays unique.
+        counts: dict[str, int] = {}
+        for text in shown:
+            counts[_normalise(text)] = counts.get(_normalise(text), 0) + 1
+        shown = [text if counts[_normalise(text)] == 1 else label for text, label in zip(shown, labels, strict=True)]
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        return cls(tuple(labels), tuple(shown))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    def shown_for(self, labels: Sequence[str]) -> list[str]:
+        lookup = dict(zip(self.labels, self.shown, strict=True))
+        return [lookup[label] for label in labels]
+
+    def parse(self, answer: str | None, allowed: Sequence[str] | None = None) -> str | None:
+        """The label (raw name) an answer means, restricted to ``allowed``; None if it means none.
+
+        Tries, in order: exact shown or raw text, the same after normalising case and
+        punctuation, then a unique allowed label whose text the answer contains (longest wins),
+        then a unique label whose text starts with the answer.
+        """
+        if answer is None:
+            return None
+        candidates = list(allowed) if allowed is not None else list(self.labels)
+        forms = {label: self.shown_for([label])[0] for label in candidates}
+        stripped = answer.strip().strip("\"'`*.").strip()
+        for label, shown in forms.items():
+            if stripped in (shown, label):
+                return label
+        wanted = _normalise(stripped)
+        if not wanted:
+            return None
+        for label, shown in forms.items():
+            if wanted in (_normalise(shown), _normalise(label)):
+                return label
+        padded = f" {wanted} "
+        contained = [
+            (len(_normalise(shown)), label)
+            for label, shown in forms.items()
+            if f" {_normalise(shown)} " in padded or f" {_normalise(label)} " in padded
+        ]
+        if contained:
+            contained.sort(reverse=True)
+            if len(contained) == 1 or contained[0][0] > contained[1][0]:
+                return contained[0][1]
+        prefixed = [label for label, shown in forms.items() if _normalise(shown).startswith(wanted)]
+        if len(prefixed) == 1:
+            return prefixed[0]
+        return None

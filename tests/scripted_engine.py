@@ -1,0 +1,39 @@
+"""A deterministic stand-in for an LLM, for testing the pipeline's bookkeeping quickly.
+
+It answers from a table (text -> answer for the first call; text -> answer for a second call
+restricted to fewer labels) and records every request. The real engines are tested against
+real models in tests/engines and tests/test_e2e.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+from runner.engines.base import ChoiceRequest, Completion
+
+
+class ScriptedEngine:
+    model_id = "scripted"
+
+    def __init__(self, first: dict[str, str], second: dict[str, str] | None = None, n_labels: int | None = None):
+        self.first = first
+        self.second = second or {}
+        self.n_labels = n_labels
+        self.requests: list[ChoiceRequest] = []
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
+        self.requests.extend(requests)
+        completions = []
+        for request in requests:
+            text = request.messages[-1].content
+            is_first = self.n_labels is None or len(request.choices) == self.n_labels
+            answer = (self.first if is_first else self.second).get(text, "no such label")
+            completions.append(Completion(text=answer, prompt_tokens=10, completion_tokens=2))
+        return completions

@@ -1,0 +1,51 @@
+"""`cm-run` as a user meets it: exit codes and messages that name what is wrong."""
+
+import subprocess
+import sys
+
+import pytest
+
+from runner.bank import UserSplitInfo, estimate_bank, save_bank
+from runner.cli import EXIT_INPUT, main
+
+
+def test_bad_spec_exits_2_naming_the_key(write, capsys):
+    path = write("job.yaml", "name: x\nbogus: 1\n")
+    assert main([str(path)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "bogus: unknown key" in err and "dataset: missing required key" in err and str(path) in err
+
+
+def test_missing_data_file_exits_2_before_any_engine_starts(write, tmp_path, capsys):
+    path = write(
+        "job.yaml",
+        f"name: x\ndata_dir: {tmp_path}\ndataset: {{name: x}}\nuser_split: {{path: nope.jsonl}}\n"
+        f"corpus: {{path: nope.jsonl}}\noutput: {{dir: {tmp_path / 'out'}}}\n",
+    )
+    assert main([str(path)]) == EXIT_INPUT
+    assert "nope.jsonl: data file not found" in capsys.readouterr().err
+
+
+def test_bank_show_lists_top_confusions(tmp_path, capsys):
+    split = UserSplitInfo(path="u", fraction=0.05, seed=0, stratified=True, n_samples=3)
+    bank = estimate_bank(
+        [("a", "a"), ("a", "b"), ("a", "b")], ["a", "b"], dataset="d", model="m", strategy="zero_shot", user_split=split
+    )
+    save_bank(bank, tmp_path / "bank.json")
+    assert main(["bank", "show", str(tmp_path / "bank.json")]) == 0
+    out = capsys.readouterr().out
+    assert "answer 'a' -> truth b (2), a (1)" in out and "3 user samples" in out
+
+
+def test_schemas_check_reports_stale_files(tmp_path, capsys):
+    assert main(["schemas", "--dir", str(tmp_path)]) == 0
+    assert main(["schemas", "--check", "--dir", str(tmp_path)]) == 0
+    (tmp_path / "job-spec.schema.json").write_text("{}")
+    assert main(["schemas", "--check", "--dir", str(tmp_path)]) == 1
+    assert "job-spec.schema.json is out of date" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"]])
+def test_console_script_is_installed(args):
+    done = subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, check=True)
+    assert "cm-run" in done.stdout

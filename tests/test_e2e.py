@@ -1,0 +1,81 @@
+"""The README's path for real: `cm-run` on a real dataset slice with the real embedded vLLM engine."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+
+from runner import load_bank
+
+pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("e2e")
+    spec = out / "job.yaml"
+    spec.write_text(
+        f"""
+base: {REPO / "jobs/_base/massive-en-US.yaml"}
+name: e2e-massive
+user_split: {{fraction: 0.01, seed: 0}}
+corpus: {{limit: 40, limit_seed: 1}}
+output: {{dir: {out / "out"}, chunk_size: 16}}
+"""
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "runner.cli", str(spec), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "out", done.stdout
+
+
+def test_outputs_are_written(finished_job):
+    out, stdout = finished_job
+    assert {p.name for p in out.iterdir()} >= {
+        "memory_bank.json",
+        "annotations.parquet",
+        "metrics.json",
+        "manifest.json",
+    }
+    assert "accuracy  baseline (y'):" in stdout and "CM (y_hat):" in stdout
+
+
+def test_bank_is_estimated_on_the_user_split(finished_job):
+    out, _ = finished_job
+    bank = load_bank(out / "memory_bank.json")
+    assert len(bank.labels) == 18 and bank.n_samples == 117 and bank.model == "smollm2-135m-instruct"
+    assert sum(c.count for c in bank.confusions) + bank.n_unparsed == 117
+    estimate = pl.read_parquet(out / "estimate.parquet")
+    assert estimate.height == 117 and estimate["y_prime"].is_in(bank.labels).all()
+
+
+def test_annotations_follow_the_cm_rules(finished_job):
+    out, _ = finished_job
+    table = pl.read_parquet(out / "annotations.parquet")
+    bank = load_bank(out / "memory_bank.json")
+    rows = bank.rows()
+    assert table.height == 40 and table["id"].n_unique() == 40 and table["error"].null_count() == 40
+    for row in table.iter_rows(named=True):
+        expected = list(rows[row["y_prime"]]) or [row["y_prime"]]  # empty row: keep the answer
+        assert row["candidates"] == expected
+        assert row["y_hat"] in row["candidates"]
+        assert row["calls"] == (2 if len(expected) > 1 else 1)  # one candidate: no second call
+
+
+def test_metrics_match_the_parquet(finished_job):
+    out, _ = finished_job
+    metrics = orjson.loads((out / "metrics.json").read_bytes())
+    table = pl.read_parquet(out / "annotations.parquet")
+    assert metrics["n_user"] == 117 and metrics["n_annotated"] == 40
+    assert metrics["accuracy_baseline"] == (table["y_prime"] == table["gold"]).mean()
+    assert metrics["accuracy_cm"] == (table["y_hat"] == table["gold"]).mean()
+    assert metrics["calls_per_item"] == table["calls"].mean()
+    assert metrics["run"]["engine_load_seconds"] > 0 and metrics["run"]["items_per_second"] > 0

@@ -1,0 +1,130 @@
+"""The estimate -> annotate -> evaluate flow, on a tiny dataset and a scripted engine."""
+
+import orjson
+import polars as pl
+import pytest
+
+from runner import load_bank, load_spec, run_job
+from runner.checkpoint import CheckpointError
+from runner.report import compute_metrics
+from tests.scripted_engine import ScriptedEngine
+
+USER = [  # (text, truth, the model's first answer)
+    ("u1", "alarm", "alarm"),
+    ("u2", "iot", "alarm"),  # the model says alarm when the user means iot
+    ("u3", "music", "iot"),  # ... and iot when the user means music
+    ("u4", "music", "music"),
+]
+CORPUS = [  # (text, gold, first answer, second answer when asked again)
+    ("c1", "iot", "alarm", "iot"),  # row 'alarm' = {alarm, iot}: asked again, fixed
+    ("c2", "music", "iot", None),  # row 'iot' = {music}: decided without a second call
+    ("c3", "news", "news", None),  # 'news' never answered on the user split: empty row
+    ("c4", "alarm", "alarm", "alarm"),
+]
+
+
+@pytest.fixture
+def job(tmp_path, write):
+    write("data/user.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y, _ in USER))
+    write("data/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y, *_ in CORPUS))
+    spec_path = write(
+        "job.yaml",
+        f"""
+name: toy
+data_dir: {tmp_path / "data"}
+dataset: {{name: toy, labels: [alarm, iot, music, news]}}
+user_split: {{path: user.jsonl, fraction: null}}
+corpus: {{path: corpus.jsonl}}
+output: {{dir: {tmp_path / "out"}, chunk_size: 3}}
+""",
+    )
+    first = {t: a for t, _, a in USER} | {t: a for t, _, a, _ in CORPUS}
+    second = {t: s for t, _, _, s in CORPUS if s}
+    return load_spec(spec_path), lambda: ScriptedEngine(first, second, n_labels=4)
+
+
+async def test_cm_flow_end_to_end(job, tmp_path):
+    spec, make_engine = job
+    engine = make_engine()
+    result = await run_job(spec, engine=engine)
+
+    bank = load_bank(tmp_path / "out/memory_bank.json")
+    assert bank.rows() == {"alarm": ("alarm", "iot"), "iot": ("music",), "music": ("music",), "news": ()}
+    assert bank.model == "scripted" and bank.n_samples == 4
+
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet").sort("id")
+    assert table["y_prime"].to_list() == ["alarm", "iot", "news", "alarm"]
+    assert table["candidates"].to_list() == [["alarm", "iot"], ["music"], ["news"], ["alarm", "iot"]]
+    assert table["y_hat"].to_list() == ["iot", "music", "news", "alarm"]
+    assert table["calls"].to_list() == [2, 1, 1, 2]  # a single candidate needs no second call
+    assert table["fallback"].to_list() == [None, None, "empty_row", None]
+    assert len(engine.requests) == 4 + 4 + 2  # estimate + first calls + two second calls
+
+    metrics = orjson.loads((tmp_path / "out/metrics.json").read_bytes())
+    assert metrics["accuracy_baseline"] == 0.5 and metrics["accuracy_cm"] == 1.0
+    assert metrics["coverage"] == 1.0 and metrics["calls_per_item"] == 1.5
+    assert metrics["n_user"] == 4 and metrics["n_empty_row_fallback"] == 1
+    assert metrics["candidate_set_size"] == {"mean": 1.5, "median": 1.5, "min": 1, "max": 2}
+    assert metrics == result.metrics
+
+
+async def test_metrics_equal_what_a_reader_recomputes(job, tmp_path):
+    spec, make_engine = job
+    await run_job(spec, engine=make_engine())
+    metrics = orjson.loads((tmp_path / "out/metrics.json").read_bytes())
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    recomputed = {
+        "accuracy_baseline": (table["y_prime"] == table["gold"]).mean(),
+        "accuracy_cm": (table["y_hat"] == table["gold"]).mean(),
+        "coverage": table.select(pl.col("candidates").list.contains(pl.col("gold")).mean()).item(),
+        "calls_per_item": table["calls"].mean(),
+    }
+    assert {k: metrics[k] for k in recomputed} == recomputed
+    assert compute_metrics(table).items() <= metrics.items()
+
+
+async def test_rerun_resumes_without_calling_the_engine_again(job):
+    spec, make_engine = job
+    first = await run_job(spec, engine=make_engine())
+    engine = make_engine()
+    again = await run_job(spec, engine=engine)
+    assert engine.requests == []  # the bank and every shard were reused
+    assert {k: v for k, v in again.metrics.items() if k != "run"} == {
+        k: v for k, v in first.metrics.items() if k != "run"
+    }
+
+
+async def test_cm_disabled_keeps_the_first_answer(job, tmp_path):
+    spec, make_engine = job
+    spec = spec.model_copy(update={"cm": spec.cm.model_copy(update={"enabled": False})})
+    result = await run_job(spec, engine=make_engine())
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_hat"].to_list() == table["y_prime"].to_list()
+    assert result.metrics["calls_per_item"] == 1.0 and not (tmp_path / "out/memory_bank.json").exists()
+
+
+async def test_abstain_policy_leaves_empty_rows_unlabelled(job, tmp_path):
+    spec, make_engine = job
+    spec = spec.model_copy(update={"cm": spec.cm.model_copy(update={"empty_row": "abstain"})})
+    await run_job(spec, engine=make_engine())
+    row = pl.read_parquet(tmp_path / "out/annotations.parquet").filter(pl.col("text") == "c3").row(0, named=True)
+    assert row["y_hat"] is None and row["candidates"] == [] and row["fallback"] == "empty_row"
+
+
+async def test_unparseable_answers_are_recorded_not_dropped(job, tmp_path):
+    spec, _ = job
+    engine = ScriptedEngine({t: a for t, _, a in USER} | {"c1": "something else"}, n_labels=4)
+    result = await run_job(spec, engine=engine)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet").sort("id")
+    assert table.height == 4
+    assert table["error"][0] == "answer 'something else' is not one of the 4 allowed labels"
+    assert result.metrics["n_errors"] == 4  # every corpus row's answer is unknown to this script
+
+
+async def test_a_changed_spec_refuses_to_resume(job):
+    spec, make_engine = job
+    await run_job(spec, engine=make_engine())
+    changed = spec.model_copy(update={"generation": spec.generation.model_copy(update={"max_tokens": 5})})
+    with pytest.raises(CheckpointError, match=r"generation.max_tokens: 32 -> 5.*--restart"):
+        await run_job(changed, engine=make_engine())
+    await run_job(changed, engine=make_engine(), restart=True)
