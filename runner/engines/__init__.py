@@ -8,11 +8,11 @@ from runner.spec import EngineSpec
 
 def make_engine(spec: EngineSpec) -> Engine:
     """The engine a spec asks for (imported lazily: vLLM is heavy and optional)."""
-    if spec.kind == "vllm":
+    if spec.kind == "vllm" and not spec.uses_ray:
         from runner.engines.vllm import VLLMEngine
 
         return VLLMEngine(spec)
-    raise EngineError(f"engine.kind {spec.kind!r} is not supported")
+    raise EngineError(f"engine.kind {spec.kind!r} (replicas/ray) is not supported yet")
 
 
 __all__ = ["ChoiceRequest", "Completion", "Engine", "EngineError", "Message", "make_engine"]
