@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runner.spec import JobSpec
 
 MANIFEST_NAME = "manifest.json"
-SHARDS_DIR = "annotations"
-MANIFEST_FORMAT_VERSION = 1
+PHASES = ("estimate", "annotate")
+SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
+MANIFEST_FORMAT_VERSION = 2
 
 # Keys that change where or how fast a job runs, not what it produces.
 _NOT_MATERIAL = {
@@ -77,8 +78,10 @@ class Manifest(BaseModel):
     spec: dict[str, Any] = Field(description="The material spec keys, flattened.")
     model: str
     bank_digest: str | None = None
-    n_chunks: int | None = None
-    finished_shards: list[int] = Field(default_factory=list)
+    finished_shards: dict[str, list[int]] = Field(
+        default_factory=lambda: {phase: [] for phase in PHASES},
+        description="Per phase, the chunk numbers whose parquet shard is complete on disk.",
+    )
     complete: bool = False
     updated_at: str = ""
 
@@ -89,13 +92,13 @@ class Checkpoint:
     def __init__(self, directory: Path, spec: JobSpec):
         self.directory = directory
         self.spec = spec
-        self.shards = directory / SHARDS_DIR
         self.manifest_path = directory / MANIFEST_NAME
 
     def open(self, *, restart: bool = False) -> Manifest:
         """Create the directory, or check it holds this job's earlier run and resume it."""
         try:
-            self.shards.mkdir(parents=True, exist_ok=True)
+            for name in SHARD_DIRS.values():
+                (self.directory / name).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CheckpointError(f"{self.directory}: output directory cannot be created ({error})") from None
         if not os.access(self.directory, os.W_OK):
@@ -128,11 +131,12 @@ class Checkpoint:
         return previous
 
     def _only_our_layout(self) -> bool:
-        return all(p.name in {SHARDS_DIR} for p in self.directory.iterdir())
+        return all(p.name in SHARD_DIRS.values() for p in self.directory.iterdir())
 
     def _clear(self) -> None:
-        for shard in self.shards.glob("*.parquet"):
-            shard.unlink()
+        for name in SHARD_DIRS.values():
+            for shard in (self.directory / name).glob("*.parquet"):
+                shard.unlink()
         for name in ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json"):
             (self.directory / name).unlink(missing_ok=True)
 
@@ -149,17 +153,18 @@ class Checkpoint:
         manifest.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
         write_atomic(self.manifest_path, orjson.dumps(manifest.model_dump(), option=orjson.OPT_INDENT_2))
 
-    def shard_path(self, number: int) -> Path:
-        return self.shards / f"part-{number:05d}.parquet"
+    def shard_path(self, phase: str, number: int) -> Path:
+        return self.directory / SHARD_DIRS[phase] / f"part-{number:05d}.parquet"
 
-    def write_shard(self, manifest: Manifest, number: int, rows: pl.DataFrame) -> None:
+    def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
         """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
-        tmp = self.shards / f".part-{number:05d}.parquet.tmp"
+        path = self.shard_path(phase, number)
+        tmp = path.with_name(f".{path.name}.tmp")
         rows.write_parquet(tmp)
-        tmp.replace(self.shard_path(number))
-        manifest.finished_shards = sorted({*manifest.finished_shards, number})
+        tmp.replace(path)
+        manifest.finished_shards[phase] = sorted({*manifest.finished_shards.get(phase, []), number})
         self.save(manifest)
 
-    def finished(self, manifest: Manifest) -> set[int]:
+    def finished(self, manifest: Manifest, phase: str) -> set[int]:
         """Shards the manifest records that are also on disk."""
-        return {n for n in manifest.finished_shards if self.shard_path(n).is_file()}
+        return {n for n in manifest.finished_shards.get(phase, []) if self.shard_path(phase, n).is_file()}

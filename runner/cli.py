@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from runner.bank import BankError, load_bank
 from runner.checkpoint import CheckpointError
@@ -25,6 +28,34 @@ from runner.spec import SpecError, load_spec
 EXIT_INPUT = 2
 EXIT_ENGINE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+T = TypeVar("T")
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (a scheduler or `kill` stopping the job)."""
+
+
+async def _stoppable(job: Coroutine[Any, Any, T]) -> T:
+    """Run ``job`` so SIGTERM stops it like Ctrl-C: cancelled, engine shut down, finished shards kept."""
+    task = asyncio.ensure_future(job)
+    terminated = False
+
+    def stop() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if terminated:
+            raise _Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,14 +80,16 @@ def _run(args: argparse.Namespace) -> int:
             bars.update(tasks[phase], completed=done)
 
         with bars:
-            result = asyncio.run(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress))
+            result = asyncio.run(
+                _stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress))
+            )
     else:
 
         def log(phase: str, done: int, total: int) -> None:
             if not args.quiet:
                 print(f"cm-run: {phase} {done}/{total}", file=sys.stderr)
 
-        result = asyncio.run(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=log))
+        result = asyncio.run(_stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=log)))
     for line in summary_lines(result.metrics):
         print(line)
     print(f"outputs in {result.output_dir}/ (memory_bank.json, annotations.parquet, metrics.json)")
@@ -143,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] not in commands:
         argv.insert(0, "run")  # `cm-run jobs/x.yaml` is `cm-run run jobs/x.yaml`
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="cm-run: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except (SpecError, DataError, BankError, CheckpointError) as error:
@@ -151,12 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EngineError as error:
         print(f"cm-run: engine error: {error}", file=sys.stderr)
         return EXIT_ENGINE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:
         print(
-            "cm-run: interrupted; finished shards are saved. Rerun the same command to resume.",
+            "cm-run: stopped; every finished chunk is saved. Rerun the same command to resume "
+            "(add --restart to start over).",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(stop, _Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

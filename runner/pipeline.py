@@ -8,9 +8,10 @@ first calls of some items with second calls of others instead of waiting at a ba
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from runner.labels import LabelSet
 from runner.report import ANNOTATION_SCHEMA, compute_metrics
 from runner.spec import JobSpec
 from runner.strategies import Strategy, make_strategy
+
+logger = logging.getLogger("runner")
 
 BANK_FILE = "memory_bank.json"
 ESTIMATE_FILE = "estimate.parquet"
@@ -52,6 +55,7 @@ class _Inputs:
     user: UserSplit
     labels: LabelSet
     corpus: Corpus
+    labels_without_user_samples: list[str]
 
 
 def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> _Inputs:
@@ -61,7 +65,33 @@ def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> _Inputs:
     labels = LabelSet.build(user.labels, spec.dataset.label_descriptions)
     corpus_path = spec.resolve_data_path(spec.corpus.path, data_dir)
     corpus = Corpus(corpus_path, spec.dataset, spec.corpus, user.labels)
-    return _Inputs(user=user, labels=labels, corpus=corpus)
+    absent = sorted(set(user.labels) - set(user.rows["label"].unique().to_list()))
+    if absent:
+        # Such a label is never a truth in M, so no candidate set can hold it: CM can only output it
+        # through the empty-row fallback. Worth knowing before paying for a run.
+        logger.warning(
+            "%d label(s) have no sample in the user split and cannot be recovered by CM: %s",
+            len(absent),
+            ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else ""),
+        )
+    return _Inputs(user=user, labels=labels, corpus=corpus, labels_without_user_samples=absent)
+
+
+def _prompt_texts(rows: pl.DataFrame, max_chars: int | None) -> list[str]:
+    texts = rows["text"]
+    return (texts.str.slice(0, max_chars) if max_chars else texts).to_list()
+
+
+async def _estimate_chunk(
+    rows: pl.DataFrame, engine: Engine, strategy: Strategy, labels: LabelSet, max_chars: int | None
+) -> pl.DataFrame:
+    answers = await strategy.classify(engine, _prompt_texts(rows, max_chars), [labels.labels] * rows.height)
+    return rows.with_columns(
+        pl.Series("y_prime", [a.label for a in answers], dtype=pl.String),
+        pl.Series("raw_answer", [a.raw for a in answers], dtype=pl.String),
+        pl.Series("error", [a.error for a in answers], dtype=pl.String),
+        pl.Series("error_kind", [a.error_kind for a in answers], dtype=pl.String),
+    )
 
 
 async def estimate_phase(
@@ -69,29 +99,32 @@ async def estimate_phase(
     engine: Engine,
     strategy: Strategy,
     inputs: _Inputs,
-    output_dir: Path,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
     progress: Progress | None = None,
 ) -> MemoryBank:
-    """Run G under Z on every user sample and count (Y', Y) pairs into the memory bank."""
+    """Run G under Z on every user sample and count (Y', Y) pairs into the memory bank.
+
+    Answers are checkpointed in chunks, so an interrupted estimate resumes where it stopped.
+    """
     rows = inputs.user.rows
-    all_labels = inputs.labels.labels
-    answers = []
     step = spec.output.chunk_size
-    for start in range(0, rows.height, step):
-        texts = rows["text"].slice(start, step).to_list()
-        answers += await strategy.classify(engine, texts, [all_labels] * len(texts))
-        if progress:
-            progress("estimate", min(start + step, rows.height), rows.height)
-    estimate = rows.with_columns(
-        pl.Series("y_prime", [a.label for a in answers], dtype=pl.String),
-        pl.Series("raw_answer", [a.raw for a in answers], dtype=pl.String),
-        pl.Series("error", [a.error for a in answers], dtype=pl.String),
+    chunks = list(enumerate(rows.slice(start, step) for start in range(0, rows.height, step)))
+    await _run_chunks(
+        "estimate",
+        chunks,
+        rows.height,
+        lambda chunk: _estimate_chunk(chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars),
+        checkpoint,
+        manifest,
+        progress,
     )
-    estimate.write_parquet(output_dir / ESTIMATE_FILE)
+    estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
+    estimate.write_parquet(checkpoint.directory / ESTIMATE_FILE)
     split = spec.user_split
     return estimate_bank(
         zip(estimate["y_prime"].to_list(), estimate["label"].to_list(), strict=True),
-        all_labels,
+        inputs.labels.labels,
         dataset=spec.dataset.name,
         model=engine.model_id,
         strategy=strategy.name,
@@ -105,6 +138,36 @@ async def estimate_phase(
     )
 
 
+async def _run_chunks(
+    phase: str,
+    chunks: Iterable[tuple[int, pl.DataFrame]],
+    total: int,
+    work: Callable[[pl.DataFrame], Awaitable[pl.DataFrame]],
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    progress: Progress | None,
+) -> int:
+    """Do ``work`` on each chunk not yet on disk, and redo rows an engine failed on; rows worked on."""
+    finished = checkpoint.finished(manifest, phase)
+    done = worked = 0
+    for number, chunk in chunks:
+        if number not in finished:
+            checkpoint.write_shard(manifest, phase, number, await work(chunk))
+            worked += chunk.height
+        else:
+            shard = pl.read_parquet(checkpoint.shard_path(phase, number))
+            failed = shard.filter(pl.col("error_kind") == "engine")["id"]
+            if failed.len():  # transient failures of an earlier run (timeouts, retries exhausted)
+                redone = await work(chunk.filter(pl.col("id").is_in(failed.implode())))
+                merged = shard.update(redone, on="id", include_nulls=True)
+                checkpoint.write_shard(manifest, phase, number, merged)
+                worked += redone.height
+        done += chunk.height
+        if progress:
+            progress(phase, done, total)
+    return worked
+
+
 async def annotate_rows(
     rows: pl.DataFrame,
     engine: Engine,
@@ -112,6 +175,7 @@ async def annotate_rows(
     labels: LabelSet,
     bank_rows: dict[str, tuple[str, ...]] | None,
     empty_row: str = "keep_initial",
+    max_chars: int | None = None,
 ) -> pl.DataFrame:
     """CM on a chunk: Y' from all labels, C = row Y' of M, then Y_hat = G(X, C) when |C| > 1."""
 
@@ -126,6 +190,7 @@ async def annotate_rows(
             "completion_tokens": first.completion_tokens,
             "fallback": None,
             "error": first.error,
+            "error_kind": first.error_kind,
         }
         if first.label is None:
             return record
@@ -144,10 +209,11 @@ async def annotate_rows(
             prompt_tokens=record["prompt_tokens"] + second.prompt_tokens,
             completion_tokens=record["completion_tokens"] + second.completion_tokens,
             error=second.error,
+            error_kind=second.error_kind,
         )
         return record
 
-    records = await asyncio.gather(*(one(text) for text in rows["text"].to_list()))
+    records = await asyncio.gather(*(one(text) for text in _prompt_texts(rows, max_chars)))
     answer_schema = {k: v for k, v in ANNOTATION_SCHEMA.items() if k not in ("id", "text", "gold")}
     answers = pl.DataFrame(records, schema=answer_schema)
     base = rows.select("id", "text", pl.col("label").alias("gold"))
@@ -179,7 +245,7 @@ async def _bank_phase(
         bank = load_bank(bank_path, labels=inputs.labels.labels)
         if bank.digest() == manifest.bank_digest:
             return bank  # estimated by an earlier, interrupted run of this job
-    bank = await estimate_phase(spec, engine, strategy, inputs, checkpoint.directory, progress)
+    bank = await estimate_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
     save_bank(bank, bank_path)
     manifest.bank_digest = bank.digest()
     checkpoint.save(manifest)
@@ -212,19 +278,18 @@ async def run_job(
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 
         bank_rows = bank.rows() if bank is not None else None
-        done = checkpoint.finished(manifest)
-        chunks = list(range((inputs.corpus.height + spec.output.chunk_size - 1) // spec.output.chunk_size))
-        manifest.n_chunks = len(chunks)
         started = time.perf_counter()
-        annotated_now = 0
-        for number, rows in inputs.corpus.chunks(spec.output.chunk_size):
-            if number not in done:
-                shard = await annotate_rows(rows, engine, strategy, inputs.labels, bank_rows, spec.cm.empty_row)
-                checkpoint.write_shard(manifest, number, shard)
-                annotated_now += rows.height
-            if progress:
-                total = inputs.corpus.height
-                progress("annotate", min((number + 1) * spec.output.chunk_size, total), total)
+        annotated_now = await _run_chunks(
+            "annotate",
+            inputs.corpus.chunks(spec.output.chunk_size),
+            inputs.corpus.height,
+            lambda rows: annotate_rows(
+                rows, engine, strategy, inputs.labels, bank_rows, spec.cm.empty_row, spec.dataset.max_text_chars
+            ),
+            checkpoint,
+            manifest,
+            progress,
+        )
         elapsed = time.perf_counter() - started
         run["annotate_seconds"] = round(elapsed, 2)
         run["items_annotated_this_run"] = annotated_now
@@ -234,7 +299,8 @@ async def run_job(
             await engine.__aexit__(None, None, None)
 
     annotations_path = checkpoint.directory / ANNOTATIONS_FILE
-    shard_paths = [checkpoint.shard_path(n) for n in chunks]
+    n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
+    shard_paths = [checkpoint.shard_path("annotate", n) for n in range(n_chunks)]
     if shard_paths:  # streamed shard to file: the corpus is never whole in memory
         pl.scan_parquet(shard_paths).sink_parquet(annotations_path)
     else:
@@ -247,6 +313,7 @@ async def run_job(
         "user_fraction": spec.user_split.fraction,
         "user_seed": spec.user_split.seed,
         "cm_enabled": spec.cm.enabled,
+        "labels_without_user_samples": inputs.labels_without_user_samples,
         **compute_metrics(annotations),
         "run": {**run, **_peak_rss_mb()},
     }

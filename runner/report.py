@@ -22,6 +22,7 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "completion_tokens": pl.Int64(),
     "fallback": pl.String(),
     "error": pl.String(),
+    "error_kind": pl.String(),  # "engine" (redone on resume) or "unparsed" (the model's answer fit no label)
 }
 
 

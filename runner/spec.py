@@ -42,6 +42,13 @@ class DatasetSpec(_Strict):
         default_factory=dict,
         description="Optional human-readable text for labels, shown to the model instead of the raw name.",
     )
+    max_text_chars: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description=(
+            "Texts longer than this are truncated before prompting. Unset: a text too long for the "
+            "model's context fails its row (error_kind 'rejected') and the job goes on."
+        ),
+    )
 
     @field_validator("labels")
     @classmethod

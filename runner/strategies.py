@@ -27,6 +27,9 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # "engine": the call failed and may succeed later; "rejected": it cannot (e.g. too long for the
+    # context); "unparsed": the model's answer fit no allowed label
+    error_kind: str | None = None
 
 
 class Strategy(Protocol):
@@ -63,9 +66,12 @@ class ZeroShot:
         answers = []
         for completion, labels in zip(completions, allowed, strict=True):
             label = self.labels.parse(completion.text, labels) if completion.error is None else None
-            error = completion.error
+            error, error_kind = completion.error, None
+            if error is not None:
+                error_kind = "engine" if completion.retryable else "rejected"
             if error is None and label is None:
                 error = f"answer {completion.text!r} is not one of the {len(labels)} allowed labels"
+                error_kind = "unparsed"
             answers.append(
                 Answer(
                     label=label,
@@ -74,6 +80,7 @@ class ZeroShot:
                     prompt_tokens=completion.prompt_tokens,
                     completion_tokens=completion.completion_tokens,
                     error=error,
+                    error_kind=error_kind,
                 )
             )
         return answers

@@ -16,10 +16,20 @@ from runner.engines.base import ChoiceRequest, Completion
 class ScriptedEngine:
     model_id = "scripted"
 
-    def __init__(self, first: dict[str, str], second: dict[str, str] | None = None, n_labels: int | None = None):
+    def __init__(
+        self,
+        first: dict[str, str],
+        second: dict[str, str] | None = None,
+        n_labels: int | None = None,
+        *,
+        crash_after: int | None = None,
+        failing: set[str] = frozenset(),
+    ):
         self.first = first
         self.second = second or {}
         self.n_labels = n_labels
+        self.crash_after = crash_after  # raise after this many requests: a process dying mid-job
+        self.failing = failing  # texts whose calls fail as a timed-out request would
         self.requests: list[ChoiceRequest] = []
 
     async def __aenter__(self) -> Self:
@@ -32,7 +42,12 @@ class ScriptedEngine:
         self.requests.extend(requests)
         completions = []
         for request in requests:
+            if self.crash_after is not None and len(self.requests) > self.crash_after:
+                raise RuntimeError("engine died")
             text = request.messages[-1].content
+            if text in self.failing:
+                completions.append(Completion(text=None, error="timed out after 3 retries"))
+                continue
             is_first = self.n_labels is None or len(request.choices) == self.n_labels
             answer = (self.first if is_first else self.second).get(text, "no such label")
             completions.append(Completion(text=answer, prompt_tokens=10, completion_tokens=2))

@@ -40,6 +40,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    retryable: bool = True  # False when asking again cannot help (e.g. the prompt is longer than the context)
 
 
 @runtime_checkable

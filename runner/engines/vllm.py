@@ -108,7 +108,7 @@ class VLLMEngine:
                 async for output in self._engine.generate(prompt, self._sampling(request), request_id):
                     final = output
             except ValueError as error:  # vLLM rejects e.g. prompts longer than the context
-                return Completion(text=None, error=f"rejected by vLLM: {error}")
+                return Completion(text=None, error=f"rejected by vLLM: {error}", retryable=False)
         assert final is not None
         generated = final.outputs[0]
         return Completion(

@@ -1,0 +1,164 @@
+"""Resume: what a rerun keeps, what it redoes, and what it refuses."""
+
+import hashlib
+
+import orjson
+import polars as pl
+import pytest
+
+from runner import load_spec, run_job
+from runner.bank import BankError
+from runner.checkpoint import CheckpointError
+from runner.data import DataError
+from tests.scripted_engine import ScriptedEngine
+
+N_USER, N_CORPUS = 10, 23
+LABELS = ["a", "b", "c"]
+
+
+@pytest.fixture
+def job(tmp_path, write):
+    user = "".join(orjson.dumps({"text": f"u{i}", "label": LABELS[i % 3]}).decode() + "\n" for i in range(N_USER))
+    corpus = "".join(orjson.dumps({"text": f"c{i}", "label": LABELS[i % 3]}).decode() + "\n" for i in range(N_CORPUS))
+    write("data/user.jsonl", user)
+    write("data/corpus.jsonl", corpus)
+    spec = load_spec(
+        write(
+            "job.yaml",
+            f"""
+name: resume
+data_dir: {tmp_path / "data"}
+dataset: {{name: toy}}
+user_split: {{path: user.jsonl, fraction: null}}
+corpus: {{path: corpus.jsonl}}
+output: {{dir: {tmp_path / "out"}, chunk_size: 4}}
+""",
+        )
+    )
+    # The model answers 'a' for everything but multiples of 3 ('b'); second calls pick 'c'.
+    first = {f"{p}{i}": ("b" if i % 3 == 0 else "a") for p in "uc" for i in range(max(N_USER, N_CORPUS))}
+    second = {f"c{i}": "c" for i in range(N_CORPUS)}
+    return spec, lambda **kw: ScriptedEngine(first, second, n_labels=3, **kw)
+
+
+def snapshot(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+async def test_interrupted_annotate_resumes_and_matches_an_uninterrupted_run(job, tmp_path):
+    spec, engine = job
+    reference = await run_job(
+        spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "ref")})}),
+        engine=engine(),
+    )
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        await run_job(spec, engine=engine(crash_after=N_USER + 14))  # estimate done, two chunks annotated
+    manifest = orjson.loads((tmp_path / "out/manifest.json").read_bytes())
+    assert manifest["finished_shards"]["annotate"] == [0, 1] and not manifest["complete"]
+
+    resumed_engine = engine()
+    resumed = await run_job(spec, engine=resumed_engine)
+    texts = [r.messages[-1].content for r in resumed_engine.requests]
+    assert not any(t.startswith("u") for t in texts)  # the bank was reused, not re-estimated
+    assert not {f"c{i}" for i in range(8)} & set(texts)  # finished chunks were not paid for again
+    ours = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    theirs = pl.read_parquet(tmp_path / "ref/annotations.parquet")
+    assert ours.equals(theirs)
+    assert resumed.metrics["accuracy_cm"] == reference.metrics["accuracy_cm"]
+
+
+async def test_interrupted_estimate_resumes_that_phase(job, tmp_path):
+    spec, engine = job
+    with pytest.raises(RuntimeError):
+        await run_job(spec, engine=engine(crash_after=5))  # one estimate chunk of 4 done
+    assert orjson.loads((tmp_path / "out/manifest.json").read_bytes())["finished_shards"]["estimate"] == [0]
+    resumed_engine = engine()
+    await run_job(spec, engine=resumed_engine)
+    estimated = [r.messages[-1].content for r in resumed_engine.requests if r.messages[-1].content.startswith("u")]
+    assert estimated == [f"u{i}" for i in range(4, N_USER)]
+
+
+async def test_rows_an_engine_failed_on_are_redone_on_rerun(job, tmp_path):
+    spec, engine = job
+    first = await run_job(spec, engine=engine(failing={"c5", "c17"}))
+    assert first.metrics["n_errors"] == 2
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table.filter(pl.col("error").is_not_null())["error_kind"].to_list() == ["engine", "engine"]
+
+    rerun_engine = engine()
+    again = await run_job(spec, engine=rerun_engine)
+    assert sorted({r.messages[-1].content for r in rerun_engine.requests}) == ["c17", "c5"]
+    assert again.metrics["n_errors"] == 0
+    assert pl.read_parquet(tmp_path / "out/annotations.parquet")["id"].to_list() == [str(i) for i in range(N_CORPUS)]
+
+
+async def test_a_shard_on_disk_but_not_in_the_manifest_is_redone(job, tmp_path):
+    """A kill between a shard's rename and the manifest update leaves exactly this state."""
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    manifest_path = tmp_path / "out/manifest.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    manifest["finished_shards"]["annotate"].remove(3)
+    manifest["complete"] = False
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    rerun_engine = engine()
+    await run_job(spec, engine=rerun_engine)
+    assert {r.messages[-1].content for r in rerun_engine.requests} == {f"c{i}" for i in range(12, 16)}
+
+
+async def test_bad_input_leaves_earlier_output_untouched(job, tmp_path, write):
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    before = snapshot(tmp_path / "out")
+    good_corpus = (tmp_path / "data/corpus.jsonl").read_text()
+    write("data/corpus.jsonl", '{"text": "x", "label": "a"}\n{"text": "", "label": "a"}\n')
+    with pytest.raises(DataError, match="empty or null text"):
+        await run_job(spec, engine=engine())
+    write("data/corpus.jsonl", good_corpus)
+    changed = spec.model_copy(update={"generation": spec.generation.model_copy(update={"temperature": 0.7})})
+    with pytest.raises(CheckpointError, match=r"generation\.temperature: 0\.0 -> 0\.7"):
+        await run_job(changed, engine=engine())
+    assert snapshot(tmp_path / "out") == before
+
+
+async def test_corrupt_manifest_and_bank_are_named(job, tmp_path):
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    (tmp_path / "out/memory_bank.json").write_text('{"labels": ')
+    with pytest.raises(BankError, match=r"memory_bank\.json: memory bank is not valid JSON"):
+        await run_job(spec, engine=engine())
+    (tmp_path / "out/manifest.json").write_text("not json")
+    with pytest.raises(CheckpointError, match=r"manifest.json: corrupt manifest .* --restart"):
+        await run_job(spec, engine=engine())
+    await run_job(spec, engine=engine(), restart=True)
+
+
+async def test_output_dir_that_is_not_ours_or_not_a_directory(job, tmp_path, write):
+    spec, engine = job
+    write("out/thesis.tex", "precious")
+    with pytest.raises(CheckpointError, match="not a cm-run output directory"):
+        await run_job(spec, engine=engine())
+    assert (tmp_path / "out/thesis.tex").read_text() == "precious"
+    blocked = spec.model_copy(
+        update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "out/thesis.tex/x")})}
+    )
+    with pytest.raises(CheckpointError, match="cannot be created"):
+        await run_job(blocked, engine=engine())
+
+
+async def test_labels_missing_from_the_user_split_are_reported(job, tmp_path, caplog):
+    spec, engine = job
+    spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"labels": [*LABELS, "d"]})})
+    result = await run_job(spec, engine=engine())
+    assert result.metrics["labels_without_user_samples"] == ["d"]
+    assert "1 label(s) have no sample in the user split and cannot be recovered by CM: d" in caplog.text
+
+
+async def test_long_texts_are_truncated_when_asked(job, tmp_path):
+    spec, engine = job
+    spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"max_text_chars": 2})})
+    recorder = engine()
+    await run_job(spec, engine=recorder)
+    assert {len(r.messages[-1].content) for r in recorder.requests} == {2}
+    assert pl.read_parquet(tmp_path / "out/annotations.parquet")["text"][12] == "c12"  # outputs keep the full text
