@@ -1,0 +1,137 @@
+"""Probabilistic memory banks: the counts the binary M throws away, and priors that know X.
+
+Pure functions over numpy arrays, no I/O. Labels are indices 0..K-1. ``counts[k', k]`` is
+how many user samples had answer Y' = k' and truth Y = k (the bank's confusions).
+
+The paper marginalises over Y' with a class-level, binary M. Written as Bayes' rule,
+
+    p(Y = k | Y' = k', X)  ∝  p(Y' = k' | Y = k, X) · p(Y = k | X)
+
+the binary M keeps only whether the likelihood is non-zero and drops the prior. Here:
+
+- ``likelihood``: p(Y' | Y) from counts, Dirichlet-smoothed (class level);
+- ``instance_likelihood``: p(Y' | Y, X) from the counts of the user samples nearest to X,
+  blended with the class-level counts when few neighbours are close (the paper's M(X));
+- ``class_prior`` / ``neighbour_prior``: p(Y) from the user split, or p(Y | X) from the
+  labels of X's nearest user samples;
+- ``posterior`` combines one likelihood row with one prior; ``mass_candidates`` keeps the
+  smallest set of labels whose posterior mass reaches tau.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+def count_matrix(answers: Sequence[int], truths: Sequence[int], n_labels: int) -> FloatArray:
+    """counts[k', k] from parallel index sequences (an answer of -1, unparsed, is left out)."""
+    counts = np.zeros((n_labels, n_labels))
+    for answer, truth in zip(answers, truths, strict=True):
+        if answer >= 0:
+            counts[answer, truth] += 1
+    return counts
+
+
+def likelihood(counts: FloatArray, alpha: float = 0.1) -> FloatArray:
+    """p(Y' = k' | Y = k) as L[k', k]: each truth's column of counts plus alpha, normalised over k'."""
+    smoothed = counts + alpha
+    return smoothed / smoothed.sum(axis=0, keepdims=True)
+
+
+def class_prior(counts: FloatArray, beta: float = 1.0) -> FloatArray:
+    """p(Y = k) from how often each truth occurs on the user split, plus beta."""
+    truths = counts.sum(axis=0) + beta
+    return truths / truths.sum()
+
+
+def nearest(similarities: FloatArray, k: int, exclude: int | None = None) -> IntArray:
+    """Indices of the k most similar user samples, most similar first (optionally leaving one out)."""
+    sims = similarities.astype(float, copy=True)
+    if exclude is not None:
+        sims[exclude] = -np.inf
+    k = min(k, int(np.isfinite(sims).sum()))
+    top = np.argpartition(-sims, k - 1)[:k] if k else np.array([], dtype=np.int64)
+    return top[np.argsort(-sims[top], kind="stable")]
+
+
+def neighbour_prior(
+    similarities: FloatArray,
+    user_truths: IntArray,
+    n_labels: int,
+    k: int = 10,
+    beta: float = 0.1,
+    exclude: int | None = None,
+) -> FloatArray:
+    """p(Y | X) from the labels of X's k nearest user samples, weighted by (positive) similarity."""
+    top = nearest(similarities, k, exclude)
+    weights = np.clip(similarities[top], 0.0, None)
+    votes = np.bincount(user_truths[top], weights=weights, minlength=n_labels) + beta
+    return votes / votes.sum()
+
+
+def instance_likelihood(
+    similarities: FloatArray,
+    user_answers: IntArray,
+    user_truths: IntArray,
+    class_counts: FloatArray,
+    k: int = 20,
+    alpha: float = 0.1,
+    blend: float = 5.0,
+    exclude: int | None = None,
+) -> FloatArray:
+    """p(Y' | Y, X): counts of X's k nearest user samples plus the class-level counts.
+
+    The class-level counts are scaled to a pseudo-count of ``blend`` samples per truth, so a
+    truth with several close neighbours is described by them, and one with none falls back
+    to how the model errs on that class overall.
+    """
+    top = nearest(similarities, k, exclude)
+    weights = np.clip(similarities[top], 0.0, None)
+    local = np.zeros_like(class_counts)
+    parsed = user_answers[top] >= 0
+    np.add.at(local, (user_answers[top][parsed], user_truths[top][parsed]), weights[parsed])
+    column_totals = class_counts.sum(axis=0, keepdims=True)
+    shrunk = np.divide(class_counts, column_totals, out=np.zeros_like(class_counts), where=column_totals > 0)
+    return likelihood(local + blend * shrunk, alpha)
+
+
+def posterior(likelihood_row: FloatArray, prior: FloatArray) -> FloatArray:
+    """p(Y | Y' = k', X) ∝ p(Y' = k' | Y, X) p(Y | X): one row of a likelihood times a prior."""
+    joint = likelihood_row * prior
+    total = joint.sum()
+    return joint / total if total > 0 else np.full_like(prior, 1.0 / len(prior))
+
+
+def mass_candidates(probabilities: FloatArray, tau: float) -> IntArray:
+    """The smallest set of labels, most probable first, whose probability mass reaches tau."""
+    order = np.argsort(-probabilities, kind="stable")
+    cumulative = np.cumsum(probabilities[order])
+    size = int(np.searchsorted(cumulative, tau - 1e-12) + 1)
+    return order[: min(size, len(order))]
+
+
+def calibrate_tau(
+    held_out_posteriors: FloatArray,
+    truths: IntArray,
+    coverage: float,
+    grid: Sequence[float] = tuple(np.round(np.arange(0.05, 1.0001, 0.025), 3)),
+) -> float:
+    """The smallest mass threshold tau whose candidate sets hold the truth for ``coverage`` of samples.
+
+    ``held_out_posteriors`` are leave-one-out posteriors on the user split (one row per sample),
+    so tau is chosen on data the bank did not see: posteriors from small counts are rarely
+    calibrated, and a mass of 0.9 seldom means 90% coverage.
+    """
+    for tau in grid:
+        covered = np.mean(
+            [truth in mass_candidates(row, tau) for row, truth in zip(held_out_posteriors, truths, strict=True)]
+        )
+        if covered >= coverage:
+            return float(tau)
+    return 1.0

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from runner.posterior import (
+    calibrate_tau,
+    class_prior,
+    count_matrix,
+    instance_likelihood,
+    likelihood,
+    mass_candidates,
+    nearest,
+    neighbour_prior,
+    posterior,
+)
+
+
+def test_counts_leave_out_unparsed_answers():
+    counts = count_matrix([0, 0, 1, -1], [0, 1, 1, 0], 2)
+    assert counts.tolist() == [[1, 1], [0, 1]]
+
+
+def test_likelihood_columns_are_distributions_over_answers():
+    counts = np.array([[8.0, 0.0], [2.0, 0.0]])
+    table = likelihood(counts, alpha=0.0 + 1e-9)
+    assert table[:, 0] == pytest.approx([0.8, 0.2])
+    assert likelihood(counts, alpha=1.0)[:, 1] == pytest.approx([0.5, 0.5])  # an unseen truth: uniform
+
+
+def test_posterior_weighs_the_answer_by_how_common_each_truth_is():
+    """The model says 0 for 90% of truth-0 items and for 50% of truth-1 items; truth 1 is 4x as common."""
+    counts = np.array([[9.0, 20.0], [1.0, 20.0]])
+    post = posterior(likelihood(counts, alpha=1e-9)[0], class_prior(counts, beta=0.0))
+    # p(Y=0|Y'=0) ∝ 0.9 * 0.2 = 0.18 ; p(Y=1|Y'=0) ∝ 0.5 * 0.8 = 0.40
+    assert post == pytest.approx([0.18 / 0.58, 0.40 / 0.58])
+
+
+def test_mass_candidates_is_the_smallest_set_reaching_tau():
+    probs = np.array([0.1, 0.6, 0.25, 0.05])
+    assert mass_candidates(probs, 0.5).tolist() == [1]
+    assert mass_candidates(probs, 0.85).tolist() == [1, 2]
+    assert mass_candidates(probs, 0.86).tolist() == [1, 2, 0]
+    assert mass_candidates(probs, 1.0).tolist() == [1, 2, 0, 3]
+
+
+def test_nearest_orders_by_similarity_and_can_leave_one_out():
+    sims = np.array([0.2, 0.9, 0.5, 0.95])
+    assert nearest(sims, 2).tolist() == [3, 1]
+    assert nearest(sims, 2, exclude=3).tolist() == [1, 2]
+    assert nearest(sims, 10).tolist() == [3, 1, 2, 0]
+
+
+def test_neighbour_prior_votes_by_similarity():
+    sims = np.array([0.9, 0.8, 0.1, -0.5])
+    truths = np.array([2, 2, 0, 1])
+    prior = neighbour_prior(sims, truths, n_labels=3, k=3, beta=0.0 + 1e-9)
+    assert prior.argmax() == 2 and prior[1] == pytest.approx(0, abs=1e-6)  # not among the 3 nearest
+    assert prior.sum() == pytest.approx(1.0)
+
+
+def test_instance_likelihood_follows_close_neighbours_and_falls_back_to_the_class():
+    class_counts = np.array([[5.0, 0.0], [5.0, 10.0]])  # overall, truth 0 is answered 0 or 1 alike
+    sims = np.array([0.9, 0.9, 0.0])
+    answers, truths = np.array([0, 0, 1]), np.array([0, 0, 1])  # near X, truth 0 is always answered 0
+    local = instance_likelihood(sims, answers, truths, class_counts, k=2, alpha=1e-9, blend=1.0)
+    assert local[0, 0] > 0.75  # (2*0.9 + 0.5) / (1.8 + 1)
+    assert local[:, 1] == pytest.approx([0.0, 1.0], abs=1e-6)  # no close neighbour: the class column
+
+
+def test_calibrated_tau_reaches_the_coverage_on_held_out_posteriors():
+    rows = np.array([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.6, 0.3, 0.1], [0.4, 0.35, 0.25]])
+    truths = np.array([0, 1, 0, 2])
+    tau = calibrate_tau(rows, truths, coverage=0.75)
+    covered = np.mean([t in mass_candidates(r, tau) for r, t in zip(rows, truths, strict=True)])
+    assert covered >= 0.75
+    assert calibrate_tau(rows, truths, coverage=0.5) <= tau
