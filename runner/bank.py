@@ -76,6 +76,7 @@ class Refinement:
     decided: str | None
     needs_second_call: bool
     fallback: str | None = None
+    neighbour_vote: str | None = None  # what X's nearest user samples say, where a variant looks
 
 
 def refine(row: Sequence[str], answer: str, empty_row: EmptyRowPolicy = "keep_initial") -> Refinement:
@@ -102,6 +103,16 @@ class Confusion(BaseModel):
     answer: str = Field(description="The model's answer Y' (a label name).")
     truth: str = Field(description="The user's label Y (a label name).")
     count: int = Field(gt=0, description="How many user samples had this (Y', Y) pair.")
+
+
+class Sample(BaseModel):
+    """One user sample as the estimate saw it; kept so instance-dependent variants can find neighbours."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    text: str
+    answer: str | None = Field(description="The model's answer Y', or null if it mapped to no label.")
+    truth: str
 
 
 class UserSplitInfo(BaseModel):
@@ -133,6 +144,10 @@ class MemoryBank(BaseModel):
     confusions: list[Confusion] = Field(
         description="Every observed (answer, truth) pair with its count: M[answer, truth] = 1."
     )
+    samples: list[Sample] | None = Field(
+        default=None,
+        description="The user samples behind the counts (text, answer, truth), for instance-dependent variants.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> MemoryBank:
@@ -149,6 +164,9 @@ class MemoryBank(BaseModel):
             if (entry.answer, entry.truth) in seen:
                 raise ValueError(f"confusion ({entry.answer!r}, {entry.truth!r}) is listed twice")
             seen.add((entry.answer, entry.truth))
+        for sample in self.samples or ():
+            if sample.truth not in known or (sample.answer is not None and sample.answer not in known):
+                raise ValueError(f"sample {sample.id!r} has a label that is not in labels")
         return self
 
     @property
@@ -184,6 +202,7 @@ def estimate_bank(
     model: str,
     strategy: str,
     user_split: UserSplitInfo,
+    samples: Sequence[Sample] | None = None,
 ) -> MemoryBank:
     """Build the bank from (answer, truth) pairs; answers that mapped to no label are None."""
     pairs = list(pairs)
@@ -202,6 +221,7 @@ def estimate_bank(
         labels=list(labels),
         n_unparsed=len(pairs) - len(parsed),
         confusions=confusions,
+        samples=list(samples) if samples is not None else None,
     )
 
 

@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 import polars as pl
 
-from runner.bank import MemoryBank, UserSplitInfo, estimate_bank, load_bank, refine, save_bank
+from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
 from runner.checkpoint import Checkpoint, Manifest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
 from runner.labels import LabelSet
+from runner.refiners import Embedder, Refiner, make_refiner
 from runner.report import ANNOTATION_SCHEMA, compute_metrics
 from runner.spec import JobSpec
 from runner.strategies import Strategy, make_strategy
@@ -122,6 +123,10 @@ async def estimate_phase(
     estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
     estimate.write_parquet(checkpoint.directory / ESTIMATE_FILE)
     split = spec.user_split
+    samples = [
+        Sample(id=row["id"], text=row["text"], answer=row["y_prime"], truth=row["label"])
+        for row in estimate.select("id", "text", "y_prime", "label").iter_rows(named=True)
+    ]
     return estimate_bank(
         zip(estimate["y_prime"].to_list(), estimate["label"].to_list(), strict=True),
         inputs.labels.labels,
@@ -135,6 +140,7 @@ async def estimate_phase(
             stratified=split.stratified,
             n_samples=rows.height,
         ),
+        samples=samples,
     )
 
 
@@ -173,13 +179,17 @@ async def annotate_rows(
     engine: Engine,
     strategy: Strategy,
     labels: LabelSet,
-    bank_rows: dict[str, tuple[str, ...]] | None,
-    empty_row: str = "keep_initial",
+    refiner: Refiner | None,
     max_chars: int | None = None,
 ) -> pl.DataFrame:
-    """CM on a chunk: Y' from all labels, C = row Y' of M, then Y_hat = G(X, C) when |C| > 1."""
+    """CM on a chunk: Y' from all labels, C from the refiner (row Y' of M), Y_hat = G(X, C) when |C| > 1.
 
-    async def one(text: str) -> dict[str, Any]:
+    Without a refiner (CM off) Y_hat is Y'.
+    """
+    texts = _prompt_texts(rows, max_chars)
+    contexts = refiner.prepare(texts) if refiner is not None else [None] * len(texts)
+
+    async def one(text: str, context: Any) -> dict[str, Any]:
         first = (await strategy.classify(engine, [text], [labels.labels]))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
@@ -191,14 +201,19 @@ async def annotate_rows(
             "fallback": None,
             "error": first.error,
             "error_kind": first.error_kind,
+            "y_neighbour": None,
         }
         if first.label is None:
             return record
-        if bank_rows is None:  # CM off: the answer is its own, single candidate
+        if refiner is None:  # CM off: the answer is its own, single candidate
             record.update(candidates=[first.label], y_hat=first.label)
             return record
-        refinement = refine(bank_rows[first.label], first.label, empty_row)  # type: ignore[arg-type]
-        record.update(candidates=list(refinement.candidates), fallback=refinement.fallback)
+        refinement = refiner.refine(context, first.label)
+        record.update(
+            candidates=list(refinement.candidates),
+            fallback=refinement.fallback,
+            y_neighbour=refinement.neighbour_vote,
+        )
         if not refinement.needs_second_call:
             record["y_hat"] = refinement.decided
             return record
@@ -213,11 +228,19 @@ async def annotate_rows(
         )
         return record
 
-    records = await asyncio.gather(*(one(text) for text in _prompt_texts(rows, max_chars)))
+    records = await asyncio.gather(*(one(text, context) for text, context in zip(texts, contexts, strict=True)))
     answer_schema = {k: v for k, v in ANNOTATION_SCHEMA.items() if k not in ("id", "text", "gold")}
     answers = pl.DataFrame(records, schema=answer_schema)
     base = rows.select("id", "text", pl.col("label").alias("gold"))
     return pl.concat([base, answers], how="horizontal").cast(ANNOTATION_SCHEMA)
+
+
+def _embedder(spec: JobSpec) -> Embedder | None:
+    if spec.cm.variant not in ("neighbour_prior", "instance"):
+        return None
+    from runner.embeddings import embed  # loads torch and a sentence model: only when a variant needs it
+
+    return embed
 
 
 def _peak_rss_mb() -> dict[str, float]:
@@ -259,8 +282,13 @@ async def run_job(
     restart: bool = False,
     engine: Engine | None = None,
     progress: Progress | None = None,
+    embed: Embedder | None = None,
 ) -> JobResult:
-    """Estimate, annotate and evaluate; resumable. Pass ``engine`` to reuse a started one."""
+    """Estimate, annotate and evaluate; resumable.
+
+    Pass ``engine`` to reuse a started one, ``embed`` to replace the sentence model that
+    neighbour-based CM variants use.
+    """
     inputs = load_inputs(spec, data_dir)
     checkpoint = Checkpoint(Path(spec.output.dir), spec)
     manifest = checkpoint.open(restart=restart)
@@ -277,15 +305,13 @@ async def run_job(
         bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 
-        bank_rows = bank.rows() if bank is not None else None
+        refiner = make_refiner(bank, spec.cm, embed or _embedder(spec)) if bank is not None else None
         started = time.perf_counter()
         annotated_now = await _run_chunks(
             "annotate",
             inputs.corpus.chunks(spec.output.chunk_size),
             inputs.corpus.height,
-            lambda rows: annotate_rows(
-                rows, engine, strategy, inputs.labels, bank_rows, spec.cm.empty_row, spec.dataset.max_text_chars
-            ),
+            lambda rows: annotate_rows(rows, engine, strategy, inputs.labels, refiner, spec.dataset.max_text_chars),
             checkpoint,
             manifest,
             progress,
@@ -294,6 +320,8 @@ async def run_job(
         run["annotate_seconds"] = round(elapsed, 2)
         run["items_annotated_this_run"] = annotated_now
         run["items_per_second"] = round(annotated_now / elapsed, 3) if annotated_now and elapsed else None
+        if hasattr(engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
+            run["engine"] = engine.stats()
     finally:
         if owned:
             await engine.__aexit__(None, None, None)

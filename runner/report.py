@@ -22,7 +22,9 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "completion_tokens": pl.Int64(),
     "fallback": pl.String(),
     "error": pl.String(),
-    "error_kind": pl.String(),  # "engine" (redone on resume) or "unparsed" (the model's answer fit no label)
+    # "engine" (failed, redone on resume), "rejected" (cannot succeed), "unparsed" (fit no label)
+    "error_kind": pl.String(),
+    "y_neighbour": pl.String(),  # the vote of X's nearest user samples, where the CM variant computes it
 }
 
 
@@ -43,6 +45,11 @@ def compute_metrics(annotations: pl.DataFrame) -> dict[str, Any]:
         "accuracy_baseline": _rate(gold, pl.col("y_prime") == pl.col("gold")),
         "accuracy_cm": _rate(gold, pl.col("y_hat") == pl.col("gold")),
         "coverage": _rate(gold, pl.col("candidates").list.contains(pl.col("gold"))),
+        "accuracy_neighbour_vote": (
+            _rate(gold, pl.col("y_neighbour") == pl.col("gold"))
+            if annotations["y_neighbour"].null_count() < annotations.height
+            else None
+        ),
         "calls_per_item": float(annotations["calls"].mean()) if annotations.height else None,
         "second_call_rate": _rate(annotations, pl.col("calls") >= 2),
         "candidate_set_size": {

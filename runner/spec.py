@@ -87,11 +87,37 @@ class CorpusSpec(_Strict):
 
 
 class StrategySpec(_Strict):
-    """The prompt strategy Z."""
+    """The prompt strategy Z. Fields a strategy does not use are ignored by it."""
 
-    name: Literal["zero_shot"] = "zero_shot"
+    name: Literal["zero_shot", "few_shot", "chain_of_thought", "self_consistency", "self_refine"] = "zero_shot"
     instruction: str | None = Field(
         default=None, description="Replaces the default task instruction at the top of the prompt."
+    )
+    k: Annotated[int, Field(gt=0)] = Field(
+        default=4, description="few_shot: labelled examples from the user split shown before the text."
+    )
+    selection: Literal["random", "nearest"] = Field(
+        default="nearest",
+        description=(
+            "few_shot: 'random' shows the same seeded random examples for every text; 'nearest' the user "
+            "samples closest to the text by all-MiniLM-L6-v2 embeddings. The text itself is never an example."
+        ),
+    )
+    reasoning_max_tokens: Annotated[int, Field(gt=0)] = Field(
+        default=96, description="chain_of_thought and self_refine feedback: token limit of the free-text step."
+    )
+    n_samples: Annotated[int, Field(ge=1)] = Field(
+        default=5, description="self_consistency: answers sampled per text; the majority wins."
+    )
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        default=0.7, description="self_consistency: sampling temperature (sample i uses seed generation.seed + i)."
+    )
+    sample_with: Literal["zero_shot", "chain_of_thought"] = Field(
+        default="zero_shot",
+        description="self_consistency: how each sample is drawn, a direct answer or a reasoning path then an answer.",
+    )
+    max_rounds: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="self_refine: feedback-and-revise rounds at most; stops early when the answer is kept."
     )
 
 
@@ -179,6 +205,39 @@ class CMSpec(_Strict):
     """How the memory bank refines the first answer."""
 
     enabled: bool = True
+    variant: Literal["paper", "counts", "neighbour_prior", "instance"] = Field(
+        default="paper",
+        description=(
+            "paper: C = row Y' of the binary class-level M. counts: posterior p(Y|Y') from "
+            "Dirichlet-smoothed counts and the class prior. neighbour_prior: the same likelihood with "
+            "p(Y|X) from X's nearest user samples as the prior. instance: likelihood p(Y'|Y,X) from "
+            "the counts of X's nearest user samples (blended with the class counts) and the neighbour "
+            "prior. The posterior variants keep the smallest candidate set whose posterior mass "
+            "reaches tau."
+        ),
+    )
+    coverage: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9,
+        description="Posterior variants: tau is calibrated so held-out user samples' truths are in C this often.",
+    )
+    tau: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="Posterior variants: a fixed posterior-mass threshold instead of calibrating one."
+    )
+    second_call: Literal["when_ambiguous", "never"] = Field(
+        default="when_ambiguous",
+        description=(
+            "Posterior variants: ask the model again among C when C has several labels, or never "
+            "(answer the posterior's most probable label: one call per item)."
+        ),
+    )
+    neighbours: Annotated[int, Field(gt=0)] = Field(default=10, description="User samples in the neighbour prior.")
+    instance_neighbours: Annotated[int, Field(gt=0)] = Field(
+        default=20, description="User samples whose counts make the instance-dependent likelihood M(X)."
+    )
+    alpha: Annotated[float, Field(gt=0)] = Field(default=0.1, description="Dirichlet smoothing of p(Y'|Y).")
+    blend: Annotated[float, Field(ge=0)] = Field(
+        default=5.0, description="Instance variant: class-level pseudo-counts per truth mixed into the local counts."
+    )
     bank: str | None = Field(
         default=None,
         description=(

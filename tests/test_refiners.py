@@ -1,0 +1,127 @@
+"""CM variants: the paper's binary row and the posterior candidate sets (issue: instance-dependent banks)."""
+
+import numpy as np
+import pytest
+
+from runner.bank import Sample, UserSplitInfo, estimate_bank
+from runner.refiners import PaperRefiner, PosteriorRefiner, make_refiner
+from runner.spec import CMSpec
+
+LABELS = ["pets", "weather", "music"]
+SPLIT = UserSplitInfo(path="u", fraction=None, seed=0, stratified=True, n_samples=0)
+
+
+def toy_embed(texts):
+    """Bag of words over a tiny vocabulary, L2-normalised: texts sharing words are neighbours."""
+    vocab = ["cat", "dog", "rain", "sun", "song", "band", "loud"]
+    vectors = np.array([[text.split().count(word) + 1e-3 for word in vocab] for text in texts], dtype=float)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def bank_from(samples):
+    pairs = [(s.answer, s.truth) for s in samples]
+    return estimate_bank(
+        pairs, LABELS, dataset="toy", model="m", strategy="zero_shot", user_split=SPLIT, samples=samples
+    )
+
+
+# The model answers "music" for loud pets and for every song; weather is answered right.
+SAMPLES = [
+    Sample(id="1", text="cat dog", answer="pets", truth="pets"),
+    Sample(id="2", text="dog cat cat", answer="pets", truth="pets"),
+    Sample(id="3", text="loud dog", answer="music", truth="pets"),
+    Sample(id="4", text="loud cat dog", answer="music", truth="pets"),
+    Sample(id="5", text="rain sun", answer="weather", truth="weather"),
+    Sample(id="6", text="sun rain rain", answer="weather", truth="weather"),
+    Sample(id="7", text="song band", answer="music", truth="music"),
+    Sample(id="8", text="band song song", answer="music", truth="music"),
+    Sample(id="9", text="loud band", answer="music", truth="music"),
+]
+
+
+def test_paper_variant_is_the_binary_row():
+    refiner = make_refiner(bank_from(SAMPLES), CMSpec())
+    assert isinstance(refiner, PaperRefiner)
+    refined = refiner.refine(None, "music")
+    assert refined.candidates == ("pets", "music") and refined.needs_second_call
+
+
+def test_counts_variant_keeps_the_likely_truths_and_decides_when_one_suffices():
+    bank = bank_from(SAMPLES)
+    refiner = PosteriorRefiner(bank, CMSpec(variant="counts", tau=0.5))
+    # answer music: truths music (3) and pets (2): music alone has more than half the mass
+    decided = refiner.refine(None, "music")
+    assert decided.candidates == ("music",) and decided.decided == "music" and not decided.needs_second_call
+    wide = PosteriorRefiner(bank, CMSpec(variant="counts", tau=0.95)).refine(None, "music")
+    assert wide.candidates[:2] == ("music", "pets") and wide.needs_second_call
+    never = PosteriorRefiner(bank, CMSpec(variant="counts", tau=0.95, second_call="never")).refine(None, "music")
+    assert never.decided == "music" and not never.needs_second_call
+
+
+def test_neighbour_prior_recovers_pets_the_model_calls_music():
+    refiner = PosteriorRefiner(bank_from(SAMPLES), CMSpec(variant="neighbour_prior", tau=0.5, neighbours=3), toy_embed)
+    [context] = refiner.prepare(["loud dog cat"])
+    refined = refiner.refine(context, "music")
+    assert refined.neighbour_vote == "pets" and refined.decided == "pets"
+
+
+def test_instance_variant_uses_local_confusions():
+    cm = CMSpec(variant="instance", tau=0.5, neighbours=3, instance_neighbours=3, blend=0.5)
+    refiner = PosteriorRefiner(bank_from(SAMPLES), cm, toy_embed)
+    [near_pets, near_music] = refiner.prepare(["loud dog", "song band loud"])
+    assert refiner.refine(near_pets, "music").decided == "pets"
+    assert refiner.refine(near_music, "music").decided == "music"
+
+
+def test_tau_is_calibrated_to_the_coverage_on_held_out_samples():
+    bank = bank_from(SAMPLES)
+    loose = PosteriorRefiner(bank, CMSpec(variant="counts", coverage=0.5)).tau
+    strict = PosteriorRefiner(bank, CMSpec(variant="counts", coverage=1.0)).tau
+    assert 0 < loose <= strict <= 1
+
+
+def test_neighbour_variants_need_samples_and_an_embedder():
+    no_samples = estimate_bank(
+        [(s.answer, s.truth) for s in SAMPLES], LABELS, dataset="toy", model="m", strategy="z", user_split=SPLIT
+    )
+    with pytest.raises(ValueError, match="needs a bank with its user samples"):
+        PosteriorRefiner(no_samples, CMSpec(variant="neighbour_prior"), toy_embed)
+    with pytest.raises(ValueError, match="needs an embedding model"):
+        PosteriorRefiner(bank_from(SAMPLES), CMSpec(variant="instance"))
+
+
+async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_too(tmp_path, write):
+    import orjson
+    import polars as pl
+
+    from runner import load_spec, run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    corpus = [("cat loud dog", "pets"), ("rain sun sun", "weather"), ("song loud", "music")]
+    write("d/user.jsonl", "".join(orjson.dumps({"text": s.text, "label": s.truth}).decode() + "\n" for s in SAMPLES))
+    write("d/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in corpus))
+    spec = load_spec(
+        write(
+            "job.yaml",
+            f"""
+name: np
+data_dir: {tmp_path / "d"}
+dataset: {{name: toy, labels: {LABELS}}}
+user_split: {{path: user.jsonl, fraction: null}}
+corpus: {{path: corpus.jsonl}}
+cm: {{variant: neighbour_prior, tau: 0.5, neighbours: 3}}
+output: {{dir: {tmp_path / "out"}}}
+""",
+        )
+    )
+    answers = {s.text: s.answer for s in SAMPLES} | {
+        "cat loud dog": "music",
+        "rain sun sun": "weather",
+        "song loud": "music",
+    }
+    result = await run_job(spec, engine=ScriptedEngine(answers, n_labels=3), embed=toy_embed)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
+    assert table["y_hat"].to_list() == ["pets", "weather", "music"]
+    assert result.metrics["accuracy_baseline"] == pytest.approx(2 / 3)
+    assert result.metrics["accuracy_cm"] == 1.0 and result.metrics["accuracy_neighbour_vote"] == 1.0
