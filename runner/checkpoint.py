@@ -65,6 +65,37 @@ def material_spec(spec: JobSpec) -> dict[str, Any]:
     return {key: value for key, value in sorted(flat.items()) if key not in _NOT_MATERIAL}
 
 
+def _default_of(key: str) -> Any:
+    """The default of a flattened spec key ('cm.variant'), or _NO_DEFAULT for required/unknown keys."""
+    model: type[BaseModel] = JobSpec
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None or field.is_required():
+            return _NO_DEFAULT
+        default = field.get_default(call_default_factory=True)
+        if depth == len(parts) - 1:
+            return default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+        if not isinstance(default, BaseModel):
+            return _NO_DEFAULT
+        model = type(default)
+    return _NO_DEFAULT
+
+
+_NO_DEFAULT = object()
+
+
+def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Material keys whose value differs, ignoring keys a newer cm-runner added with their default value."""
+    changed = []
+    for key in sorted(set(previous) | set(current)):
+        if key not in previous and current[key] == _default_of(key):
+            continue
+        if previous.get(key) != current.get(key):
+            changed.append(key)
+    return changed
+
+
 def spec_digest(spec: JobSpec) -> str:
     return hashlib.sha256(orjson.dumps(material_spec(spec), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -120,9 +151,11 @@ class Checkpoint:
             return fresh
         previous = self.load()
         if previous.spec_digest != fresh.spec_digest:
-            changed = sorted(
-                key for key in set(previous.spec) | set(fresh.spec) if previous.spec.get(key) != fresh.spec.get(key)
-            )
+            changed = changed_keys(previous.spec, fresh.spec)
+            if not changed:  # only new keys at their defaults: the same job, recorded as it reads now
+                previous.spec, previous.spec_digest = fresh.spec, fresh.spec_digest
+                self.save(previous)
+                return previous
             details = "; ".join(f"{key}: {previous.spec.get(key)!r} -> {fresh.spec.get(key)!r}" for key in changed[:8])
             raise CheckpointError(
                 f"{self.directory}: holds a run of a different spec ({details}). "

@@ -162,3 +162,26 @@ async def test_long_texts_are_truncated_when_asked(job, tmp_path):
     await run_job(spec, engine=recorder)
     assert {len(r.messages[-1].content) for r in recorder.requests} == {2}
     assert pl.read_parquet(tmp_path / "out/annotations.parquet")["text"][12] == "c12"  # outputs keep the full text
+
+
+async def test_keys_added_by_a_newer_version_at_their_defaults_do_not_block_resume(job, tmp_path):
+    spec, engine = job
+    with pytest.raises(RuntimeError):
+        await run_job(spec, engine=engine(crash_after=N_USER + 14))
+    manifest_path = tmp_path / "out/manifest.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    for key in ("cm.variant", "cm.coverage", "dataset.max_text_chars"):  # as an older cm-runner wrote it
+        del manifest["spec"][key]
+    manifest["spec_digest"] = "from-an-older-version"
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    resumed_engine = engine()
+    await run_job(spec, engine=resumed_engine)
+    assert not any(r.messages[-1].content.startswith("u") for r in resumed_engine.requests)
+    # ...but a key that is new and NOT at its default is a real change
+    manifest = orjson.loads(manifest_path.read_bytes())
+    del manifest["spec"]["cm.variant"]
+    manifest["spec_digest"] = "older"
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    counts = spec.model_copy(update={"cm": spec.cm.model_copy(update={"variant": "counts"})})
+    with pytest.raises(CheckpointError, match="cm.variant: None -> 'counts'"):
+        await run_job(counts, engine=engine())

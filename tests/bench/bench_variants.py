@@ -1,0 +1,149 @@
+"""CM variants against the plain strategy and the plain neighbour vote, on the paper's datasets.
+
+One real job per dataset (the paper's CM, which also records every first answer Y' and the
+bank with its user samples); then each posterior variant is applied to those same first
+answers through the pipeline's own refiners, answering without a second call
+(``cm.second_call: never``: one LLM call per item), so every number in a row is measured on the
+same items with the same model answers. With ``--second-calls`` the posterior variants also
+run as real jobs that ask the model again among their candidate sets.
+
+    python tests/bench/bench_variants.py --data-dir ../shared/datasets --n 300 --out /tmp/variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import polars as pl
+
+from runner import load_bank, load_spec, run_job
+from runner.embeddings import embed
+from runner.engines import make_engine
+from runner.refiners import PosteriorRefiner
+from runner.spec import CMSpec
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = ["banking77", "clinc150", "massive-en-US", "mtop", "stackexchange"]
+VARIANTS = ["counts", "neighbour_prior", "instance"]
+
+
+def knn_votes(user_vectors: np.ndarray, user_truths: np.ndarray, item_vectors: np.ndarray, k: int) -> np.ndarray:
+    """Plain similarity-weighted k-NN vote (the bar any recommended configuration must beat)."""
+    sims = item_vectors @ user_vectors.T
+    top = np.argsort(-sims, axis=1)[:, :k]
+    votes = np.zeros((len(item_vectors), user_truths.max() + 1))
+    for row, (neighbours, weights) in enumerate(zip(top, np.take_along_axis(sims, top, axis=1), strict=True)):
+        np.add.at(votes[row], user_truths[neighbours], np.clip(weights, 0, None))
+    return votes.argmax(axis=1)
+
+
+async def run_dataset(name: str, args: argparse.Namespace, engine) -> dict:
+    out = Path(args.out) / name
+    spec = load_spec(REPO / "jobs/_base" / f"{name}.yaml")
+    spec = spec.model_copy(
+        update={
+            "name": f"variants-{name}",
+            "user_split": spec.user_split.model_copy(update={"fraction": args.fraction, "seed": args.seed}),
+            "corpus": spec.corpus.model_copy(update={"limit": args.n, "limit_seed": args.seed}),
+        }
+    )
+    # The base specs have no output section; validate the whole spec again with one.
+    spec = spec.model_validate({**spec.model_dump(), "output": {"dir": str(out / "paper")}})
+    started = time.perf_counter()
+    paper = await run_job(spec, data_dir=args.data_dir, engine=engine)
+    seconds = time.perf_counter() - started
+    bank = load_bank(out / "paper/memory_bank.json")
+    table = pl.read_parquet(out / "paper/annotations.parquet")
+    labels = bank.labels
+    index = {label: i for i, label in enumerate(labels)}
+    gold = table["gold"].to_list()
+    answered = table["y_prime"].to_list()
+
+    row: dict = {
+        "dataset": name,
+        "n_user": paper.metrics["n_user"],
+        "n": table.height,
+        "labels": len(labels),
+        "plain": paper.metrics["accuracy_baseline"],
+        "paper_cm": paper.metrics["accuracy_cm"],
+        "paper_calls": paper.metrics["calls_per_item"],
+        "paper_coverage": paper.metrics["coverage"],
+        "paper_set": paper.metrics["candidate_set_size"]["mean"],
+        "seconds": round(seconds, 1),
+    }
+    assert bank.samples is not None
+    user_vectors = embed([s.text for s in bank.samples])
+    user_truths = np.array([index[s.truth] for s in bank.samples])
+    item_vectors = embed(table["text"].to_list())
+    for k in (1, 5, 10):
+        votes = knn_votes(user_vectors, user_truths, item_vectors, k)
+        row[f"knn{k}"] = float(np.mean([labels[v] == g for v, g in zip(votes, gold, strict=True)]))
+    row["knn_best"] = max(row["knn1"], row["knn5"], row["knn10"])
+
+    def reuse(texts):  # the refiners embed the user samples and the items: both are computed above
+        if len(texts) == len(bank.samples) and texts[0] == bank.samples[0].text:
+            return user_vectors
+        return item_vectors
+
+    for variant in VARIANTS:
+        for k in args.neighbours:
+            cm = CMSpec(variant=variant, second_call="never", coverage=args.coverage, neighbours=k)
+            refiner = PosteriorRefiner(bank, cm, reuse)
+            contexts = refiner.prepare(table["text"].to_list())
+            decided, covered, sizes = [], [], []
+            for context, answer, truth in zip(contexts, answered, gold, strict=True):
+                if answer is None:
+                    decided.append(None)
+                    covered.append(False)
+                    continue
+                refinement = refiner.refine(context, answer)
+                decided.append(refinement.decided)
+                covered.append(truth in refinement.candidates)
+                sizes.append(len(refinement.candidates))
+            key = variant if variant == "counts" else f"{variant}_k{k}"
+            row[key] = float(np.mean([d == g for d, g in zip(decided, gold, strict=True)]))
+            row[f"{key}_coverage"] = float(np.mean(covered))
+            row[f"{key}_set"] = float(np.mean(sizes)) if sizes else None
+            row[f"{key}_tau"] = refiner.tau
+            if variant == "counts":
+                break
+    return row
+
+
+async def main(args: argparse.Namespace) -> None:
+    first = load_spec(REPO / "jobs/_base/massive-en-US.yaml")
+    engine = make_engine(first.engine.model_copy(update={"gpu_memory_utilization": args.memory}))
+    rows = []
+    async with engine:
+        for name in args.datasets:
+            row = await run_dataset(name, args, engine)
+            rows.append(row)
+            print(orjson.dumps(row).decode(), flush=True)
+    Path(args.out, "variants.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    print()
+    header = ["dataset", "n", "plain", "paper_cm", "knn1", "knn5", "knn10", "counts"]
+    header += [f"{v}_k{k}" for v in VARIANTS[1:] for k in args.neighbours]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row[h] if isinstance(row[h], str | int) else f"{100 * row[h]:.1f}" for h in header]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", default="/tmp/cm-variants")
+    parser.add_argument("--datasets", nargs="+", default=DATASETS)
+    parser.add_argument("--n", type=int, default=300, help="test items per dataset (a seeded sample)")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coverage", type=float, default=0.9)
+    parser.add_argument("--neighbours", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--memory", type=float, default=0.2, help="engine.gpu_memory_utilization")
+    asyncio.run(main(parser.parse_args()))
