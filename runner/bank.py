@@ -255,3 +255,86 @@ def load_bank(path: str | Path, *, labels: Sequence[str] | None = None) -> Memor
         detail = f"missing {missing}, extra {extra}" if missing or extra else "same labels, other order"
         raise BankError(f"{path}: memory bank was made for another label set ({detail})")
     return bank
+
+
+# --- bank lifecycle -----------------------------------------------------------------------
+
+
+def update_bank(bank: MemoryBank, corrections: Sequence[Sample]) -> MemoryBank:
+    """The bank with user-corrected examples added: each (model answer, corrected truth) counts once.
+
+    No engine call is needed: the answers are the ones the model already gave (e.g. y_prime in
+    annotations.parquet), the truths are what the user says they should have been.
+    """
+    known = set(bank.labels)
+    for sample in corrections:
+        if sample.truth not in known or (sample.answer is not None and sample.answer not in known):
+            raise BankError(f"correction {sample.id!r} names a label that is not in the bank's labels")
+    counts = bank.counts
+    counts.update((s.answer, s.truth) for s in corrections if s.answer is not None)
+    return _rebuilt(
+        bank,
+        counts,
+        n_samples=bank.n_samples + len(corrections),
+        n_unparsed=bank.n_unparsed + sum(s.answer is None for s in corrections),
+        samples=[*(bank.samples or []), *corrections] if bank.samples is not None else None,
+    )
+
+
+def merge_banks(banks: Sequence[MemoryBank]) -> MemoryBank:
+    """One bank holding the counts of several made for the same label set (e.g. two users' splits)."""
+    if not banks:
+        raise BankError("nothing to merge")
+    first = banks[0]
+    for other in banks[1:]:
+        if other.labels != first.labels:
+            raise BankError(f"cannot merge banks over different label sets ({other.dataset} vs {first.dataset})")
+    counts: Counter[tuple[str, str]] = Counter()
+    for bank in banks:
+        counts.update(bank.counts)
+    keep_samples = all(bank.samples is not None for bank in banks)
+
+    def joined(values: Iterable[str]) -> str:
+        return " + ".join(dict.fromkeys(values))
+
+    merged = _rebuilt(
+        first,
+        counts,
+        n_samples=sum(bank.n_samples for bank in banks),
+        n_unparsed=sum(bank.n_unparsed for bank in banks),
+        samples=[s for bank in banks for s in bank.samples or []] if keep_samples else None,
+    )
+    split = merged.user_split.model_copy(update={"path": joined(b.user_split.path for b in banks)})
+    return merged.model_copy(
+        update={
+            "model": joined(b.model for b in banks),
+            "strategy": joined(b.strategy for b in banks),
+            "user_split": split,
+        }
+    )
+
+
+def _rebuilt(
+    bank: MemoryBank,
+    counts: Counter[tuple[str, str]],
+    *,
+    n_samples: int,
+    n_unparsed: int,
+    samples: list[Sample] | None,
+) -> MemoryBank:
+    order = {label: i for i, label in enumerate(bank.labels)}
+    confusions = [
+        Confusion(answer=a, truth=t, count=n)
+        for (a, t), n in sorted(counts.items(), key=lambda item: (order[item[0][0]], order[item[0][1]]))
+        if n > 0
+    ]
+    return MemoryBank.model_validate(
+        {
+            **bank.model_dump(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "confusions": [c.model_dump() for c in confusions],
+            "n_unparsed": n_unparsed,
+            "user_split": {**bank.user_split.model_dump(), "n_samples": n_samples},
+            "samples": [s.model_dump() for s in samples] if samples is not None else None,
+        }
+    )

@@ -117,3 +117,25 @@ def test_corrupt_or_mismatched_bank(tmp_path):
     save_bank(make_bank([("1", "1")]), path)
     with pytest.raises(BankError, match=r"another label set \(missing \['5'\]"):
         load_bank(path, labels=[*LABELS, "5"])
+
+
+def test_update_adds_corrections_without_re_estimating():
+    from runner.bank import Sample, update_bank
+
+    bank = make_bank([("4", "1"), ("2", "2")])
+    corrections = [Sample(id="c1", text="x", answer="4", truth="3"), Sample(id="c2", text="y", answer=None, truth="1")]
+    updated = update_bank(bank, corrections)
+    assert updated.rows()["4"] == ("1", "3") and updated.n_samples == SPLIT.n_samples + 2 and updated.n_unparsed == 1
+    assert bank.rows()["4"] == ("1",)  # the original is untouched
+    with pytest.raises(BankError, match="correction 'c3' names a label"):
+        update_bank(bank, [Sample(id="c3", text="z", answer="9", truth="1")])
+
+
+def test_merge_sums_counts_and_refuses_other_label_sets():
+    from runner.bank import merge_banks
+
+    merged = merge_banks([make_bank([("4", "1"), ("2", "2")]), make_bank([("4", "1"), ("1", "1")])])
+    assert merged.counts == Counter({("4", "1"): 2, ("2", "2"): 1, ("1", "1"): 1})
+    assert merged.n_samples == 2 * SPLIT.n_samples and merged.model == "toy-model"
+    with pytest.raises(BankError, match="different label sets"):
+        merge_banks([make_bank([("1", "1")]), make_bank([("a", "a")], labels=["a", "b"])])

@@ -49,3 +49,26 @@ def test_schemas_check_reports_stale_files(tmp_path, capsys):
 def test_console_script_is_installed(args):
     done = subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, check=True)
     assert "cm-run" in done.stdout
+
+
+def test_bank_update_and_merge_from_the_command_line(tmp_path, capsys):
+    import polars as pl
+
+    from runner.bank import load_bank
+
+    split = UserSplitInfo(path="u", fraction=0.05, seed=0, stratified=True, n_samples=1)
+    bank = estimate_bank([("a", "a")], ["a", "b"], dataset="d", model="m", strategy="zero_shot", user_split=split)
+    save_bank(bank, tmp_path / "bank.json")
+    pl.DataFrame({"id": ["1", "2"], "text": ["x", "y"], "y_prime": ["a", "b"], "corrected": ["b", None]}).write_parquet(
+        tmp_path / "fixed.parquet"
+    )
+    assert main(["bank", "update", str(tmp_path / "bank.json"), str(tmp_path / "fixed.parquet")]) == 0
+    assert load_bank(tmp_path / "bank.json").rows()["a"] == ("a", "b")  # the unlabelled row was skipped
+    assert (
+        main(
+            ["bank", "merge", str(tmp_path / "bank.json"), str(tmp_path / "bank.json"), "-o", str(tmp_path / "m.json")]
+        )
+        == 0
+    )
+    assert load_bank(tmp_path / "m.json").n_samples == 4
+    assert "1 corrections added" in capsys.readouterr().out
