@@ -16,9 +16,11 @@ from runner.bank import (
     count_confusions,
     estimate_bank,
     load_bank,
+    merge_banks,
     p_answer_given_truth,
     refine,
     save_bank,
+    update_bank,
 )
 from runner.data import DataError
 from runner.engines import ChoiceRequest, Completion, Engine, EngineError, Message, make_engine
@@ -50,9 +52,11 @@ __all__ = [
     "load_bank",
     "load_spec",
     "make_engine",
+    "merge_banks",
     "p_answer_given_truth",
     "read_annotations",
     "refine",
     "run_job",
     "save_bank",
+    "update_bank",
 ]
