@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 import polars as pl
 
+from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
 from runner.checkpoint import Checkpoint, Manifest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
@@ -52,14 +52,16 @@ class JobResult:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class JobInputs:
+    """Everything a job reads, checked: the user split, the label set, the corpus."""
+
     user: UserSplit
     labels: LabelSet
     corpus: Corpus
     labels_without_user_samples: list[str]
 
 
-def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> _Inputs:
+def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> JobInputs:
     """Read and check every data file before any engine starts (errors cost nothing yet)."""
     user_path = spec.resolve_data_path(spec.user_split.path, data_dir)
     user = load_user_split(user_path, spec.dataset, spec.user_split)
@@ -75,7 +77,7 @@ def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> _Inputs:
             len(absent),
             ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else ""),
         )
-    return _Inputs(user=user, labels=labels, corpus=corpus, labels_without_user_samples=absent)
+    return JobInputs(user=user, labels=labels, corpus=corpus, labels_without_user_samples=absent)
 
 
 def _prompt_texts(rows: pl.DataFrame, max_chars: int | None) -> list[str]:
@@ -99,7 +101,7 @@ async def estimate_phase(
     spec: JobSpec,
     engine: Engine,
     strategy: Strategy,
-    inputs: _Inputs,
+    inputs: JobInputs,
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None = None,
@@ -243,18 +245,11 @@ def _embedder(spec: JobSpec) -> Embedder | None:
     return embed
 
 
-def _peak_rss_mb() -> dict[str, float]:
-    # ru_maxrss is in KiB on Linux; children counts engine processes that have exited.
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(children, 1)}
-
-
 async def _bank_phase(
     spec: JobSpec,
     engine: Engine,
     strategy: Strategy,
-    inputs: _Inputs,
+    inputs: JobInputs,
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None,
@@ -297,6 +292,7 @@ async def run_job(
     owned = engine is None
     engine = engine or make_engine(spec.engine)
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
+    memory = PeakMemory().__enter__()
     if owned:
         await engine.__aenter__()
     try:
@@ -325,6 +321,7 @@ async def run_job(
     finally:
         if owned:
             await engine.__aexit__(None, None, None)
+        memory.__exit__(None, None, None)
 
     annotations_path = checkpoint.directory / ANNOTATIONS_FILE
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
@@ -343,7 +340,8 @@ async def run_job(
         "cm_enabled": spec.cm.enabled,
         "labels_without_user_samples": inputs.labels_without_user_samples,
         **compute_metrics(annotations),
-        "run": {**run, **_peak_rss_mb()},
+        # this process and its children (e.g. vLLM's engine core), summed: Ray actors live elsewhere
+        "run": {**run, "peak_rss_mb": memory.mb},
     }
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     manifest.complete = True
@@ -353,6 +351,3 @@ async def run_job(
 
 def read_annotations(output_dir: str | Path) -> pl.DataFrame:
     return pl.read_parquet(Path(output_dir) / ANNOTATIONS_FILE)
-
-
-__all__: Sequence[str] = ["JobResult", "annotate_rows", "estimate_phase", "load_inputs", "run_job"]

@@ -1,0 +1,51 @@
+"""Peak memory of a job's whole process tree (the engine core and its workers are child processes).
+
+``getrusage`` misses children that are killed rather than reaped, as vLLM does with its worker
+at shutdown, so a background thread samples the RSS of this process and every descendant.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Self
+
+import psutil
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.mb``: the largest summed RSS seen, in MiB."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, name="peak-memory", daemon=True)
+
+    def _sample(self) -> None:
+        root = psutil.Process()
+        total = 0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:  # a process that ended between listing and reading
+                continue
+        self.peak_bytes = max(self.peak_bytes, total)
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
