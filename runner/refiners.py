@@ -15,6 +15,8 @@ from runner import posterior as post
 from runner.bank import EmptyRowPolicy, MemoryBank, Refinement, refine
 from runner.spec import CMSpec
 
+WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
 Embedder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> one L2-normalised vector per text (rows), so a dot product is a cosine similarity."""
 
@@ -67,9 +69,17 @@ class PosteriorRefiner:
             self.user_answers = np.array([index[s.answer] if s.answer else -1 for s in bank.samples])
             self.user_truths = np.array([index[s.truth] for s in bank.samples])
             self.user_vectors = embed([s.text for s in bank.samples])
-        self.tau = cm.tau if cm.tau is not None else self._calibrate(bank)
+        self.weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
+        needs_held_out = cm.tau is None or cm.likelihood_weight is None
+        held_out = self._held_out(bank) if needs_held_out else None
+        if cm.likelihood_weight is None and held_out is not None:
+            self.weight = self._best_weight(held_out)
+        self.tau = cm.tau if cm.tau is not None else self._calibrate(held_out)
 
-    def _posterior(self, answer: int, sims: np.ndarray | None, exclude: int | None = None) -> np.ndarray:
+    def _posterior(
+        self, answer: int, sims: np.ndarray | None, exclude: int | None = None, weight: float | None = None
+    ) -> np.ndarray:
+        weight = self.weight if weight is None else weight
         counts = self.counts
         if exclude is not None:  # leave the sample's own pair out of the counts
             counts = counts.copy()
@@ -78,7 +88,7 @@ class PosteriorRefiner:
             row = (
                 post.likelihood(counts, self.cm.alpha)[answer] if exclude is not None else self.class_likelihood[answer]
             )
-            return post.posterior(row, post.class_prior(counts) if exclude is not None else self.class_prior)
+            return post.posterior(row**weight, post.class_prior(counts) if exclude is not None else self.class_prior)
         assert sims is not None
         prior = post.neighbour_prior(sims, self.user_truths, self.n_labels, self.cm.neighbours, exclude=exclude)
         if self.cm.variant == "neighbour_prior":
@@ -96,25 +106,40 @@ class PosteriorRefiner:
                 blend=self.cm.blend,
                 exclude=exclude,
             )[answer]
-        return post.posterior(row, prior)
+        return post.posterior(row**weight, prior)
 
-    def _calibrate(self, bank: MemoryBank) -> float:
+    def _held_out(self, bank: MemoryBank) -> list[tuple[int, np.ndarray | None, int]]:
+        """(answer, similarities, index) for each parsed user sample, to score it with itself left out."""
         if not bank.samples:
-            raise ValueError("calibrating cm.tau needs the bank's user samples; set cm.tau instead")
+            raise ValueError("calibrating cm.tau or cm.likelihood_weight needs the bank's user samples; set both")
         index = {label: i for i, label in enumerate(self.labels)}
         if not self.uses_neighbours:
             self.user_answers = np.array([index[s.answer] if s.answer else -1 for s in bank.samples])
             self.user_truths = np.array([index[s.truth] for s in bank.samples])
         similarities = self.user_vectors @ self.user_vectors.T if self.uses_neighbours else None
-        held_out = [
-            (self._posterior(int(a), similarities[i] if similarities is not None else None, exclude=i), int(t))
-            for i, (a, t) in enumerate(zip(self.user_answers, self.user_truths, strict=True))
+        return [
+            (int(a), similarities[i] if similarities is not None else None, i)
+            for i, a in enumerate(self.user_answers)
             if a >= 0
         ]
+
+    def _best_weight(self, held_out: list[tuple[int, np.ndarray | None, int]]) -> float:
+        """The likelihood weight whose leave-one-out argmax is most often right (ties: the smaller weight)."""
+        scores = {}
+        for weight in WEIGHT_GRID:
+            hits = [
+                self._posterior(a, sims, exclude=i, weight=weight).argmax() == self.user_truths[i]
+                for a, sims, i in held_out
+            ]
+            scores[weight] = float(np.mean(hits)) if hits else 0.0
+        return max(WEIGHT_GRID, key=lambda weight: (scores[weight], -weight))
+
+    def _calibrate(self, held_out: list[tuple[int, np.ndarray | None, int]] | None) -> float:
         if not held_out:
             return 1.0
-        rows, truths = zip(*held_out, strict=True)
-        return post.calibrate_tau(np.array(rows), np.array(truths), self.cm.coverage)
+        rows = np.array([self._posterior(a, sims, exclude=i) for a, sims, i in held_out])
+        truths = np.array([self.user_truths[i] for _, _, i in held_out])
+        return post.calibrate_tau(rows, truths, self.cm.coverage)
 
     def prepare(self, texts: Sequence[str]) -> Sequence[np.ndarray | None]:
         if not self.uses_neighbours:

@@ -235,6 +235,14 @@ class CMSpec(_Strict):
         default=20, description="User samples whose counts make the instance-dependent likelihood M(X)."
     )
     alpha: Annotated[float, Field(gt=0)] = Field(default=0.1, description="Dirichlet smoothing of p(Y'|Y).")
+    likelihood_weight: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description=(
+            "Posterior variants: the posterior is prior x likelihood^w. A weak model's answers carry "
+            "little information, and w = 0 is the neighbours' (or class) vote alone. Unset: w is "
+            "chosen from 0, 0.25, 0.5, 0.75, 1 by leave-one-out accuracy on the user split."
+        ),
+    )
     blend: Annotated[float, Field(ge=0)] = Field(
         default=5.0, description="Instance variant: class-level pseudo-counts per truth mixed into the local counts."
     )

@@ -183,5 +183,5 @@ async def test_keys_added_by_a_newer_version_at_their_defaults_do_not_block_resu
     manifest["spec_digest"] = "older"
     manifest_path.write_bytes(orjson.dumps(manifest))
     counts = spec.model_copy(update={"cm": spec.cm.model_copy(update={"variant": "counts"})})
-    with pytest.raises(CheckpointError, match="cm.variant: None -> 'counts'"):
+    with pytest.raises(CheckpointError, match=r"cm\.variant: None -> 'counts'"):
         await run_job(counts, engine=engine())

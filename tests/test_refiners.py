@@ -125,3 +125,14 @@ output: {{dir: {tmp_path / "out"}}}
     assert table["y_hat"].to_list() == ["pets", "weather", "music"]
     assert result.metrics["accuracy_baseline"] == pytest.approx(2 / 3)
     assert result.metrics["accuracy_cm"] == 1.0 and result.metrics["accuracy_neighbour_vote"] == 1.0
+
+
+def test_likelihood_weight_zero_is_the_neighbour_vote_and_unset_is_chosen_on_held_out_samples():
+    bank = bank_from(SAMPLES)
+    vote_only = PosteriorRefiner(bank, CMSpec(variant="neighbour_prior", likelihood_weight=0.0, tau=0.5), toy_embed)
+    contexts = vote_only.prepare(["loud dog cat", "song band", "rain"])
+    for context, answer in zip(contexts, ["music", "pets", "music"], strict=True):
+        refined = vote_only.refine(context, answer)
+        assert refined.decided == refined.neighbour_vote  # the model's answer is ignored at w = 0
+    chosen = PosteriorRefiner(bank, CMSpec(variant="neighbour_prior", tau=0.5), toy_embed)
+    assert chosen.weight in (0.0, 0.25, 0.5, 0.75, 1.0)

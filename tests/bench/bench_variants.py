@@ -22,8 +22,8 @@ import orjson
 import polars as pl
 
 from runner import load_bank, load_spec, run_job
+from runner.bank import MemoryBank, Sample
 from runner.embeddings import embed
-from runner.engines import make_engine
 from runner.refiners import PosteriorRefiner
 from runner.spec import CMSpec
 
@@ -42,22 +42,36 @@ def knn_votes(user_vectors: np.ndarray, user_truths: np.ndarray, item_vectors: n
     return votes.argmax(axis=1)
 
 
-async def run_dataset(name: str, args: argparse.Namespace, engine) -> dict:
+def with_samples(bank: MemoryBank, output: Path) -> MemoryBank:
+    """The bank with its user samples, read from the estimate the job wrote (banks from before
+    cm-runner kept samples lack them; the estimate has the same rows)."""
+    if bank.samples is not None:
+        return bank
+    estimate = pl.read_parquet(output / "estimate.parquet")
+    samples = [
+        Sample(id=r["id"], text=r["text"], answer=r["y_prime"], truth=r["label"])
+        for r in estimate.iter_rows(named=True)
+    ]
+    return bank.model_copy(update={"samples": samples})
+
+
+async def run_dataset(name: str, args: argparse.Namespace) -> dict:
     out = Path(args.out) / name
-    spec = load_spec(REPO / "jobs/_base" / f"{name}.yaml")
-    spec = spec.model_copy(
-        update={
-            "name": f"variants-{name}",
-            "user_split": spec.user_split.model_copy(update={"fraction": args.fraction, "seed": args.seed}),
-            "corpus": spec.corpus.model_copy(update={"limit": args.n, "limit_seed": args.seed}),
-        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.yaml").write_text(
+        f"""base: {REPO / "jobs/_base" / f"{name}.yaml"}
+name: variants-{name}
+user_split: {{fraction: {args.fraction}, seed: {args.seed}}}
+corpus: {{limit: {args.n}, limit_seed: {args.seed}}}
+output: {{dir: {out / "paper"}}}
+"""
     )
-    # The base specs have no output section; validate the whole spec again with one.
-    spec = spec.model_validate({**spec.model_dump(), "output": {"dir": str(out / "paper")}})
+    spec = load_spec(out / "job.yaml")
     started = time.perf_counter()
-    paper = await run_job(spec, data_dir=args.data_dir, engine=engine)
+    # A finished job in out/<dataset>/paper (same spec) is reused as it is, without model calls.
+    paper = await run_job(spec, data_dir=args.data_dir)
     seconds = time.perf_counter() - started
-    bank = load_bank(out / "paper/memory_bank.json")
+    bank = with_samples(load_bank(out / "paper/memory_bank.json"), out / "paper")
     table = pl.read_parquet(out / "paper/annotations.parquet")
     labels = bank.labels
     index = {label: i for i, label in enumerate(labels)}
@@ -110,20 +124,18 @@ async def run_dataset(name: str, args: argparse.Namespace, engine) -> dict:
             row[f"{key}_coverage"] = float(np.mean(covered))
             row[f"{key}_set"] = float(np.mean(sizes)) if sizes else None
             row[f"{key}_tau"] = refiner.tau
+            row[f"{key}_weight"] = refiner.weight
             if variant == "counts":
                 break
     return row
 
 
 async def main(args: argparse.Namespace) -> None:
-    first = load_spec(REPO / "jobs/_base/massive-en-US.yaml")
-    engine = make_engine(first.engine.model_copy(update={"gpu_memory_utilization": args.memory}))
     rows = []
-    async with engine:
-        for name in args.datasets:
-            row = await run_dataset(name, args, engine)
-            rows.append(row)
-            print(orjson.dumps(row).decode(), flush=True)
+    for name in args.datasets:
+        row = await run_dataset(name, args)
+        rows.append(row)
+        print(orjson.dumps(row).decode(), flush=True)
     Path(args.out, "variants.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
     print()
     header = ["dataset", "n", "plain", "paper_cm", "knn1", "knn5", "knn10", "counts"]
@@ -145,5 +157,4 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--coverage", type=float, default=0.9)
     parser.add_argument("--neighbours", type=int, nargs="+", default=[1, 5, 10])
-    parser.add_argument("--memory", type=float, default=0.2, help="engine.gpu_memory_utilization")
     asyncio.run(main(parser.parse_args()))
