@@ -91,9 +91,10 @@ _NO_DEFAULT = object()
 
 
 def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Material keys whose value differs, ignoring keys a newer cm-runner added with their default value."""
+    """Material keys whose value differs, ignoring keys a newer cm-runner added with their default value
+    (and keys an older one recorded that no longer count)."""
     changed = []
-    for key in sorted(set(previous) | set(current)):
+    for key in sorted((set(previous) | set(current)) - _NOT_MATERIAL):
         if key not in previous and current[key] == _default_of(key):
             continue
         if previous.get(key) != current.get(key):

@@ -185,3 +185,16 @@ async def test_keys_added_by_a_newer_version_at_their_defaults_do_not_block_resu
     counts = spec.model_copy(update={"cm": spec.cm.model_copy(update={"variant": "counts"})})
     with pytest.raises(CheckpointError, match=r"cm\.variant: None -> 'counts'"):
         await run_job(counts, engine=engine())
+
+
+async def test_keys_that_stopped_counting_do_not_block_resume(job, tmp_path):
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    manifest_path = tmp_path / "out/manifest.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    manifest["spec"]["engine.replicas"] = 1  # an older cm-runner counted the replica layout
+    manifest["spec_digest"] = "older"
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    rerun = engine()
+    await run_job(spec, engine=rerun)
+    assert rerun.requests == []
