@@ -36,6 +36,15 @@ _NOT_MATERIAL = {
     "engine.ray_address",
     "engine.num_cpus_per_replica",
     "engine.num_gpus_per_replica",
+    # How fast and how patiently an API is asked, and what it costs, not what it answers.
+    "engine.requests_per_minute",
+    "engine.tokens_per_minute",
+    "engine.timeout_seconds",
+    "engine.max_retries",
+    "engine.api_key_env",
+    "engine.prices.prompt_per_million",
+    "engine.prices.completion_per_million",
+    "engine.prices",
 }
 
 

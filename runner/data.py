@@ -54,31 +54,46 @@ def _standard_columns(path: Path, frame: pl.LazyFrame, dataset: DatasetSpec, *, 
         if column not in available:
             raise DataError(f"{path}: no column '{column}' (dataset.{role}_column); columns are {available}")
     columns = [pl.col(column).alias(role) for role, column in wanted.items()]
-    if dataset.id_column is None:
-        columns.insert(0, pl.int_range(pl.len()).cast(pl.String).alias("id"))
+    if dataset.id_column is None:  # a row index, not int_range(len()): it streams without knowing the length
+        frame = frame.with_row_index("_row")
+        columns.insert(0, pl.col("_row").cast(pl.String).alias("id"))
     frame = frame.select(columns).with_columns(pl.col("id").cast(pl.String), pl.col("text").cast(pl.String))
     if "label" in wanted:
         frame = frame.with_columns(pl.col("label").cast(pl.String))
     return frame
 
 
-def _check_rows(path: Path, table: pl.DataFrame, labels: Sequence[str] | None) -> None:
-    """Empty texts, duplicate ids and unknown labels, each named by row id."""
-    blank = table.filter(pl.col("text").is_null() | (pl.col("text").str.strip_chars() == ""))
-    if blank.height:
-        ids = blank["id"].head(5).to_list()
-        raise DataError(f"{path}: {blank.height} row(s) with an empty or null text, e.g. id {ids}")
-    duplicated = table.filter(pl.col("id").is_duplicated())["id"].unique(maintain_order=True)
-    if duplicated.len():
-        raise DataError(f"{path}: duplicate ids, e.g. {duplicated.head(5).to_list()}")
-    if labels is not None and "label" in table.columns:
-        unknown = table.filter(pl.col("label").is_not_null() & ~pl.col("label").is_in(list(labels)))
-        if unknown.height:
-            first = unknown.row(0, named=True)
-            raise DataError(
-                f"{path}: row id {first['id']} has label {first['label']!r}, not in the label set "
-                f"({unknown.height} such row(s))"
-            )
+def _check_rows(path: Path, rows: pl.DataFrame | pl.LazyFrame, labels: Sequence[str] | None) -> int:
+    """Empty texts, duplicate ids and unknown labels, each named by row id; the number of rows.
+
+    Works on a lazy frame in a few streaming passes, so a corpus is checked without being held
+    in memory; the examples in an error message are looked up only when there is an error.
+    """
+    frame = rows.lazy()
+    has_labels = labels is not None and "label" in frame.collect_schema().names()
+    blank = pl.col("text").is_null() | (pl.col("text").str.strip_chars() == "")
+    unknown = pl.lit(False)
+    if has_labels:
+        unknown = pl.col("label").is_not_null() & ~pl.col("label").is_in(list(labels or ()))
+    counts = frame.select(pl.len().alias("rows"), blank.sum().alias("blank"), unknown.sum().alias("unknown")).collect()
+    n_rows, n_blank, n_unknown = counts.row(0)
+    if n_blank:
+        ids = frame.filter(blank).select("id").head(5).collect()["id"].to_list()
+        raise DataError(f"{path}: {n_blank} row(s) with an empty or null text, e.g. id {ids}")
+    # Duplicates among 64-bit hashes first (8 bytes a row), then the exact ids of the few suspects.
+    hashes = frame.select(pl.col("id").hash(seed=0)).collect().to_series().sort()
+    suspects = hashes.filter(hashes == hashes.shift(1))  # sorted: a repeat sits next to its twin
+    if suspects.len():
+        candidates = frame.filter(pl.col("id").hash(seed=0).is_in(suspects.implode())).select("id").collect()
+        duplicated = candidates.filter(pl.col("id").is_duplicated())["id"].unique(maintain_order=True)
+        if duplicated.len():
+            raise DataError(f"{path}: duplicate ids, e.g. {duplicated.head(5).to_list()}")
+    if n_unknown:
+        first = frame.filter(unknown).head(1).collect().row(0, named=True)
+        raise DataError(
+            f"{path}: row id {first['id']} has label {first['label']!r}, not in the label set ({n_unknown} such row(s))"
+        )
+    return n_rows
 
 
 @dataclass(frozen=True)
@@ -121,28 +136,58 @@ def sample_user_split(pool: pl.DataFrame, fraction: float | None, *, seed: int, 
 
 
 class Corpus:
-    """D_large: the rows to annotate, read in bounded chunks."""
+    """D_large: the rows to annotate, streamed from the file in bounded chunks.
 
-    def __init__(self, path: Path, dataset: DatasetSpec, spec: CorpusSpec, labels: Sequence[str]):
+    Only a ``limit`` sample is held in memory; a whole corpus is read chunk by chunk, so memory
+    stays flat however many rows it has.
+    """
+
+    def __init__(self, path: Path, dataset: DatasetSpec, spec: CorpusSpec, labels: Sequence[str] | None):
         self.path = path
         frame = _standard_columns(path, scan_table(path), dataset, need_label=False)
-        table = frame.collect()
-        _check_rows(path, table, labels)
-        if spec.limit is not None and spec.limit < table.height:
-            table = table.with_row_index("_row").sample(n=spec.limit, seed=spec.limit_seed).sort("_row").drop("_row")
-        if "label" not in table.columns:
-            table = table.with_columns(pl.lit(None, dtype=pl.String).alias("label"))
-        self._table = table
+        if "label" not in frame.collect_schema().names():
+            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("label"))
+        height = _check_rows(path, frame, labels)
+        self._table: pl.DataFrame | None = None
+        if spec.limit is not None and spec.limit < height:
+            # The same draw as sampling the whole table with this seed, without loading it.
+            picked = pl.int_range(height, eager=True, dtype=pl.UInt32).sample(n=spec.limit, seed=spec.limit_seed)
+            numbered = frame.with_row_index("_row").filter(pl.col("_row").is_in(picked.implode()))
+            self._table = numbered.collect().sort("_row").drop("_row")
+            height = spec.limit
+        self._frame = frame
+        self._height = height
+        self._n_gold: int | None = None
 
     @property
     def height(self) -> int:
-        return self._table.height
+        return self._height
 
     @property
     def has_gold(self) -> bool:
-        return self._table["label"].null_count() < self._table.height
+        if self._n_gold is None:
+            source = self._table.lazy() if self._table is not None else self._frame
+            self._n_gold = source.select(pl.col("label").is_not_null().sum()).collect().item()
+        return self._n_gold > 0
 
     def chunks(self, size: int) -> Iterator[tuple[int, pl.DataFrame]]:
-        """(chunk number, rows) pairs of at most ``size`` rows, in corpus order."""
-        for number, start in enumerate(range(0, self._table.height, size)):
-            yield number, self._table.slice(start, size)
+        """(chunk number, rows) pairs of exactly ``size`` rows (the last may have fewer), in corpus order."""
+        if self._table is not None:
+            for number, start in enumerate(range(0, self._table.height, size)):
+                yield number, self._table.slice(start, size)
+            return
+        # Streamed with backpressure: polars reads ahead only a few batches; an abandoned reader is
+        # cancelled when the iterator is dropped.
+        pending: list[pl.DataFrame] = []
+        buffered = number = 0
+        for batch in self._frame.collect_batches(chunk_size=size, lazy=True):
+            pending.append(batch)
+            buffered += batch.height
+            while buffered >= size:  # batches need not be chunk-sized: re-cut them, numbering must not move
+                joined = pl.concat(pending, rechunk=False)
+                yield number, joined.slice(0, size)
+                number += 1
+                rest = joined.slice(size)
+                pending, buffered = [rest], rest.height
+        if buffered:
+            yield number, pl.concat(pending)

@@ -9,12 +9,14 @@ from pydantic import BaseModel
 
 from runner.bank import MemoryBank
 from runner.checkpoint import Manifest
+from runner.evaluate import GridSpec
 from runner.spec import JobSpec
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "job-spec.schema.json": JobSpec,
     "memory-bank.schema.json": MemoryBank,
     "manifest.schema.json": Manifest,
+    "eval-grid.schema.json": GridSpec,
 }
 
 

@@ -1,7 +1,10 @@
 """The README's path for real: `cm-run` on a real dataset slice with the real embedded vLLM engine."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -14,19 +17,24 @@ pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("e2e")
-    spec = out / "job.yaml"
+def write_spec(directory, output):
+    spec = directory / f"{output.name}.yaml"
     spec.write_text(
         f"""
 base: {REPO / "jobs/_base/massive-en-US.yaml"}
 name: e2e-massive
 user_split: {{fraction: 0.01, seed: 0}}
 corpus: {{limit: 40, limit_seed: 1}}
-output: {{dir: {out / "out"}, chunk_size: 16}}
+output: {{dir: {output}, chunk_size: 16}}
 """
     )
+    return spec
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("e2e")
+    spec = write_spec(out, out / "out")
     done = subprocess.run(
         [sys.executable, "-m", "runner.cli", str(spec), "--data-dir", str(data_dir)],
         capture_output=True,
@@ -79,3 +87,25 @@ def test_metrics_match_the_parquet(finished_job):
     assert metrics["accuracy_cm"] == (table["y_hat"] == table["gold"]).mean()
     assert metrics["calls_per_item"] == table["calls"].mean()
     assert metrics["run"]["engine_load_seconds"] > 0 and metrics["run"]["items_per_second"] > 0
+
+
+def test_sigkill_mid_annotate_then_rerun_equals_the_uninterrupted_run(finished_job, tmp_path, data_dir):
+    """The real engine, killed (with its engine-core process) after the first shard, then rerun."""
+    reference, _ = finished_job
+    output = tmp_path / "killed"
+    spec = write_spec(tmp_path, output)
+    command = [sys.executable, "-m", "runner.cli", str(spec), "--data-dir", str(data_dir), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (output / "annotations/part-00000.parquet").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "cm-run ended before the kill point"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group: vLLM's engine core is a child process
+    process.wait()
+    assert not (output / "annotations.parquet").exists()
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_bank(output / "memory_bank.json").digest() == load_bank(reference / "memory_bank.json").digest()
+    ours = pl.read_parquet(output / "annotations.parquet")
+    assert ours.equals(pl.read_parquet(reference / "annotations.parquet"))

@@ -12,7 +12,15 @@ def make_engine(spec: EngineSpec) -> Engine:
         from runner.engines.vllm import VLLMEngine
 
         return VLLMEngine(spec)
-    raise EngineError(f"engine.kind {spec.kind!r} (replicas/ray) is not supported yet")
+    if spec.kind == "vllm":  # replicas > 1 or ray_address: vLLM engines in Ray actors
+        from runner.engines.ray_replicas import RayReplicaEngine
+
+        return RayReplicaEngine(spec)
+    if spec.kind == "openai":
+        from runner.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(spec)
+    raise EngineError(f"engine.kind {spec.kind!r} is not supported yet")
 
 
 __all__ = ["ChoiceRequest", "Completion", "Engine", "EngineError", "Message", "make_engine"]

