@@ -155,7 +155,7 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from runner.eval_report import write_report
-    from runner.evaluate import load_grid, run_grid
+    from runner.evaluate import FinishedCellsOnly, load_grid, run_grid
 
     grid = load_grid(args.grid)
     print(f"cm-run eval: {grid.name}: output {grid.output_dir}", file=sys.stderr)
@@ -164,7 +164,10 @@ def _eval(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"cm-run eval: {line}", file=sys.stderr)
 
-    results = asyncio.run(_stoppable(run_grid(grid, data_dir=args.data_dir, restart=args.restart, progress=log)))
+    factory = FinishedCellsOnly if args.report_only else None
+    results = asyncio.run(
+        _stoppable(run_grid(grid, data_dir=args.data_dir, restart=args.restart, engine_factory=factory, progress=log))
+    )
     report = write_report(results, Path(grid.output_dir), f"Evaluation grid {grid.name}")
     print(report.markdown.read_text(encoding="utf-8").split("## Cost per cell")[0].rstrip())
     print(
@@ -276,6 +279,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="where dataset paths resolve (default: $CM_DATA_DIR)")
     evaluate.add_argument("--restart", action="store_true", help="redo cells an earlier run finished")
     evaluate.add_argument("--quiet", action="store_true", help="print only the tables")
+    evaluate.add_argument(
+        "--report-only", action="store_true", help="rebuild tables and figures from finished cells; start no engine"
+    )
     evaluate.set_defaults(func=_eval)
 
     prepare = sub.add_parser("prepare-model", help="convert an embedded model once into the cache")

@@ -191,7 +191,7 @@ def cost_table(summary: pl.DataFrame) -> str:
         "Calls/item",
         "Prompt tok/item",
         "Completion tok/item",
-        "Mean |C|",
+        "Mean size of C",
         "Requests sent / asked",
         "Seconds",
     ]

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from runner.engines import Engine, make_engine
+from runner.engines import ChoiceRequest, Completion, Engine, EngineError, make_engine
 from runner.engines._cache import CachingEngine
 from runner.examples import ExamplePool, examples_for_jobs
 from runner.spec import (
@@ -241,6 +242,22 @@ def cell_job(grid: GridSpec, base: JobSpec, cell: Cell, strategy: StrategySpec, 
     )
 
 
+class FinishedCellsOnly:
+    """An engine for reading a grid back: every finished cell needs no call, any other cell fails with this."""
+
+    def __init__(self, spec: EngineSpec):
+        self.model_id = spec.model
+
+    async def __aenter__(self) -> FinishedCellsOnly:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
+        raise EngineError(f"a cell of model {self.model_id!r} is not finished: run the grid without --report-only")
+
+
 def _per_item(metrics: dict[str, Any], key: str) -> float | None:
     n = metrics["n_annotated"]
     return metrics[key] / n if n else None
@@ -290,6 +307,12 @@ async def run_grid(
                     with examples_for_jobs(pool) if pool is not None else nullcontext():
                         outcome = await run_job(job, data_dir=data_dir, restart=restart, engine=engine)
                     after = engine.cache_stats
+                    cost = _cell_cost(
+                        Path(outcome.output_dir),
+                        requests=after.requests - before.requests,
+                        hits=after.hits - before.hits,
+                        seconds=round(time.perf_counter() - started, 2),
+                    )
                     metrics = outcome.metrics
                     result = CellResult(
                         cell=cell,
@@ -304,14 +327,27 @@ async def run_grid(
                         n_items=metrics["n_annotated"],
                         n_user=metrics["n_user"],
                         n_errors=metrics["n_errors"],
-                        engine_requests=after.requests - before.requests,
-                        cache_hits=after.hits - before.hits,
-                        seconds=round(time.perf_counter() - started, 2),
+                        engine_requests=cost["engine_requests"],
+                        cache_hits=cost["cache_hits"],
+                        seconds=cost["seconds"],
                     )
                     results.append(result)
                     if progress:
                         progress(_describe(len(results), total, result))
     return results
+
+
+CELL_COST_FILE = "grid_cell.json"
+
+
+def _cell_cost(directory: Path, *, requests: int, hits: int, seconds: float) -> dict[str, Any]:
+    """What the cell cost when it ran: a cell read back from disk asks nothing, so its first run's record stands."""
+    path = directory / CELL_COST_FILE
+    if requests == 0 and path.is_file():
+        return orjson.loads(path.read_bytes())
+    cost = {"engine_requests": requests, "cache_hits": hits, "seconds": seconds}
+    path.write_bytes(orjson.dumps(cost))
+    return cost
 
 
 def _describe(done: int, total: int, result: CellResult) -> str:

@@ -96,7 +96,8 @@ def accuracy_chart(summary: pl.DataFrame, path: Path, title: str) -> Path:
                     100 * row["accuracy_mean"][0] if row.height and row["accuracy_mean"][0] is not None else 0
                 )
                 errors.append(100 * (row["accuracy_std"][0] or 0) if row.height else 0)
-            bars = axes.bar(positions + offset, values, 0.4, yerr=errors, color=colour, label=method, capsize=3)
+            whiskers = errors if any(errors) else None  # one seed: no spread to show
+            bars = axes.bar(positions + offset, values, 0.4, yerr=whiskers, color=colour, label=method, capsize=3)
             axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         axes.set_title(dataset, fontsize=10)
         axes.set_xticks(positions, [s.replace(" (", "\n(") for s in strategies], fontsize=7)

@@ -8,13 +8,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Read once, then unset for every test (fixtures of any scope, and subprocesses they start):
+# $CM_DATA_DIR overrides a spec's own data_dir by design, and many tests write small datasets of
+# their own. Tests that want the real datasets take the `data_dir` fixture.
+DATA_DIR = Path(os.environ.pop("CM_DATA_DIR", None) or REPO.parent / "shared" / "datasets")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real datasets: $CM_DATA_DIR, else ../shared/datasets beside the checkout."""
-    path = Path(os.environ.get("CM_DATA_DIR") or REPO.parent / "shared" / "datasets")
-    if not (path / "massive").is_dir():
-        pytest.fail(f"datasets not found at {path}: set CM_DATA_DIR")
-    return path
+    if not (DATA_DIR / "massive").is_dir():
+        pytest.fail(f"datasets not found at {DATA_DIR}: set CM_DATA_DIR")
+    return DATA_DIR
 
 
 @pytest.fixture

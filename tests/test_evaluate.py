@@ -194,3 +194,14 @@ def test_shipped_grids_are_valid():
     for path in shipped:
         grid = load_grid(path)
         assert isinstance(grid, GridSpec) and all(Path(d).is_file() for d in grid.datasets), path
+
+
+def test_report_only_reads_finished_cells_and_refuses_unfinished_ones(datasets, write, monkeypatch, capsys):
+    path = grid_file(datasets, write, strategies=[{"name": "zero_shot"}], seeds=[0], budgets=[0.5])
+    assert cli.main(["eval", str(path), "--report-only"]) == cli.EXIT_ENGINE  # nothing ran yet: no engine to ask
+    assert "is not finished" in capsys.readouterr().err
+    monkeypatch.setattr("runner.evaluate.make_engine", Recorder())
+    assert cli.main(["eval", str(path), "--quiet"]) == 0
+    (datasets / "eval" / "results.md").unlink()
+    assert cli.main(["eval", str(path), "--report-only", "--quiet"]) == 0
+    assert "| CM (50%) + zero_shot | **100.00%** | **100.00%** |" in (datasets / "eval" / "results.md").read_text()

@@ -32,6 +32,15 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
     return f"{body}\nAnswer:"
 
 
+def _rejection_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it will not run (0.32: VLLMValidationError; older: ValueError)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMValidationError)
+
+
 class VLLMEngine:
     """One vLLM ``AsyncLLM`` answering batches of choice requests concurrently."""
 
@@ -41,6 +50,7 @@ class VLLMEngine:
         self.load_seconds: float | None = None
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._rejections: tuple[type[Exception], ...] = (ValueError,)
         self._ids = itertools.count()
         self._run = uuid.uuid4().hex[:8]
         self._slots = asyncio.Semaphore(spec.max_concurrency)
@@ -83,6 +93,7 @@ class VLLMEngine:
                 "KV cache; free memory or change it)"
             ) from error
         self._tokenizer = self._engine.tokenizer
+        self._rejections = _rejection_errors()
         self.load_seconds = time.perf_counter() - started
 
     def close(self) -> None:
@@ -112,7 +123,7 @@ class VLLMEngine:
                 final = None
                 async for output in self._engine.generate(prompt, self._sampling(request), request_id):
                     final = output
-            except ValueError as error:  # vLLM rejects e.g. prompts longer than the context
+            except self._rejections as error:  # vLLM rejects e.g. prompts longer than the context
                 return Completion(text=None, error=f"rejected by vLLM: {error}", retryable=False)
         assert final is not None
         generated = final.outputs[0]
