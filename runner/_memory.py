@@ -1,7 +1,10 @@
 """Peak memory of a job's whole process tree (the engine core and its workers are child processes).
 
 ``getrusage`` misses children that are killed rather than reaped, as vLLM does with its worker
-at shutdown, so a background thread samples the RSS of this process and every descendant.
+at shutdown, so a background thread samples this process and every descendant. It sums the
+proportional set size (PSS: a shared page counts 1/n in each of the n processes sharing it), so
+libraries and shared memory the engine processes share are not counted once per process, as
+summed RSS would; where PSS cannot be read, RSS stands in.
 """
 
 from __future__ import annotations
@@ -13,8 +16,15 @@ from typing import Self
 import psutil
 
 
+def _proportional_size(process: psutil.Process) -> int:
+    try:
+        return process.memory_full_info().pss
+    except (psutil.AccessDenied, AttributeError):
+        return process.memory_info().rss
+
+
 class PeakMemory:
-    """``with PeakMemory() as peak: ...`` then ``peak.mb``: the largest summed RSS seen, in MiB."""
+    """``with PeakMemory() as peak: ...`` then ``peak.mb``: the largest summed PSS seen, in MiB."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
@@ -27,7 +37,7 @@ class PeakMemory:
         total = 0
         for process in [root, *root.children(recursive=True)]:
             try:
-                total += process.memory_info().rss
+                total += _proportional_size(process)
             except psutil.Error:  # a process that ended between listing and reading
                 continue
         self.peak_bytes = max(self.peak_bytes, total)

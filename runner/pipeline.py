@@ -23,6 +23,7 @@ from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_b
 from runner.checkpoint import Checkpoint, Manifest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
+from runner.examples import ExamplePool, current_pool
 from runner.labels import LabelSet
 from runner.refiners import Embedder, Refiner, make_refiner
 from runner.report import ANNOTATION_SCHEMA, compute_metrics
@@ -287,7 +288,12 @@ async def run_job(
     inputs = load_inputs(spec, data_dir)
     checkpoint = Checkpoint(Path(spec.output.dir), spec)
     manifest = checkpoint.open(restart=restart)
-    strategy = make_strategy(spec.strategy, inputs.labels, spec.generation)
+    examples = None
+    if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
+        examples = ExamplePool.from_rows(
+            inputs.user.rows, max_chars=spec.dataset.max_text_chars, seed=spec.generation.seed
+        )
+    strategy = make_strategy(spec.strategy, inputs.labels, spec.generation, examples)
 
     owned = engine is None
     engine = engine or make_engine(spec.engine)
@@ -340,7 +346,7 @@ async def run_job(
         "cm_enabled": spec.cm.enabled,
         "labels_without_user_samples": inputs.labels_without_user_samples,
         **compute_metrics(annotations),
-        # this process and its children (e.g. vLLM's engine core), summed: Ray actors live elsewhere
+        # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},
     }
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))

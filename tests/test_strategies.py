@@ -151,6 +151,16 @@ async def test_few_shot_in_a_job_never_shows_a_user_sample_its_own_label(toy_job
         assert len(shown) == len([y for t, y in USER if t != user_text(request) and y in _allowed(request)])
 
 
+async def test_few_shot_in_a_plain_job_draws_examples_from_its_user_split(toy_job):
+    spec = toy_job("{name: few_shot, k: 10, selection: random}")
+    engine = Script(lambda r: "music")
+    result = await run_job(spec, engine=engine)  # no grid, no pool handed in
+    assert result.metrics["n_annotated"] > 0
+    estimate_requests = [r for r in engine.requests if user_text(r) in {t for t, _ in USER}]
+    assert estimate_requests and all(examples_shown(r) for r in estimate_requests)
+    assert all(user_text(r) not in [t for t, _ in examples_shown(r)] for r in engine.requests)
+
+
 def _allowed(request: ChoiceRequest) -> set[str]:
     return {LABELS.parse(shown) for shown in request.choices}
 
