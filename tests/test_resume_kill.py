@@ -39,24 +39,28 @@ def server() -> Iterator[str]:
     process.wait(timeout=10)
 
 
-@pytest.fixture
-def job(tmp_path: Path, server: str, data_dir: Path) -> Callable[[str], tuple[Path, Path]]:
-    """Write a spec with its own output dir; user split 1% of MASSIVE (117 rows), 240 corpus rows."""
-
-    def make(name: str) -> tuple[Path, Path]:
-        spec = tmp_path / f"{name}.yaml"
-        spec.write_text(
-            f"""
+def write_spec(path: Path, output: Path, server: str, data_dir: Path) -> Path:
+    """User split 1% of MASSIVE (117 rows), 240 corpus rows, 20-row chunks, the fast local server."""
+    path.write_text(
+        f"""
 base: {REPO / "jobs/_base/massive-en-US.yaml"}
 name: kill-test
 data_dir: {data_dir}
 user_split: {{fraction: 0.01, seed: 0}}
 corpus: {{limit: 240, limit_seed: 0}}
 engine: {{kind: openai, model: fake, base_url: "{server}", api_key_env: CM_TEST_KEY, max_concurrency: 4}}
-output: {{dir: {tmp_path / name}, chunk_size: 20}}
+output: {{dir: {output}, chunk_size: 20}}
 """
-        )
-        return spec, tmp_path / name
+    )
+    return path
+
+
+@pytest.fixture
+def job(tmp_path: Path, server: str, data_dir: Path) -> Callable[[str], tuple[Path, Path]]:
+    """A spec with its own output dir, per test case."""
+
+    def make(name: str) -> tuple[Path, Path]:
+        return write_spec(tmp_path / f"{name}.yaml", tmp_path / name, server, data_dir), tmp_path / name
 
     return make
 
@@ -102,18 +106,7 @@ def shards(output: Path, phase_dir: str) -> int:
 def reference(tmp_path_factory: pytest.TempPathFactory, server: str, data_dir: Path) -> pl.DataFrame:
     """The uninterrupted run every interrupted one must equal."""
     root = tmp_path_factory.mktemp("reference")
-    spec = root / "ref.yaml"
-    spec.write_text(
-        f"""
-base: {REPO / "jobs/_base/massive-en-US.yaml"}
-name: kill-test
-data_dir: {data_dir}
-user_split: {{fraction: 0.01, seed: 0}}
-corpus: {{limit: 240, limit_seed: 0}}
-engine: {{kind: openai, model: fake, base_url: "{server}", api_key_env: CM_TEST_KEY, max_concurrency: 4}}
-output: {{dir: {root / "ref"}, chunk_size: 20}}
-"""
-    )
+    spec = write_spec(root / "ref.yaml", root / "ref", server, data_dir)
     finish(spec)
     return pl.read_parquet(root / "ref/annotations.parquet")
 
