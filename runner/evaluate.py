@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner.engines import ChoiceRequest, Completion, Engine, EngineError, make_engine
@@ -35,7 +34,9 @@ from runner.spec import (
     SpecError,
     StrategySpec,
     VLLMEngineSpec,
+    describe_validation_error,
     load_spec,
+    read_yaml_mapping,
 )
 
 Method = Literal["Z", "CM+Z"]
@@ -110,20 +111,11 @@ class GridSpec(BaseModel):
 
 def load_grid(path: str | Path) -> GridSpec:
     grid_path = Path(path)
-    try:
-        raw = yaml.safe_load(grid_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{grid_path}: grid file not found") from None
-    except yaml.YAMLError as error:
-        raise SpecError(f"{grid_path}: malformed YAML: {error}") from None
+    raw = read_yaml_mapping(grid_path, "grid")
     try:
         grid = GridSpec.model_validate(raw)
     except ValidationError as error:
-        lines = [f"{grid_path}: invalid evaluation grid"]
-        for issue in error.errors():
-            key = ".".join(str(part) for part in issue["loc"]) or "(top level)"
-            lines.append(f"  {key}: {issue['msg']}")
-        raise SpecError("\n".join(lines)) from None
+        raise SpecError(describe_validation_error(error, grid_path, "evaluation grid")) from None
     # dataset specs are named relative to the grid file, like a job spec's base
     return grid.model_copy(update={"datasets": [str((grid_path.parent / d).resolve()) for d in grid.datasets]})
 

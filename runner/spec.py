@@ -326,13 +326,12 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if path in chain:
-        raise SpecError(f"{path}: 'base' chain loops back to itself")
+def read_yaml_mapping(path: Path, what: str = "job spec") -> dict[str, Any]:
+    """A YAML file that must hold a mapping, or SpecError naming the file (and line, column)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
+        raise SpecError(f"{path}: {'spec' if what == 'job spec' else what} file not found") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -341,7 +340,15 @@ def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, An
         problem = getattr(error, "problem", None) or str(error)
         raise SpecError(f"{path}:{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a job spec must be a YAML mapping, got {type(raw).__name__}")
+        raise SpecError(f"{path}: a {what} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A job spec with its ``base`` chain merged in."""
+    if path in chain:
+        raise SpecError(f"{path}: 'base' chain loops back to itself")
+    raw = read_yaml_mapping(path)
     base_name = raw.pop("base", None)
     if base_name is None:
         return raw
@@ -354,8 +361,9 @@ def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, An
 _ENGINE_KINDS = {"vllm", "openai"}
 
 
-def _describe(error: ValidationError, path: Path) -> str:
-    lines = [f"{path}: invalid job spec"]
+def describe_validation_error(error: ValidationError, path: Path, what: str = "job spec") -> str:
+    """One line per problem, each naming the dotted key: unknown, missing, or the value that is wrong."""
+    lines = [f"{path}: invalid {what}"]
     for issue in error.errors():
         loc = list(issue["loc"])
         if loc[:1] == ["engine"] and len(loc) > 1 and loc[1] in _ENGINE_KINDS:
@@ -377,4 +385,4 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as error:
-        raise SpecError(_describe(error, Path(path))) from None
+        raise SpecError(describe_validation_error(error, Path(path))) from None
