@@ -61,13 +61,14 @@ class PosteriorRefiner:
         self.class_prior = post.class_prior(self.counts)
         self.uses_neighbours = cm.variant in ("neighbour_prior", "instance")
         self.embed = embed
+        samples = bank.samples or []
+        self.user_answers = np.array([index[s.answer] if s.answer else -1 for s in samples], dtype=np.int64)
+        self.user_truths = np.array([index[s.truth] for s in samples], dtype=np.int64)
         if self.uses_neighbours:
             if not bank.samples:
                 raise ValueError(f"cm.variant {cm.variant!r} needs a bank with its user samples (re-estimate it)")
             if embed is None:
                 raise ValueError(f"cm.variant {cm.variant!r} needs an embedding model")
-            self.user_answers = np.array([index[s.answer] if s.answer else -1 for s in bank.samples])
-            self.user_truths = np.array([index[s.truth] for s in bank.samples])
             self.user_vectors = embed([s.text for s in bank.samples])
         self.weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
         needs_held_out = cm.tau is None or cm.likelihood_weight is None
@@ -112,10 +113,6 @@ class PosteriorRefiner:
         """(answer, similarities, index) for each parsed user sample, to score it with itself left out."""
         if not bank.samples:
             raise ValueError("calibrating cm.tau or cm.likelihood_weight needs the bank's user samples; set both")
-        index = {label: i for i, label in enumerate(self.labels)}
-        if not self.uses_neighbours:
-            self.user_answers = np.array([index[s.answer] if s.answer else -1 for s in bank.samples])
-            self.user_truths = np.array([index[s.truth] for s in bank.samples])
         similarities = self.user_vectors @ self.user_vectors.T if self.uses_neighbours else None
         return [
             (int(a), similarities[i] if similarities is not None else None, i)
