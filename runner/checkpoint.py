@@ -29,6 +29,7 @@ _NOT_MATERIAL = {
     "name",
     "data_dir",
     "output.dir",
+    "output.chunks_in_flight",
     "engine.max_concurrency",
     "engine.gpu_memory_utilization",
     # Greedy answers were the same with 1 and 2 replicas and on a two-node cluster.

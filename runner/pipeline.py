@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from runner.engines import Engine, make_engine
 from runner.examples import ExamplePool, current_pool
 from runner.labels import LabelSet
 from runner.refiners import Embedder, Refiner, make_refiner
-from runner.report import ANNOTATION_SCHEMA, compute_metrics
+from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics
 from runner.spec import JobSpec
 from runner.strategies import Strategy, make_strategy
 
@@ -36,6 +37,7 @@ BANK_FILE = "memory_bank.json"
 ESTIMATE_FILE = "estimate.parquet"
 ANNOTATIONS_FILE = "annotations.parquet"
 METRICS_FILE = "metrics.json"
+ROW_GROUP_ROWS = 16_384
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(phase, done, total) after each chunk."""
@@ -122,6 +124,7 @@ async def estimate_phase(
         checkpoint,
         manifest,
         progress,
+        spec.output.chunks_in_flight,
     )
     estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
     estimate.write_parquet(checkpoint.directory / ESTIMATE_FILE)
@@ -155,11 +158,19 @@ async def _run_chunks(
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None,
+    in_flight: int = 1,
 ) -> int:
-    """Do ``work`` on each chunk not yet on disk, and redo rows an engine failed on; rows worked on."""
+    """Do ``work`` on each chunk not yet on disk, and redo rows an engine failed on; rows worked on.
+
+    Up to ``in_flight`` chunks run at once: with one, every chunk would wait for its slowest
+    row (a retry after a 429, a long answer) while the engine idles. Chunks are pulled from
+    ``chunks`` only when there is room, so memory holds at most ``in_flight`` of them.
+    """
     finished = checkpoint.finished(manifest, phase)
     done = worked = 0
-    for number, chunk in chunks:
+
+    async def one(number: int, chunk: pl.DataFrame) -> None:
+        nonlocal done, worked
         if number not in finished:
             checkpoint.write_shard(manifest, phase, number, await work(chunk))
             worked += chunk.height
@@ -174,7 +185,32 @@ async def _run_chunks(
         done += chunk.height
         if progress:
             progress(phase, done, total)
+
+    await _bounded((partial(one, number, chunk) for number, chunk in chunks), in_flight)
     return worked
+
+
+async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) -> None:
+    """Run ``jobs`` with at most ``limit`` at once; the first failure cancels the others and is raised."""
+    running: set[asyncio.Task[None]] = set()
+
+    async def settle() -> None:
+        nonlocal running
+        done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+
+    try:
+        for job in jobs:
+            while len(running) >= limit:
+                await settle()
+            running.add(asyncio.ensure_future(job()))
+        while running:
+            await settle()
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def annotate_rows(
@@ -317,6 +353,7 @@ async def run_job(
             checkpoint,
             manifest,
             progress,
+            spec.output.chunks_in_flight,
         )
         elapsed = time.perf_counter() - started
         run["annotate_seconds"] = round(elapsed, 2)
@@ -333,10 +370,10 @@ async def run_job(
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
     shard_paths = [checkpoint.shard_path("annotate", n) for n in range(n_chunks)]
     if shard_paths:  # streamed shard to file: the corpus is never whole in memory
-        pl.scan_parquet(shard_paths).sink_parquet(annotations_path)
+        # bounded row groups: polars' default buffers half a million rows before writing one
+        pl.scan_parquet(shard_paths).sink_parquet(annotations_path, row_group_size=ROW_GROUP_ROWS)
     else:
         pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(annotations_path)
-    annotations = pl.read_parquet(annotations_path, columns=[c for c in ANNOTATION_SCHEMA if c != "text"])
     metrics = {
         "job": spec.name,
         "dataset": spec.dataset.name,
@@ -345,7 +382,7 @@ async def run_job(
         "user_seed": spec.user_split.seed,
         "cm_enabled": spec.cm.enabled,
         "labels_without_user_samples": inputs.labels_without_user_samples,
-        **compute_metrics(annotations),
+        **compute_metrics(pl.read_parquet(path, columns=METRIC_COLUMNS) for path in shard_paths),
         # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},
     }

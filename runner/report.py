@@ -6,6 +6,8 @@ alone; run facts (timings, memory) are kept apart under ``run``.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import polars as pl
@@ -28,40 +30,81 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def _rate(frame: pl.DataFrame, condition: pl.Expr) -> float | None:
-    if frame.height == 0:
+_HAS_GOLD = pl.col("gold").is_not_null()
+
+
+def _right_on_gold(condition: pl.Expr) -> pl.Expr:
+    return (condition.fill_null(False) & _HAS_GOLD).sum()
+
+
+# Sums over rows: a table's are the sums of its parts', so they are added up batch by batch.
+_SUMS = {
+    "n_annotated": pl.len(),
+    "n_with_gold": _HAS_GOLD.sum(),
+    "right_baseline": _right_on_gold(pl.col("y_prime") == pl.col("gold")),
+    "right_cm": _right_on_gold(pl.col("y_hat") == pl.col("gold")),
+    "covered": _right_on_gold(pl.col("candidates").list.contains(pl.col("gold"))),
+    "right_neighbour": _right_on_gold(pl.col("y_neighbour") == pl.col("gold")),
+    "n_neighbour_votes": pl.col("y_neighbour").is_not_null().sum(),
+    "calls": pl.col("calls").sum(),
+    "second_calls": (pl.col("calls") >= 2).sum(),
+    "n_empty_row_fallback": (pl.col("fallback") == "empty_row").sum(),
+    "n_errors": pl.col("error").is_not_null().sum(),
+    "prompt_tokens": pl.col("prompt_tokens").sum(),
+    "completion_tokens": pl.col("completion_tokens").sum(),
+}
+METRIC_COLUMNS = ["gold", "y_prime", "y_hat", "candidates", "y_neighbour", "calls", "fallback", "error"]
+METRIC_COLUMNS += ["prompt_tokens", "completion_tokens"]
+"""The columns ``compute_metrics`` reads."""
+
+
+def _median(histogram: Counter[int]) -> float | None:
+    values = sorted(histogram.elements())  # candidate-set sizes are at most K: a few distinct values
+    if not values:
         return None
-    return float(frame.select(condition.fill_null(False).mean()).item())
+    middle = len(values) // 2
+    return float(values[middle]) if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
-def compute_metrics(annotations: pl.DataFrame) -> dict[str, Any]:
-    """Accuracy of y_prime (baseline) and y_hat (CM), coverage, calls and candidate-set sizes."""
-    gold = annotations.filter(pl.col("gold").is_not_null())
-    answered = annotations.filter(pl.col("y_prime").is_not_null())
-    sizes = answered["candidates"].list.len()
+def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame]) -> dict[str, Any]:
+    """Accuracy of y_prime (baseline) and y_hat (CM), coverage, calls and candidate-set sizes.
+
+    ``annotations`` is a table, or its parts one after another (sums, and a histogram of
+    candidate-set sizes for their median, are added up part by part): a job passes its
+    shards, so memory holds one shard, not a million-row table.
+    """
+    parts = [annotations.lazy().collect()] if isinstance(annotations, pl.DataFrame | pl.LazyFrame) else annotations
+    totals: Counter[str] = Counter(dict.fromkeys(_SUMS, 0))
+    sizes: Counter[int] = Counter()
+    for part in parts:
+        totals.update({k: v or 0 for k, v in part.select(**_SUMS).row(0, named=True).items()})
+        answered = part.filter(pl.col("y_prime").is_not_null())["candidates"].list.len()
+        sizes.update(dict(answered.value_counts().iter_rows()))
+    n, n_gold = totals["n_annotated"], totals["n_with_gold"]
+
+    def share(count: int, of: int) -> float | None:
+        return count / of if of else None
+
+    n_sizes = sizes.total()
     return {
-        "n_annotated": annotations.height,
-        "n_with_gold": gold.height,
-        "accuracy_baseline": _rate(gold, pl.col("y_prime") == pl.col("gold")),
-        "accuracy_cm": _rate(gold, pl.col("y_hat") == pl.col("gold")),
-        "coverage": _rate(gold, pl.col("candidates").list.contains(pl.col("gold"))),
-        "accuracy_neighbour_vote": (
-            _rate(gold, pl.col("y_neighbour") == pl.col("gold"))
-            if annotations["y_neighbour"].null_count() < annotations.height
-            else None
-        ),
-        "calls_per_item": float(annotations["calls"].mean()) if annotations.height else None,
-        "second_call_rate": _rate(annotations, pl.col("calls") >= 2),
+        "n_annotated": n,
+        "n_with_gold": n_gold,
+        "accuracy_baseline": share(totals["right_baseline"], n_gold),
+        "accuracy_cm": share(totals["right_cm"], n_gold),
+        "coverage": share(totals["covered"], n_gold),
+        "accuracy_neighbour_vote": share(totals["right_neighbour"], n_gold) if totals["n_neighbour_votes"] else None,
+        "calls_per_item": share(totals["calls"], n),
+        "second_call_rate": share(totals["second_calls"], n),
         "candidate_set_size": {
-            "mean": float(sizes.mean()) if sizes.len() else None,
-            "median": float(sizes.median()) if sizes.len() else None,
-            "min": int(sizes.min()) if sizes.len() else None,
-            "max": int(sizes.max()) if sizes.len() else None,
+            "mean": share(sum(size * count for size, count in sizes.items()), n_sizes),
+            "median": _median(sizes),
+            "min": min(sizes) if sizes else None,
+            "max": max(sizes) if sizes else None,
         },
-        "n_empty_row_fallback": annotations.filter(pl.col("fallback") == "empty_row").height,
-        "n_errors": annotations.filter(pl.col("error").is_not_null()).height,
-        "prompt_tokens": int(annotations["prompt_tokens"].sum()),
-        "completion_tokens": int(annotations["completion_tokens"].sum()),
+        "n_empty_row_fallback": totals["n_empty_row_fallback"],
+        "n_errors": totals["n_errors"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
     }
 
 

@@ -267,6 +267,11 @@ class OutputSpec(_Strict):
     chunk_size: Annotated[int, Field(gt=0)] = Field(
         default=512, description="Rows per parquet shard; also bounds rows held in memory."
     )
+    chunks_in_flight: Annotated[int, Field(gt=0)] = Field(
+        default=3,
+        description="Chunks worked on at once. More than one keeps the engine busy while a chunk's "
+        "slowest rows (retries, long answers) finish; memory holds this many chunks.",
+    )
 
 
 class JobSpec(_Strict):

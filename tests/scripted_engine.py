@@ -31,8 +31,10 @@ class ScriptedEngine:
         self.crash_after = crash_after  # raise after this many requests: a process dying mid-job
         self.failing = failing  # texts whose calls fail as a timed-out request would
         self.requests: list[ChoiceRequest] = []
+        self.started = False
 
     async def __aenter__(self) -> Self:
+        self.started = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -152,6 +152,7 @@ async def test_a_finished_grid_is_read_back_not_redone(datasets, write):
     again = Recorder()
     results = await run_grid(grid, engine_factory=again)
     assert again.engines["a"].requests == [] and len(results) == 8
+    assert not again.engines["a"].started  # nothing to ask: the model is never loaded
 
 
 def test_cli_eval_prints_the_tables_and_where_the_report_is(datasets, write, monkeypatch, capsys):

@@ -1,5 +1,7 @@
 """The estimate -> annotate -> evaluate flow, on a tiny dataset and a scripted engine."""
 
+import asyncio
+
 import orjson
 import polars as pl
 import pytest
@@ -81,6 +83,28 @@ async def test_metrics_equal_what_a_reader_recomputes(job, tmp_path):
     }
     assert {k: metrics[k] for k in recomputed} == recomputed
     assert compute_metrics(table).items() <= metrics.items()
+
+
+async def test_a_slow_row_does_not_hold_up_the_chunks_behind_it(job, tmp_path):
+    spec, make_engine = job
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"chunk_size": 1, "chunks_in_flight": 3})})
+    engine = make_engine()
+    last_row_asked = asyncio.Event()
+    answer = engine.complete
+
+    async def complete(requests):
+        text = requests[0].messages[-1].content
+        if text == "c4":
+            last_row_asked.set()
+        if text == "c1":  # answered only once the fourth chunk was started: chunks must overlap
+            await asyncio.wait_for(last_row_asked.wait(), timeout=10)
+        return await answer(requests)
+
+    engine.complete = complete
+    await run_job(spec, engine=engine)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["text"].to_list() == ["c1", "c2", "c3", "c4"]  # shards finished out of order, read back in order
+    assert table["y_hat"].to_list() == ["iot", "music", "news", "alarm"]
 
 
 async def test_rerun_resumes_without_calling_the_engine_again(job):

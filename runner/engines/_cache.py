@@ -41,7 +41,11 @@ def _retrieve(future: asyncio.Future[Completion]) -> None:
 
 
 class CachingEngine:
-    """Wraps ``inner``; use it wherever an engine goes. Entering it enters ``inner``."""
+    """Wraps ``inner``; use it wherever an engine goes.
+
+    ``inner`` is started on the first request the cache cannot answer, not on entering: a grid
+    whose cells are all finished is read back without loading a model.
+    """
 
     def __init__(self, inner: Engine):
         self.inner = inner
@@ -49,6 +53,8 @@ class CachingEngine:
         self._in_flight: dict[ChoiceRequest, asyncio.Future[Completion]] = {}
         self._hits = 0
         self._misses = 0
+        self._started = False
+        self._starting = asyncio.Lock()
 
     @property
     def model_id(self) -> str:
@@ -62,12 +68,23 @@ class CachingEngine:
         # what the wrapped engine tells about itself (load_seconds, an API engine's stats()) reads through
         return getattr(self.inner, name)
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     async def __aenter__(self) -> Self:
-        await self.inner.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.inner.__aexit__(*exc_info)
+        if self._started:
+            self._started = False
+            await self.inner.__aexit__(*exc_info)
+
+    async def _start(self) -> None:
+        async with self._starting:
+            if not self._started:
+                await self.inner.__aenter__()
+                self._started = True
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
         loop = asyncio.get_running_loop()
@@ -96,6 +113,7 @@ class CachingEngine:
 
     async def _send(self, sent: list[tuple[ChoiceRequest, ChoiceRequest | None, asyncio.Future[Completion]]]) -> None:
         try:
+            await self._start()
             completions = await self.inner.complete([request for request, _, _ in sent])
         except BaseException as error:
             for _, key, future in sent:

@@ -23,7 +23,12 @@ _WINDOW_SECONDS = 1.0
 
 
 class AdaptiveLimiter:
-    """A semaphore whose size moves between 1 and ``maximum``; waiters are served first come, first served."""
+    """A semaphore whose size moves between 1 and ``maximum``; waiters are served first come,
+    first served, except that a retry goes to the head of the queue.
+
+    Retries first because a chunk of rows is finished only when its last row is: a retry
+    queued behind the next chunks' first attempts would hold its whole chunk open.
+    """
 
     def __init__(self, maximum: int):
         self.maximum = maximum
@@ -35,12 +40,16 @@ class AdaptiveLimiter:
     def _room(self) -> bool:
         return self.in_flight < max(1, int(self.limit))
 
-    async def acquire(self) -> None:
+    async def acquire(self, first: bool = False) -> None:
+        """Wait for a slot; ``first`` jumps the queue (for retries)."""
         if self._room() and not self._waiters:
             self.in_flight += 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             await waiter  # release() hands the slot over: in_flight already counts us
         except asyncio.CancelledError:

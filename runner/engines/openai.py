@@ -143,7 +143,7 @@ class OpenAIEngine:
             try:
                 # Most rows succeed at once: the first attempt skips the retry machinery, whose
                 # per-call bookkeeping costs about as much CPU as the HTTP request itself.
-                return await self._attempt(request, body)
+                return await self._attempt(request, body, retry=False)
             except RetryableError as error:
                 if self.spec.max_retries == 0:
                     raise
@@ -151,7 +151,7 @@ class OpenAIEngine:
                 await asyncio.sleep(self._delay(error, failed_attempts=1))
             retrying = self._retrying.copy()  # a copy per row: tenacity keeps its state on the object
             try:
-                return await retrying(self._attempt, request, body)
+                return await retrying(self._attempt, request, body, retry=True)
             finally:
                 attempts += retrying.statistics.get("attempt_number", 0)
         except FatalError as error:
@@ -170,11 +170,11 @@ class OpenAIEngine:
         self.stats_counters.row_errors[kind] += 1
         return Completion(text=None, error=self._redact(message), retryable=retryable)
 
-    async def _attempt(self, request: ChoiceRequest, body: bytes) -> Completion:
+    async def _attempt(self, request: ChoiceRequest, body: bytes, retry: bool) -> Completion:
         if self._fatal is not None:
             raise self._fatal
         await self._gate.wait()
-        await self._limiter.acquire()
+        await self._limiter.acquire(first=retry)
         try:
             return await self._send(request, body)
         finally:

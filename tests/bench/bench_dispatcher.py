@@ -122,16 +122,7 @@ async def drive(engine: OpenAIEngine, requests: Sequence[ChoiceRequest], window:
     return results
 
 
-async def drive_chunked(engine: OpenAIEngine, requests: Sequence[ChoiceRequest], chunk: int) -> list[Completion | None]:
-    """As the pipeline does: one chunk at a time, every row of a chunk at once, a barrier between chunks."""
-    results: list[Completion | None] = []
-    for start in range(0, len(requests), chunk):
-        batch = requests[start : start + chunk]
-        results += await asyncio.gather(*(engine.complete([request]) for request in batch))
-    return [r[0] if isinstance(r, list) else r for r in results]
-
-
-def run_ours(scenario: Scenario, n: int, chunked: int | None = None) -> dict:
+def run_ours(scenario: Scenario, n: int) -> dict:
     requests = workload(n)
     with fault_server(scenario.latency, scenario.rpm, scenario.fault_rate, max_seconds=3600) as base_url:
         spec = OpenAIEngineSpec(
@@ -148,10 +139,7 @@ def run_ours(scenario: Scenario, n: int, chunked: int | None = None) -> dict:
         async def go() -> tuple[list[Completion | None], float, dict]:
             async with OpenAIEngine(spec, environ={"OPENAI_API_KEY": FAKE_KEY}) as engine:
                 started = time.perf_counter()
-                if chunked:
-                    results = await drive_chunked(engine, requests, chunked)
-                else:
-                    results = await drive(engine, requests, window=4 * scenario.concurrency)
+                results = await drive(engine, requests, window=4 * scenario.concurrency)
                 return results, time.perf_counter() - started, engine.stats()
 
         results, seconds, stats = asyncio.run(go())
@@ -221,28 +209,35 @@ def _rss_parts(pid: int) -> tuple[int, int]:
     )
 
 
-def rss_job(n: int, data_dir: Path) -> dict:
+def cm_run_job(n: int, data_dir: Path, scenario: Scenario | None = None, in_flight: int = 3) -> dict:
     """A whole `cm-run` job over an n-row corpus (CM off: one call per row, so 1M rows fit in minutes).
 
-    Peak RSS is ru_maxrss from metrics.json; anonymous and file-backed peaks are sampled from /proc.
+    Without a scenario the server answers at once (a memory run); with one, the job meets its
+    latency, limits and faults, and its annotate rate is compared with the bound. Peak RSS is
+    from metrics.json; anonymous and file-backed peaks are sampled from /proc.
     """
     texts = massive_texts()
     labels = [json.loads(line)["label"] for line in (data_dir / "massive/en-US/test.jsonl").open(encoding="utf-8")]
-    with tempfile.TemporaryDirectory(prefix="rss-bench-") as tmp, fault_server(0.0, None, 0.0, 7200) as base_url:
+    latency, rpm, faults = (scenario.latency, scenario.rpm, scenario.fault_rate) if scenario else (0.0, None, 0.0)
+    concurrency = scenario.concurrency if scenario else 64
+    server = fault_server(latency, rpm, faults, 7200)
+    with tempfile.TemporaryDirectory(prefix="job-bench-") as tmp, server as base_url:
         corpus = Path(tmp) / "corpus.jsonl"
         with corpus.open("w", encoding="utf-8") as handle:
             for i in range(n):
                 row = {"id": f"r{i}", "text": f"{texts[i % len(texts)]} ({i})", "label": labels[i % len(labels)]}
                 handle.write(json.dumps(row) + "\n")
+        limits = f", requests_per_minute: {rpm}" if rpm else ""
         spec = Path(tmp) / "job.yaml"
         spec.write_text(
             f"base: {REPO / 'jobs/_base/massive-en-US.yaml'}\n"
-            f"name: rss-{n}\n"
+            f"name: bench-{n}\n"
             f"user_split: {{fraction: 0.01}}\n"
             f"corpus: {{path: {corpus}}}\n"
             f"cm: {{enabled: false}}\n"
-            f"engine: {{kind: openai, model: fault-model, base_url: {base_url}, max_concurrency: 64}}\n"
-            f"output: {{dir: {Path(tmp) / 'out'}, chunk_size: 512}}\n"
+            f"engine: {{kind: openai, model: fault-model, base_url: {base_url}, max_concurrency: {concurrency}"
+            f", timeout_seconds: 10, max_retries: 6{limits}}}\n"
+            f"output: {{dir: {Path(tmp) / 'out'}, chunk_size: 512, chunks_in_flight: {in_flight}}}\n"
         )
         env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY}
         started = time.perf_counter()
@@ -262,21 +257,35 @@ def rss_job(n: int, data_dir: Path) -> dict:
         metrics = json.loads((Path(tmp) / "out" / "metrics.json").read_text())
         import polars as pl
 
-        table = pl.read_parquet(Path(tmp) / "out" / "annotations.parquet", columns=["id", "y_hat", "error"])
+        table = pl.read_parquet(Path(tmp) / "out" / "annotations.parquet", columns=["id", "text", "y_hat", "error"])
+        right = sum(
+            1
+            for text, label in zip(table["text"], table["y_hat"], strict=True)
+            if label == expected_answer(text, MASSIVE_SCENARIOS)
+        )
         settled = table.filter(pl.col("y_hat").is_not_null() | pl.col("error").is_not_null()).height
         written = [path for path in (Path(tmp) / "out").rglob("*") if path.is_file()]
         leaked = any(FAKE_KEY.encode() in path.read_bytes() for path in written) or FAKE_KEY in stdout + stderr
+        served = server_stats(base_url)
+    rate = metrics["run"]["items_per_second"]
     return {
         "rows": n,
         "seconds": seconds,
+        "rows_per_second": rate,
+        "ratio": rate / scenario.bound if scenario else None,
         "peak_rss_mb": metrics["run"]["peak_rss_mb"],
         "peak_anon_mb": peak_anon,
         "peak_file_mb": peak_file,
         "annotated": table.height,
         "distinct_ids": table["id"].n_unique(),
+        "right": right,
+        "errors": metrics["n_errors"],
+        "lost": n - settled,
         "settled": settled,
         "key_in_outputs": leaked,
         "requests": metrics["run"].get("engine", {}).get("requests"),
+        "retries": metrics["run"].get("engine", {}).get("retries"),
+        "double_answered": served["texts_answered_more_than_once"],
     }
 
 
@@ -285,7 +294,7 @@ def main() -> None:
     parser.add_argument("--rows", default="2000,20000,100000", help="row counts, concurrency-bound regime")
     parser.add_argument("--rate-rows", default="2000,6000", help="row counts, rate-bound regime (100 rows/s)")
     parser.add_argument("--peer-rows", type=int, default=2000, help="rows for the curator comparison")
-    parser.add_argument("--chunked-rows", type=int, default=10000, help="rows for the chunk-barrier comparison")
+    parser.add_argument("--job-rows", type=int, default=10000, help="rows for the whole-job runs")
     parser.add_argument("--rss-rows", default="10000,1000000")
     parser.add_argument("--curator-python", type=Path, default=Path("/tmp/curator-venv/bin/python"))
     parser.add_argument("--no-curator", action="store_true")
@@ -311,14 +320,17 @@ def main() -> None:
                 f"{r['double_answered']:>5}",
                 flush=True,
             )
-    print("\nthe same through the pipeline's chunk loop (512 rows at once, a barrier after each chunk)")
-    for scenario in (scenarios[0][0], scenarios[1][0]):
-        r = run_ours(scenario, args.chunked_rows, chunked=512)
-        print(
-            f"{scenario.name:32} {r['rows']:>7} {r['rows_per_second']:>8.1f} {r['ratio']:>6.3f} {r['right']:>7} "
-            f"{r['errors']:>4} {r['lost']:>4} {r['retries']:>7}",
-            flush=True,
-        )
+    print(f"\nwhole cm-run jobs, {args.job_rows} rows (CM off), chunks of 512: one chunk at a time vs 3 in flight")
+    header = f"{'scenario':32} {'in flight':>9} {'rows/s':>8} {'ratio':>6} {'right':>7} {'err':>4} {'lost':>4}"
+    print(header + f" {'twice':>5}")
+    for scenario, _ in scenarios if args.job_rows else []:
+        for in_flight in (1, 3):
+            r = cm_run_job(args.job_rows, data_dir, scenario, in_flight)
+            print(
+                f"{scenario.name:32} {in_flight:>9} {r['rows_per_second']:>8.1f} {r['ratio']:>6.3f} {r['right']:>7} "
+                f"{r['errors']:>4} {r['lost']:>4} {r['double_answered']:>5}",
+                flush=True,
+            )
 
     if not args.no_curator:
         print(f"\nvs bespokelabs-curator, {args.peer_rows} rows each, same server settings (a fresh server per run)")
@@ -340,7 +352,7 @@ def main() -> None:
 
     print("\npeak RSS of whole cm-run jobs (engine: openai, CM off, server latency 0, chunks of 512)")
     for n in [int(r) for r in args.rss_rows.split(",") if r]:
-        r = rss_job(n, data_dir)
+        r = cm_run_job(n, data_dir)
         print(
             f"  {n:>8} rows: peak RSS {r['peak_rss_mb']:.0f} MB (anonymous {r['peak_anon_mb']} MB, file-backed "
             f"{r['peak_file_mb']} MB), {r['seconds']:.0f} s, {r['requests']} requests, "

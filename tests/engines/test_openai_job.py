@@ -151,3 +151,33 @@ def test_a_refused_key_exits_3_naming_the_variable_not_the_key(job, tmp_path):
     done = cm_run(str(other), "--data-dir", str(root), key="sk-test-WRONG999")
     assert done.returncode == 3
     assert f"${KEY_ENV}" in done.stderr and "WRONG999" not in done.stderr + done.stdout
+
+
+def test_an_evaluation_grid_runs_over_the_api_and_pays_for_no_request_twice(job, fault_server, tmp_path):
+    root, spec = job
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"""
+name: api-grid
+datasets: [{spec}]
+strategies: [{{name: zero_shot}}, {{name: self_consistency, n_samples: 3}}]
+budgets: [0.5]
+seeds: [0]
+engines:
+  - {{kind: openai, model: fault-model, base_url: {fault_server}, api_key_env: {KEY_ENV}, max_retries: 4}}
+output_dir: {tmp_path / "eval"}
+"""
+    )
+    done = cm_run("eval", str(grid), "--data-dir", str(root), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    cells = pl.read_csv(tmp_path / "eval/cells.csv")
+    assert cells.height == 4 and set(cells["method"]) == {"Z", "CM+Z"} and (cells["n_items"] == 48).all()
+    z_cells = cells.filter(pl.col("method") == "Z").sort("strategy", descending=True)
+    # Z's calls are CM+Z's first calls, answered from the cache; only the two rows that gave up after their
+    # retries ([[500]]) are asked again, as a failure that may pass next time: 1 request each, 3 for 3 samples
+    assert (z_cells["engine_requests"] - z_cells["cache_hits"]).to_list() == [2, 6]
+    assert (cells["n_errors"] <= len(SCRIPTED)).all()
+    written = [path for path in (tmp_path / "eval").rglob("*") if path.is_file()]
+    assert any(path.suffix == ".png" for path in written)
+    assert not [path for path in written if KEY.encode() in path.read_bytes()]
