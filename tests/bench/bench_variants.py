@@ -4,10 +4,14 @@ One real job per dataset (the paper's CM, which also records every first answer 
 bank with its user samples); then each posterior variant is applied to those same first
 answers through the pipeline's own refiners, answering without a second call
 (``cm.second_call: never``: one LLM call per item), so every number in a row is measured on the
-same items with the same model answers. With ``--second-calls`` the posterior variants also
-run as real jobs that ask the model again among their candidate sets.
+same items with the same model answers. With ``--second-calls K`` each posterior variant (with K
+neighbours) also runs as a real job on the paper job's bank, asking the model again among its
+candidate set when that holds more than one label (``cm.second_call: when_ambiguous``); one
+engine, behind the grid's request cache, serves all of a dataset's jobs, so the first calls are
+paid once.
 
     python tests/bench/bench_variants.py --data-dir ../shared/datasets --n 300 --out /tmp/variants
+    python tests/bench/bench_variants.py --data-dir ../shared/datasets --datasets mtop --second-calls 10
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import polars as pl
 from runner import load_bank, load_spec, run_job
 from runner.bank import MemoryBank, Sample
 from runner.embeddings import embed
+from runner.engines import make_engine
+from runner.engines._cache import CachingEngine
 from runner.refiners import PosteriorRefiner
-from runner.spec import CMSpec
+from runner.spec import CMSpec, JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = ["banking77", "clinc150", "massive-en-US", "mtop", "stackexchange"]
 VARIANTS = ["counts", "neighbour_prior", "instance"]
+STRATEGIES = {"zero_shot": "{name: zero_shot}", "few_shot": "{name: few_shot, k: 4, selection: nearest}"}
 
 
 def knn_votes(user_vectors: np.ndarray, user_truths: np.ndarray, item_vectors: np.ndarray, k: int) -> np.ndarray:
@@ -63,13 +70,16 @@ async def run_dataset(name: str, args: argparse.Namespace) -> dict:
 name: variants-{name}
 user_split: {{fraction: {args.fraction}, seed: {args.seed}}}
 corpus: {{limit: {args.n}, limit_seed: {args.seed}}}
+strategy: {STRATEGIES[args.strategy]}
 output: {{dir: {out / "paper"}}}
 """
     )
     spec = load_spec(out / "job.yaml")
     started = time.perf_counter()
-    # A finished job in out/<dataset>/paper (same spec) is reused as it is, without model calls.
-    paper = await run_job(spec, data_dir=args.data_dir)
+    # One engine for the dataset's jobs, started on the first request the cache cannot answer: a finished
+    # job in out/<dataset>/paper (same spec) is read back without loading the model.
+    engine = CachingEngine(make_engine(spec.engine))
+    paper = await run_job(spec, data_dir=args.data_dir, engine=engine)
     seconds = time.perf_counter() - started
     bank = with_samples(load_bank(out / "paper/memory_bank.json"), out / "paper")
     table = pl.read_parquet(out / "paper/annotations.parquet")
@@ -127,7 +137,35 @@ output: {{dir: {out / "paper"}}}
             row[f"{key}_weight"] = refiner.weight
             if variant == "counts":
                 break
+    async with engine:
+        if args.second_calls:
+            await with_second_calls(spec, engine, out, args, row)
     return row
+
+
+async def with_second_calls(
+    spec: JobSpec, engine: CachingEngine, out: Path, args: argparse.Namespace, row: dict
+) -> None:
+    """Each posterior variant as a real job that asks the model again when its set is ambiguous."""
+    for variant in VARIANTS:
+        cm = spec.cm.model_copy(
+            update={
+                "variant": variant,
+                "bank": str(out / "paper/memory_bank.json"),
+                "second_call": "when_ambiguous",
+                "coverage": args.coverage,
+                "neighbours": args.second_calls,
+            }
+        )
+        job = spec.model_copy(
+            update={"cm": cm, "output": spec.output.model_copy(update={"dir": str(out / f"{variant}-asked")})}
+        )
+        metrics = (await run_job(job, data_dir=args.data_dir, engine=engine)).metrics
+        key = f"{variant}_asked"
+        row[key] = metrics["accuracy_cm"]
+        row[f"{key}_calls"] = metrics["calls_per_item"]
+        row[f"{key}_coverage"] = metrics["coverage"]
+        row[f"{key}_set"] = metrics["candidate_set_size"]["mean"]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -140,6 +178,7 @@ async def main(args: argparse.Namespace) -> None:
     print()
     header = ["dataset", "n", "plain", "paper_cm", "knn1", "knn5", "knn10", "counts"]
     header += [f"{v}_k{k}" for v in VARIANTS[1:] for k in args.neighbours]
+    header += [f"{v}_asked" for v in VARIANTS] if args.second_calls else []
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
@@ -155,6 +194,10 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=300, help="test items per dataset (a seeded sample)")
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="zero_shot", help="Z for every job")
     parser.add_argument("--coverage", type=float, default=0.9)
     parser.add_argument("--neighbours", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument(
+        "--second-calls", type=int, metavar="K", default=None, help="also run each variant with K neighbours as a job"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -236,3 +236,22 @@ async def test_the_limiter_shrinks_on_pressure_and_grows_back():
     for _ in range(10):
         limiter.grow()
     assert limiter.limit == 4
+
+
+async def test_a_retry_is_let_in_before_first_attempts_that_queued_earlier():
+    limiter = AdaptiveLimiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def attempt(name: str, retry: bool) -> None:
+        await limiter.acquire(first=retry)
+        order.append(name)
+        limiter.release()
+
+    waiting = [asyncio.ensure_future(attempt(f"new {i}", retry=False)) for i in range(3)]
+    await asyncio.sleep(0)
+    waiting.append(asyncio.ensure_future(attempt("retry", retry=True)))
+    await asyncio.sleep(0)
+    limiter.release()
+    await asyncio.gather(*waiting)
+    assert order == ["retry", "new 0", "new 1", "new 2"]  # its chunk is not held open behind newer rows

@@ -1,0 +1,72 @@
+"""Metrics from an annotations table: the same whether read whole or shard by shard."""
+
+import polars as pl
+
+from runner.report import ANNOTATION_SCHEMA, compute_metrics, summary_lines
+
+
+def annotations(rows: list[tuple[str | None, str | None, str | None, list[str], int]]) -> pl.DataFrame:
+    """(gold, y_prime, y_hat, candidates, calls) rows, the other columns filled in as a job would."""
+    return pl.DataFrame(
+        [
+            {
+                "id": str(i),
+                "text": f"text {i}",
+                "gold": gold,
+                "y_prime": y_prime,
+                "candidates": candidates,
+                "y_hat": y_hat,
+                "calls": calls,
+                "prompt_tokens": 10 * calls,
+                "completion_tokens": 2 * calls,
+                "fallback": "empty_row" if y_prime == "news" else None,
+                "error": None if y_prime is not None else "timed out",
+                "error_kind": None if y_prime is not None else "engine",
+                "y_neighbour": None,
+            }
+            for i, (gold, y_prime, y_hat, candidates, calls) in enumerate(rows)
+        ],
+        schema=ANNOTATION_SCHEMA,
+    )
+
+
+TABLE = annotations(
+    [
+        ("iot", "alarm", "iot", ["alarm", "iot"], 2),  # fixed by CM
+        ("music", "iot", "music", ["music"], 1),  # a single candidate: no second call
+        ("news", "news", "news", ["news"], 1),  # empty row, kept
+        ("alarm", "alarm", "iot", ["alarm", "iot", "music"], 2),  # broken by CM
+        ("alarm", None, None, [], 1),  # the engine failed: counted, never dropped
+        (None, "iot", "music", ["iot", "music"], 2),  # no gold: annotated, not scored
+    ]
+)
+
+
+def test_metrics_of_a_small_table():
+    metrics = compute_metrics(TABLE)
+    assert metrics["n_annotated"] == 6 and metrics["n_with_gold"] == 5
+    assert metrics["accuracy_baseline"] == 2 / 5 and metrics["accuracy_cm"] == 3 / 5
+    assert metrics["coverage"] == 4 / 5 and metrics["accuracy_neighbour_vote"] is None
+    assert metrics["calls_per_item"] == 9 / 6 and metrics["second_call_rate"] == 3 / 6
+    # sizes of answered rows: 2, 1, 1, 3, 2 -> median 2
+    assert metrics["candidate_set_size"] == {"mean": 9 / 5, "median": 2.0, "min": 1, "max": 3}
+    assert metrics["n_empty_row_fallback"] == 1 and metrics["n_errors"] == 1
+    assert metrics["prompt_tokens"] == 90 and metrics["completion_tokens"] == 18
+
+
+def test_shard_by_shard_equals_whole_even_with_an_even_median():
+    whole = TABLE.head(4)  # sizes 2, 1, 1, 3: an even count, the median is the mean of the middle two
+    parts = [whole.slice(0, 1), whole.slice(1, 2), whole.slice(3, 1)]
+    assert compute_metrics(iter(parts)) == compute_metrics(whole) == compute_metrics(whole.lazy())
+    assert compute_metrics(whole)["candidate_set_size"]["median"] == 1.5
+
+
+def test_an_empty_table_has_no_rates():
+    metrics = compute_metrics(annotations([]))
+    assert metrics["n_annotated"] == 0 and metrics["accuracy_cm"] is None and metrics["calls_per_item"] is None
+    assert metrics["candidate_set_size"] == {"mean": None, "median": None, "min": None, "max": None}
+
+
+def test_summary_names_both_accuracies():
+    lines = summary_lines({**compute_metrics(TABLE), "n_user": 4})
+    assert "baseline (y'): 40.0%" in lines[1] and "CM (y_hat): 60.0%" in lines[1]
