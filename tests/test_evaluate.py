@@ -206,3 +206,24 @@ def test_report_only_reads_finished_cells_and_refuses_unfinished_ones(datasets, 
     (datasets / "eval" / "results.md").unlink()
     assert cli.main(["eval", str(path), "--report-only", "--quiet"]) == 0
     assert "| CM (50%) + zero_shot | **100.00%** | **100.00%** |" in (datasets / "eval" / "results.md").read_text()
+
+
+async def test_a_grid_runs_its_cm_cells_with_the_variant_it_names(datasets, write):
+    grid = load_grid(
+        grid_file(
+            datasets,
+            write,
+            strategies=[{"name": "zero_shot"}],
+            seeds=[0],
+            budgets=[1.0],
+            cm={"variant": "counts", "second_call": "never"},
+        )
+    )
+    results = await run_grid(grid, engine_factory=Recorder())
+    cm_cells = [r for r in results if r.cell.method == "CM+Z"]
+    assert len(cm_cells) == 2 and all(r.calls_per_item == 1.0 for r in cm_cells)  # decided without a second call
+    manifest = orjson.loads((Path(cm_cells[0].output_dir) / "manifest.json").read_bytes())
+    assert manifest["spec"]["cm.variant"] == "counts" and manifest["spec"]["cm.second_call"] == "never"
+    # the model says alarm for alarm and iot alike: that row's set is {alarm, iot}, the others one label each,
+    # and without a second call the tie goes to alarm, so accuracy stays the first answer's
+    assert [(r.coverage, r.candidate_set_mean, r.accuracy) for r in cm_cells] == [(1.0, 1.5, 0.75)] * 2
