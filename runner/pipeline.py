@@ -370,7 +370,7 @@ async def run_job(
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
     shard_paths = [checkpoint.shard_path("annotate", n) for n in range(n_chunks)]
     if shard_paths:  # streamed shard to file: the corpus is never whole in memory
-        # bounded row groups: polars' default buffers half a million rows before writing one
+        # bounded row groups: polars' default ones hold hundreds of thousands of rows, each buffered whole
         pl.scan_parquet(shard_paths).sink_parquet(annotations_path, row_group_size=ROW_GROUP_ROWS)
     else:
         pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(annotations_path)
