@@ -20,6 +20,8 @@ As a process (benchmarks, kill/resume tests); prints ``listening on URL`` once r
 
     python -m tests.fault_server --latency 0.1 --rpm 6000 --fault-rate 0.1 --max-seconds 600
 
+or from Python, ``with serving_process("--latency", "0.1") as base_url: ...``.
+
 Binds 127.0.0.1 only. ``GET /stats`` returns the counters; ``POST /stats/reset`` zeroes them.
 """
 
@@ -31,13 +33,16 @@ import contextlib
 import math
 import random
 import re
+import subprocess
 import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
+from urllib.request import urlopen
 
 import orjson
 from aiohttp import web
@@ -292,6 +297,28 @@ async def _serve(args: argparse.Namespace) -> None:
     async with FaultServer(config, port=args.port) as server:
         print(f"listening on {server.base_url}", flush=True)
         await asyncio.sleep(args.max_seconds)
+
+
+@contextlib.contextmanager
+def serving_process(*options: str) -> Iterator[str]:
+    """The server as its own process, started with these command-line options; yields its base URL."""
+    command = [sys.executable, "-m", "tests.fault_server", *options]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("listening on http://127.0.0.1:"):
+            raise RuntimeError(f"fault server did not start: {line!r}")
+        yield line.split()[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def served(base_url: str) -> dict[str, Any]:
+    """The counters of a running server (``GET /stats``)."""
+    with urlopen(base_url.removesuffix("/v1") + "/stats", timeout=10) as response:
+        return orjson.loads(response.read())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

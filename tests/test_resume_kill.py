@@ -19,24 +19,16 @@ import orjson
 import polars as pl
 import pytest
 
+from tests.fault_server import serving_process
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-resume"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fault_server", "--latency", "0.03", "--max-seconds", "900"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("listening on "), line
-    yield line.split()[-1].strip()
-    process.terminate()
-    process.wait(timeout=10)
+    with serving_process("--latency", "0.03", "--max-seconds", "900") as url:
+        yield url
 
 
 def write_spec(path: Path, output: Path, server: str, data_dir: Path) -> Path:

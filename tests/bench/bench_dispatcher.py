@@ -25,11 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.request import urlopen
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -39,7 +38,7 @@ from runner.engines.openai import OpenAIEngine  # noqa: E402
 from runner.labels import LabelSet  # noqa: E402
 from runner.prompts import classification_messages  # noqa: E402
 from runner.spec import OpenAIEngineSpec  # noqa: E402
-from tests.fault_server import expected_answer  # noqa: E402
+from tests.fault_server import expected_answer, served, serving_process  # noqa: E402
 
 MASSIVE_SCENARIOS = ["alarm", "audio", "calendar", "cooking", "datetime", "email", "general", "iot", "lists"]
 MASSIVE_SCENARIOS += ["music", "news", "play", "qa", "recommendation", "social", "takeaway", "transport", "weather"]
@@ -59,27 +58,12 @@ class Scenario:
         return min(self.rpm / 60, self.concurrency / self.latency)
 
 
-@contextmanager
-def fault_server(latency: float, rpm: float | None, fault_rate: float, max_seconds: float) -> Iterator[str]:
-    command = [sys.executable, "-m", "tests.fault_server", "--latency", str(latency), "--uvloop"]
-    command += ["--fault-rate", str(fault_rate), "--max-seconds", str(max_seconds), "--seed", "1"]
-    if rpm:
-        command += ["--rpm", str(rpm)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"fault server did not start: {line!r}")
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def server_stats(base_url: str) -> dict:
-    with urlopen(base_url.removesuffix("/v1") + "/stats", timeout=10) as response:
-        return json.loads(response.read())
+def fault_server(
+    latency: float, rpm: float | None, fault_rate: float, max_seconds: float
+) -> AbstractContextManager[str]:
+    options = ["--latency", str(latency), "--uvloop", "--fault-rate", str(fault_rate)]
+    options += ["--max-seconds", str(max_seconds), "--seed", "1"] + (["--rpm", str(rpm)] if rpm else [])
+    return serving_process(*options)
 
 
 def massive_texts() -> list[str]:
@@ -143,7 +127,7 @@ def run_ours(scenario: Scenario, n: int) -> dict:
                 return results, time.perf_counter() - started, engine.stats()
 
         results, seconds, stats = asyncio.run(go())
-        served = server_stats(base_url)
+        counters = served(base_url)
     right = sum(
         1
         for request, result in zip(requests, results, strict=True)
@@ -163,8 +147,8 @@ def run_ours(scenario: Scenario, n: int) -> dict:
         "lost": lost,
         "retries": stats["retries"],
         "storms": stats["rate_limit_storms"],
-        "server_429": served["statuses"].get("429", 0),
-        "double_answered": served["texts_answered_more_than_once"],
+        "server_429": counters["statuses"].get("429", 0),
+        "double_answered": counters["texts_answered_more_than_once"],
     }
 
 
@@ -266,7 +250,7 @@ def cm_run_job(n: int, data_dir: Path, scenario: Scenario | None = None, in_flig
         settled = table.filter(pl.col("y_hat").is_not_null() | pl.col("error").is_not_null()).height
         written = [path for path in (Path(tmp) / "out").rglob("*") if path.is_file()]
         leaked = any(FAKE_KEY.encode() in path.read_bytes() for path in written) or FAKE_KEY in stdout + stderr
-        served = server_stats(base_url)
+        counters = served(base_url)
     rate = metrics["run"]["items_per_second"]
     return {
         "rows": n,
@@ -285,7 +269,7 @@ def cm_run_job(n: int, data_dir: Path, scenario: Scenario | None = None, in_flig
         "key_in_outputs": leaked,
         "requests": metrics["run"].get("engine", {}).get("requests"),
         "retries": metrics["run"].get("engine", {}).get("retries"),
-        "double_answered": served["texts_answered_more_than_once"],
+        "double_answered": counters["texts_answered_more_than_once"],
     }
 
 

@@ -12,13 +12,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.request import urlopen
 
 import orjson
 import polars as pl
 import pytest
 
-from tests.fault_server import expected_answer
+from tests.fault_server import expected_answer, served, serving_process
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-test-SECRET123"
@@ -35,23 +34,9 @@ RECOVERING = ["c-flaky [[503*1]]", "c-dropped [[drop*1]]", "c-garbled [[malforme
 
 @pytest.fixture(scope="module")
 def fault_server() -> Iterator[str]:
-    command = [sys.executable, "-m", "tests.fault_server", "--api-key", KEY, "--latency", "0.002"]
-    command += ["--fault-rate", "0.1", "--faults", "429,500,503,malformed", "--fault-retry-after", "0.05"]
-    command += ["--seed", "3", "--max-seconds", "300"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def served(base_url: str) -> dict:
-    with urlopen(base_url.removesuffix("/v1") + "/stats", timeout=5) as response:
-        return json.loads(response.read())
+    options = ["--api-key", KEY, "--latency", "0.002", "--fault-rate", "0.1", "--faults", "429,500,503,malformed"]
+    with serving_process(*options, "--fault-retry-after", "0.05", "--seed", "3", "--max-seconds", "300") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
