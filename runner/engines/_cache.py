@@ -68,10 +68,6 @@ class CachingEngine:
         # what the wrapped engine tells about itself (load_seconds, an API engine's stats()) reads through
         return getattr(self.inner, name)
 
-    @property
-    def started(self) -> bool:
-        return self._started
-
     async def __aenter__(self) -> Self:
         return self
 
