@@ -74,10 +74,28 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# The cm settings each variant reads; the others cannot change its output, so changing them (or
+# their defaults, in a newer cm-runner) does not stop a run from resuming.
+_COUNTS_SETTINGS = {"cm.coverage", "cm.tau", "cm.second_call", "cm.alpha", "cm.likelihood_weight"}
+_NEIGHBOUR_SETTINGS = _COUNTS_SETTINGS | {"cm.neighbours", "cm.neighbour_temperature"}
+_CM_SETTINGS_READ = {
+    "paper": {"cm.empty_row"},
+    "counts": _COUNTS_SETTINGS,
+    "neighbour_prior": _NEIGHBOUR_SETTINGS,
+    "instance": _NEIGHBOUR_SETTINGS | {"cm.instance_neighbours", "cm.blend"},
+}
+_CM_ALWAYS_READ = {"cm.enabled", "cm.variant", "cm.bank"}
+
+
 def material_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec's keys that decide the output, flattened ('engine.model': ...)."""
     flat = _flatten(spec.model_dump(mode="json"))
-    return {key: value for key, value in sorted(flat.items()) if key not in _NOT_MATERIAL}
+    read = _CM_ALWAYS_READ | (_CM_SETTINGS_READ[spec.cm.variant] if spec.cm.enabled else set())
+    return {
+        key: value
+        for key, value in sorted(flat.items())
+        if key not in _NOT_MATERIAL and (not key.startswith("cm.") or key in read)
+    }
 
 
 def _default_of(key: str) -> Any:
@@ -102,10 +120,12 @@ _NO_DEFAULT = object()
 
 def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Material keys whose value differs, ignoring keys a newer cm-runner added with their default value
-    (and keys an older one recorded that no longer count)."""
+    and keys the previous run recorded that no longer count."""
     changed = []
     for key in sorted((set(previous) | set(current)) - _NOT_MATERIAL):
         if key not in previous and current[key] == _default_of(key):
+            continue
+        if key not in current:  # recorded by an older cm-runner, or a setting this variant does not read
             continue
         if previous.get(key) != current.get(key):
             changed.append(key)

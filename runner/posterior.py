@@ -13,7 +13,7 @@ the binary M keeps only whether the likelihood is non-zero and drops the prior. 
 - ``instance_likelihood``: p(Y' | Y, X) from the counts of the user samples nearest to X,
   blended with the class-level counts when few neighbours are close (the paper's M(X));
 - ``class_prior`` / ``neighbour_prior``: p(Y) from the user split, or p(Y | X) from the
-  labels of X's nearest user samples;
+  labels of X's nearest user samples (closer samples weigh more);
 - ``posterior`` combines one likelihood row with one prior; ``mass_candidates`` keeps the
   smallest set of labels whose posterior mass reaches tau.
 """
@@ -65,14 +65,30 @@ def neighbour_prior(
     user_truths: IntArray,
     n_labels: int,
     k: int = 10,
-    beta: float = 0.1,
-    exclude: int | None = None,
+    temperature: float = 0.05,
+    beta: float = 0.05,
 ) -> FloatArray:
-    """p(Y | X) from the labels of X's k nearest user samples, weighted by (positive) similarity."""
-    top = nearest(similarities, k, exclude)
-    weights = np.clip(similarities[top], 0.0, None)
-    votes = np.bincount(user_truths[top], weights=weights, minlength=n_labels) + beta
-    return votes / votes.sum()
+    """p(Y | X) from the labels of X's k nearest user samples, each voting with weight exp(similarity / T).
+
+    A small temperature T trusts the closest sample (T -> 0 is the 1-NN label); a large one counts
+    the k votes alike. ``similarities`` is one row per X (a 1-D array is one X); a sample with
+    similarity -inf (one left out) never votes. A share ``beta`` of the mass is spread over all
+    labels, so a label no neighbour has is unlikely, not impossible, whatever the number of labels.
+    """
+    rows = np.atleast_2d(similarities)
+    k = min(k, rows.shape[1])
+    top = np.argpartition(-rows, k - 1, axis=1)[:, :k]
+    top_similarities = np.take_along_axis(rows, top, axis=1)
+    # relative to the closest sample, so the weights neither overflow nor vanish at small T
+    with np.errstate(invalid="ignore"):  # a row whose samples are all left out: -inf - -inf
+        weights = np.exp((top_similarities - top_similarities.max(axis=1, keepdims=True)) / temperature)
+    weights[~np.isfinite(top_similarities)] = 0.0
+    votes = np.zeros((len(rows), n_labels))
+    np.add.at(votes, (np.repeat(np.arange(len(rows)), k), user_truths[top].ravel()), weights.ravel())
+    totals = votes.sum(axis=1, keepdims=True)
+    shares = np.divide(votes, totals, out=np.full_like(votes, 1.0 / n_labels), where=totals > 0)
+    priors = (1 - beta) * shares + beta / n_labels
+    return priors[0] if np.ndim(similarities) == 1 else priors
 
 
 def instance_likelihood(
@@ -99,6 +115,29 @@ def instance_likelihood(
     column_totals = class_counts.sum(axis=0, keepdims=True)
     shrunk = np.divide(class_counts, column_totals, out=np.zeros_like(class_counts), where=column_totals > 0)
     return likelihood(local + blend * shrunk, alpha)
+
+
+def held_out_likelihood_rows(counts: FloatArray, answers: IntArray, truths: IntArray, alpha: float = 0.1) -> FloatArray:
+    """For each user sample i, row answers[i] of ``likelihood`` estimated without sample i's own pair."""
+    rows = counts[answers].copy()
+    totals = np.tile(counts.sum(axis=0), (len(answers), 1))
+    index = np.arange(len(answers))
+    rows[index, truths] -= 1
+    totals[index, truths] -= 1
+    return (rows + alpha) / (totals + len(counts) * alpha)
+
+
+def held_out_class_priors(counts: FloatArray, truths: IntArray, beta: float = 1.0) -> FloatArray:
+    """For each user sample i, ``class_prior`` estimated without sample i."""
+    totals = np.tile(counts.sum(axis=0) + beta, (len(truths), 1))
+    totals[np.arange(len(truths)), truths] -= 1
+    return totals / totals.sum(axis=1, keepdims=True)
+
+
+def posteriors(likelihood_rows: FloatArray, priors: FloatArray, weight: float = 1.0) -> FloatArray:
+    """Row-wise ``posterior`` with the likelihood raised to ``weight`` (w = 0: the prior alone)."""
+    joint = likelihood_rows**weight * priors
+    return joint / joint.sum(axis=1, keepdims=True)
 
 
 def posterior(likelihood_row: FloatArray, prior: FloatArray) -> FloatArray:

@@ -15,7 +15,10 @@ from runner import posterior as post
 from runner.bank import EmptyRowPolicy, MemoryBank, Refinement, refine
 from runner.spec import CMSpec
 
+# What the user split chooses among when the spec leaves a setting unset (see PosteriorRefiner).
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+NEIGHBOUR_GRID = (1, 3, 5, 10, 20)
+TEMPERATURE_GRID = (0.01, 0.02, 0.05, 0.1, 1.0)
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> one L2-normalised vector per text (rows), so a dot product is a cosine similarity."""
@@ -42,11 +45,17 @@ class PaperRefiner:
 
 
 class PosteriorRefiner:
-    """C = the smallest label set whose posterior p(Y | Y', X) mass reaches tau.
+    """C = the smallest label set whose posterior p(Y | Y', X) ∝ p(Y' | Y, X)^w p(Y | X) mass reaches tau.
 
-    ``tau`` is fixed in the spec or calibrated on the user split: each user sample's posterior
-    is computed without that sample (leave-one-out), and tau is the smallest threshold whose
-    candidate sets hold the truth for ``cm.coverage`` of them.
+    What the spec leaves unset is chosen on the user split, each sample scored with itself left
+    out (leave-one-out), in this order:
+
+    1. the neighbour prior's k and temperature: the pair whose vote alone is most often right;
+    2. the likelihood weight w: the one whose posterior argmax is most often right, kept only if
+       it beats w = 0 (the prior alone) by more than one standard error; so a model whose
+       answers add nothing gets w = 0, the neighbour vote;
+    3. tau: the smallest mass threshold whose candidate sets hold the truth for ``cm.coverage``
+       of the samples (posteriors from small counts are rarely calibrated).
     """
 
     def __init__(self, bank: MemoryBank, cm: CMSpec, embed: Embedder | None = None):
@@ -60,7 +69,6 @@ class PosteriorRefiner:
         self.class_likelihood = post.likelihood(self.counts, cm.alpha)
         self.class_prior = post.class_prior(self.counts)
         self.uses_neighbours = cm.variant in ("neighbour_prior", "instance")
-        self.embed = embed
         samples = bank.samples or []
         self.user_answers = np.array([index[s.answer] if s.answer else -1 for s in samples], dtype=np.int64)
         self.user_truths = np.array([index[s.truth] for s in samples], dtype=np.int64)
@@ -70,73 +78,75 @@ class PosteriorRefiner:
             if embed is None:
                 raise ValueError(f"cm.variant {cm.variant!r} needs an embedding model")
             self.user_vectors = embed([s.text for s in bank.samples])
+        self.embed = embed
+        self.neighbours = cm.neighbours or NEIGHBOUR_GRID[0]
+        self.temperature = cm.neighbour_temperature or TEMPERATURE_GRID[0]
         self.weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
-        needs_held_out = cm.tau is None or cm.likelihood_weight is None
-        held_out = self._held_out(bank) if needs_held_out else None
-        if cm.likelihood_weight is None and held_out is not None:
-            self.weight = self._best_weight(held_out)
-        self.tau = cm.tau if cm.tau is not None else self._calibrate(held_out)
+        self.tau = 1.0 if cm.tau is None else cm.tau
+        settings = (cm.tau, cm.likelihood_weight)
+        settings += (cm.neighbours, cm.neighbour_temperature) if self.uses_neighbours else ()
+        if any(setting is None for setting in settings):
+            if not bank.samples:
+                raise ValueError("choosing cm.tau or cm.likelihood_weight needs the bank's user samples; set both")
+            self._choose_on_user_split()
 
-    def _posterior(
-        self, answer: int, sims: np.ndarray | None, exclude: int | None = None, weight: float | None = None
-    ) -> np.ndarray:
-        weight = self.weight if weight is None else weight
-        counts = self.counts
-        if exclude is not None:  # leave the sample's own pair out of the counts
-            counts = counts.copy()
-            counts[self.user_answers[exclude], self.user_truths[exclude]] -= 1
-        if self.cm.variant == "counts":
-            row = (
-                post.likelihood(counts, self.cm.alpha)[answer] if exclude is not None else self.class_likelihood[answer]
-            )
-            return post.posterior(row**weight, post.class_prior(counts) if exclude is not None else self.class_prior)
-        assert sims is not None
-        prior = post.neighbour_prior(sims, self.user_truths, self.n_labels, self.cm.neighbours, exclude=exclude)
-        if self.cm.variant == "neighbour_prior":
-            row = (
-                post.likelihood(counts, self.cm.alpha)[answer] if exclude is not None else self.class_likelihood[answer]
-            )
+    def _choose_on_user_split(self) -> None:
+        cm = self.cm
+        # held out: the user samples whose answer parsed, each seen without itself
+        held = np.flatnonzero(self.user_answers >= 0)
+        similarities = None
+        if self.uses_neighbours:
+            similarities = self.user_vectors[held] @ self.user_vectors.T
+            similarities[np.arange(len(held)), held] = -np.inf
+            self._choose_neighbourhood(similarities, held)
+            priors = self._prior(similarities)
         else:
-            row = post.instance_likelihood(
-                sims,
-                self.user_answers,
-                self.user_truths,
-                counts,
-                k=self.cm.instance_neighbours,
-                alpha=self.cm.alpha,
-                blend=self.cm.blend,
-                exclude=exclude,
-            )[answer]
-        return post.posterior(row**weight, prior)
+            priors = post.held_out_class_priors(self.counts, self.user_truths[held])
+        likelihood_rows = self._held_out_likelihood_rows(held, similarities)
+        truths = self.user_truths[held]
+        if cm.likelihood_weight is None:
+            self.weight = _earned_weight(likelihood_rows, priors, truths)
+        if cm.tau is None:
+            held_out = post.posteriors(likelihood_rows, priors, self.weight)
+            self.tau = post.calibrate_tau(held_out, truths, cm.coverage) if len(held) else 1.0
 
-    def _held_out(self, bank: MemoryBank) -> list[tuple[int, np.ndarray | None, int]]:
-        """(answer, similarities, index) for each parsed user sample, to score it with itself left out."""
-        if not bank.samples:
-            raise ValueError("calibrating cm.tau or cm.likelihood_weight needs the bank's user samples; set both")
-        similarities = self.user_vectors @ self.user_vectors.T if self.uses_neighbours else None
-        return [
-            (int(a), similarities[i] if similarities is not None else None, i)
-            for i, a in enumerate(self.user_answers)
-            if a >= 0
-        ]
+    def _choose_neighbourhood(self, similarities: np.ndarray, held: np.ndarray) -> None:
+        neighbours = (self.cm.neighbours,) if self.cm.neighbours else NEIGHBOUR_GRID
+        temperatures = (self.cm.neighbour_temperature,) if self.cm.neighbour_temperature else TEMPERATURE_GRID
+        truths = self.user_truths[held]
+        self.neighbours, self.temperature = max(
+            ((k, t) for k in neighbours for t in temperatures),
+            key=lambda kt: _accuracy(
+                post.neighbour_prior(similarities, self.user_truths, self.n_labels, kt[0], kt[1]), truths
+            ),
+        )
 
-    def _best_weight(self, held_out: list[tuple[int, np.ndarray | None, int]]) -> float:
-        """The likelihood weight whose leave-one-out argmax is most often right (ties: the smaller weight)."""
-        scores = {}
-        for weight in WEIGHT_GRID:
-            hits = [
-                self._posterior(a, sims, exclude=i, weight=weight).argmax() == self.user_truths[i]
-                for a, sims, i in held_out
-            ]
-            scores[weight] = float(np.mean(hits)) if hits else 0.0
-        return max(WEIGHT_GRID, key=lambda weight: (scores[weight], -weight))
+    def _prior(self, similarities: np.ndarray) -> np.ndarray:
+        return post.neighbour_prior(similarities, self.user_truths, self.n_labels, self.neighbours, self.temperature)
 
-    def _calibrate(self, held_out: list[tuple[int, np.ndarray | None, int]] | None) -> float:
-        if not held_out:
-            return 1.0
-        rows = np.array([self._posterior(a, sims, exclude=i) for a, sims, i in held_out])
-        truths = np.array([self.user_truths[i] for _, _, i in held_out])
-        return post.calibrate_tau(rows, truths, self.cm.coverage)
+    def _instance_row(self, similarities: np.ndarray, answer: int, counts: np.ndarray) -> np.ndarray:
+        return post.instance_likelihood(
+            similarities,
+            self.user_answers,
+            self.user_truths,
+            counts,
+            k=self.cm.instance_neighbours,
+            alpha=self.cm.alpha,
+            blend=self.cm.blend,
+        )[answer]
+
+    def _held_out_likelihood_rows(self, held: np.ndarray, similarities: np.ndarray | None) -> np.ndarray:
+        """Row Y' of each held-out sample's likelihood, estimated without that sample's own pair."""
+        answers, truths = self.user_answers[held], self.user_truths[held]
+        if self.cm.variant != "instance":
+            return post.held_out_likelihood_rows(self.counts, answers, truths, self.cm.alpha)
+        assert similarities is not None
+        rows = []
+        for row_similarities, answer, truth in zip(similarities, answers, truths, strict=True):
+            counts = self.counts.copy()
+            counts[answer, truth] -= 1
+            rows.append(self._instance_row(row_similarities, answer, counts))
+        return np.array(rows)
 
     def prepare(self, texts: Sequence[str]) -> Sequence[np.ndarray | None]:
         if not self.uses_neighbours:
@@ -145,15 +155,44 @@ class PosteriorRefiner:
         return list(self.embed(texts) @ self.user_vectors.T)
 
     def refine(self, context: np.ndarray | None, answer: str) -> Refinement:
-        probabilities = self._posterior(self.labels.index(answer), context)
-        chosen = tuple(self.labels[i] for i in post.mass_candidates(probabilities, self.tau))
+        answer_index = self.labels.index(answer)
         vote = None
-        if context is not None:
-            prior = post.neighbour_prior(context, self.user_truths, self.n_labels, self.cm.neighbours)
+        if context is None:
+            probabilities = post.posterior(self.class_likelihood[answer_index] ** self.weight, self.class_prior)
+        else:
+            prior = self._prior(context)
             vote = self.labels[int(prior.argmax())]
+            row = (
+                self._instance_row(context, answer_index, self.counts)
+                if self.cm.variant == "instance"
+                else self.class_likelihood[answer_index]
+            )
+            probabilities = post.posterior(row**self.weight, prior)
+        chosen = tuple(self.labels[i] for i in post.mass_candidates(probabilities, self.tau))
         if len(chosen) == 1 or self.cm.second_call == "never":
             return Refinement(chosen, chosen[0], needs_second_call=False, neighbour_vote=vote)
         return Refinement(chosen, None, needs_second_call=True, neighbour_vote=vote)
+
+
+def _earned_weight(likelihood_rows: np.ndarray, priors: np.ndarray, truths: np.ndarray) -> float:
+    """The likelihood weight with the best held-out accuracy, if the model's answer earns it.
+
+    Against the prior alone (w = 0) a weight wins the samples it gets right and the prior gets
+    wrong, and loses the reverse. It is kept only when wins exceed losses by more than one
+    standard error, sqrt(wins + losses): on a few hundred samples a gain of two or three is
+    noise, and a noisy weight costs accuracy on new items more often than it pays.
+    """
+    best = max(WEIGHT_GRID, key=lambda w: (_accuracy(post.posteriors(likelihood_rows, priors, w), truths), -w))
+    if best == 0:
+        return 0.0
+    with_answer = post.posteriors(likelihood_rows, priors, best).argmax(axis=1) == truths
+    prior_alone = priors.argmax(axis=1) == truths
+    wins, losses = int(np.sum(with_answer & ~prior_alone)), int(np.sum(~with_answer & prior_alone))
+    return best if wins - losses > np.sqrt(wins + losses) else 0.0
+
+
+def _accuracy(probabilities: np.ndarray, truths: np.ndarray) -> float:
+    return float(np.mean(probabilities.argmax(axis=1) == truths)) if len(truths) else 0.0
 
 
 def make_refiner(bank: MemoryBank, cm: CMSpec, embed: Embedder | None = None) -> Refiner:

@@ -230,7 +230,21 @@ class CMSpec(_Strict):
             "(answer the posterior's most probable label: one call per item)."
         ),
     )
-    neighbours: Annotated[int, Field(gt=0)] = Field(default=10, description="User samples in the neighbour prior.")
+    neighbours: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description=(
+            "User samples in the neighbour prior. Unset: chosen from 1, 3, 5, 10, 20 with "
+            "neighbour_temperature, by how often the vote alone is right on the user split (leave-one-out)."
+        ),
+    )
+    neighbour_temperature: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description=(
+            "Each neighbour votes with weight exp(similarity / T): a small T trusts the closest "
+            "sample, a large one counts votes alike. Unset: chosen from 0.01, 0.02, 0.05, 0.1, 1 "
+            "with neighbours."
+        ),
+    )
     instance_neighbours: Annotated[int, Field(gt=0)] = Field(
         default=20, description="User samples whose counts make the instance-dependent likelihood M(X)."
     )

@@ -170,7 +170,7 @@ async def test_keys_added_by_a_newer_version_at_their_defaults_do_not_block_resu
         await run_job(spec, engine=engine(crash_after=N_USER + 14))
     manifest_path = tmp_path / "out/manifest.json"
     manifest = orjson.loads(manifest_path.read_bytes())
-    for key in ("cm.variant", "cm.coverage", "dataset.max_text_chars"):  # as an older cm-runner wrote it
+    for key in ("cm.variant", "cm.empty_row", "dataset.max_text_chars"):  # as an older cm-runner wrote it
         del manifest["spec"][key]
     manifest["spec_digest"] = "from-an-older-version"
     manifest_path.write_bytes(orjson.dumps(manifest))
@@ -198,3 +198,15 @@ async def test_keys_that_stopped_counting_do_not_block_resume(job, tmp_path):
     rerun = engine()
     await run_job(spec, engine=rerun)
     assert rerun.requests == []
+
+
+async def test_settings_the_variant_does_not_read_do_not_block_resume(job, tmp_path):
+    spec, engine = job
+    await run_job(spec, engine=engine())  # the paper's CM: no posterior, no neighbours
+    unread = spec.model_copy(update={"cm": spec.cm.model_copy(update={"neighbours": 3, "tau": 0.5})})
+    rerun = engine()
+    await run_job(unread, engine=rerun)
+    assert rerun.requests == []
+    read = spec.model_copy(update={"cm": spec.cm.model_copy(update={"empty_row": "abstain"})})
+    with pytest.raises(CheckpointError, match=r"cm\.empty_row: 'keep_initial' -> 'abstain'"):
+        await run_job(read, engine=engine())

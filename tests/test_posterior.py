@@ -5,12 +5,15 @@ from runner.posterior import (
     calibrate_tau,
     class_prior,
     count_matrix,
+    held_out_class_priors,
+    held_out_likelihood_rows,
     instance_likelihood,
     likelihood,
     mass_candidates,
     nearest,
     neighbour_prior,
     posterior,
+    posteriors,
 )
 
 
@@ -49,12 +52,47 @@ def test_nearest_orders_by_similarity_and_can_leave_one_out():
     assert nearest(sims, 10).tolist() == [3, 1, 2, 0]
 
 
-def test_neighbour_prior_votes_by_similarity():
+def test_neighbour_prior_votes_among_the_k_nearest():
     sims = np.array([0.9, 0.8, 0.1, -0.5])
     truths = np.array([2, 2, 0, 1])
-    prior = neighbour_prior(sims, truths, n_labels=3, k=3, beta=0.0 + 1e-9)
+    prior = neighbour_prior(sims, truths, n_labels=3, k=3, beta=1e-9)
     assert prior.argmax() == 2 and prior[1] == pytest.approx(0, abs=1e-6)  # not among the 3 nearest
     assert prior.sum() == pytest.approx(1.0)
+
+
+def test_a_small_temperature_trusts_the_closest_sample_and_a_large_one_counts_votes():
+    sims = np.array([0.80, 0.75, 0.74])
+    truths = np.array([0, 1, 1])
+    assert neighbour_prior(sims, truths, n_labels=2, k=3, temperature=0.01).argmax() == 0  # the 1-NN label
+    assert neighbour_prior(sims, truths, n_labels=2, k=3, temperature=1.0).argmax() == 1  # two votes to one
+
+
+def test_neighbour_prior_takes_one_row_per_item_and_skips_left_out_samples():
+    sims = np.array([[-np.inf, 0.9, 0.2], [0.9, -np.inf, 0.3], [-np.inf, -np.inf, -np.inf]])
+    truths = np.array([0, 1, 1])
+    priors = neighbour_prior(sims, truths, n_labels=2, k=2, beta=1e-9)
+    assert priors.shape == (3, 2) and priors.sum(axis=1) == pytest.approx([1, 1, 1])
+    assert priors[0].argmax() == 1 and priors[1].argmax() == 0  # each row's own sample never votes
+    assert priors[2] == pytest.approx([0.5, 0.5])  # nobody left to vote: beta alone
+
+
+def test_held_out_rows_equal_estimates_made_without_the_sample():
+    answers, truths = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])
+    counts = count_matrix(answers, truths, n_labels=2)
+    rows = held_out_likelihood_rows(counts, answers, truths, alpha=0.5)
+    priors = held_out_class_priors(counts, truths, beta=1.0)
+    for i in range(len(answers)):
+        keep = np.arange(len(answers)) != i
+        without = count_matrix(answers[keep], truths[keep], n_labels=2)
+        assert rows[i] == pytest.approx(likelihood(without, alpha=0.5)[answers[i]])
+        assert priors[i] == pytest.approx(class_prior(without, beta=1.0))
+
+
+def test_posteriors_at_weight_zero_are_the_priors():
+    priors = np.array([[0.2, 0.8], [0.6, 0.4]])
+    rows = np.array([[0.9, 0.1], [0.1, 0.9]])
+    assert posteriors(rows, priors, 0.0) == pytest.approx(priors)
+    assert posteriors(rows, priors, 1.0)[0] == pytest.approx(posterior(rows[0], priors[0]))
 
 
 def test_instance_likelihood_follows_close_neighbours_and_falls_back_to_the_class():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from runner.bank import Sample, UserSplitInfo, estimate_bank
-from runner.refiners import PaperRefiner, PosteriorRefiner, make_refiner
+from runner.refiners import PaperRefiner, PosteriorRefiner, _earned_weight, make_refiner
 from runner.spec import CMSpec
 
 LABELS = ["pets", "weather", "music"]
@@ -136,3 +136,38 @@ def test_likelihood_weight_zero_is_the_neighbour_vote_and_unset_is_chosen_on_hel
         assert refined.decided == refined.neighbour_vote  # the model's answer is ignored at w = 0
     chosen = PosteriorRefiner(bank, CMSpec(variant="neighbour_prior", tau=0.5), toy_embed)
     assert chosen.weight in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_unset_neighbourhood_is_the_one_whose_vote_is_best_on_held_out_samples():
+    # A pets cluster with one mislabelled "music" sample in its middle, and a music cluster far
+    # away: the single nearest sample misleads half the pets, a vote of three does not.
+    angles = {"p0": 0, "p10": 10, "p20": 20, "p30": 30, "m15": 15, "m90": 90, "m100": 100, "m110": 110, "query": 17}
+
+    def embed_at_angle(texts):
+        radians = np.deg2rad([angles[text] for text in texts])
+        return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+    samples = [Sample(id=t, text=t, answer="pets", truth="pets" if t[0] == "p" else "music") for t in angles]
+    bank = bank_from(samples[:-1])
+    fixed = dict(variant="neighbour_prior", tau=0.5, likelihood_weight=0.0)
+    tuned = PosteriorRefiner(bank, CMSpec(**fixed), embed_at_angle)
+    one = PosteriorRefiner(bank, CMSpec(**fixed, neighbours=1, neighbour_temperature=0.01), embed_at_angle)
+    assert tuned.neighbours >= 3  # 1-NN gets 5 of 8 held-out samples right, a vote of three 7
+    assert one.refine(one.prepare(["query"])[0], "pets").decided == "music"
+    assert tuned.refine(tuned.prepare(["query"])[0], "pets").decided == "pets"
+
+
+def held_out(n_prior_right, n_prior_wrong, answer_fixes, answer_breaks):
+    """Two labels, truth 0 everywhere: priors right or wrong, and answers that fix or break them."""
+    right, wrong = [0.6, 0.4], [0.4, 0.6]
+    priors = np.array([right] * n_prior_right + [wrong] * n_prior_wrong)
+    rows = np.full_like(priors, 0.5)  # an answer that says nothing
+    rows[n_prior_right : n_prior_right + answer_fixes] = [0.9, 0.1]
+    rows[:answer_breaks] = [0.1, 0.9]
+    return rows, priors, np.zeros(len(priors), dtype=np.int64)
+
+
+def test_the_models_answer_gets_weight_only_when_it_clearly_beats_the_prior():
+    assert _earned_weight(*held_out(60, 40, answer_fixes=30, answer_breaks=0)) > 0
+    # 3 fixed and 1 broken out of 100: better on the user split, but within one standard error
+    assert _earned_weight(*held_out(60, 40, answer_fixes=3, answer_breaks=1)) == 0.0
