@@ -29,7 +29,7 @@ from runner.labels import LabelSet
 from runner.refiners import Embedder, Refiner, make_refiner
 from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics
 from runner.spec import JobSpec
-from runner.strategies import Strategy, make_strategy
+from runner.strategies import Answer, Strategy, make_strategy
 
 logger = logging.getLogger("runner")
 
@@ -229,7 +229,10 @@ async def annotate_rows(
     contexts = refiner.prepare(texts) if refiner is not None else [None] * len(texts)
 
     async def one(text: str, context: Any) -> dict[str, Any]:
-        first = (await strategy.classify(engine, [text], [labels.labels]))[0]
+        if refiner is not None and not refiner.needs_answer:
+            first = Answer(label=None, raw="", calls=0)  # Y' cannot change C: not asked (cm.first_call)
+        else:
+            first = (await strategy.classify(engine, [text], [labels.labels]))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
             "candidates": [],
@@ -242,8 +245,8 @@ async def annotate_rows(
             "error_kind": first.error_kind,
             "y_neighbour": None,
         }
-        if first.label is None:
-            return record
+        if first.label is None and (refiner is None or refiner.needs_answer):
+            return record  # the call failed or its answer did not parse: recorded in error, error_kind
         if refiner is None:  # CM off: the answer is its own, single candidate
             record.update(candidates=[first.label], y_hat=first.label)
             return record

@@ -25,13 +25,18 @@ Embedder = Callable[[Sequence[str]], np.ndarray]
 
 
 class Refiner(Protocol):
+    needs_answer: bool
+    """False when the first answer Y' cannot change the result: the job then skips that call."""
+
     def prepare(self, texts: Sequence[str]) -> Sequence[Any]: ...
 
-    def refine(self, context: Any, answer: str) -> Refinement: ...
+    def refine(self, context: Any, answer: str | None) -> Refinement: ...
 
 
 class PaperRefiner:
     """The paper: C = row Y' of the binary, class-level M; an empty row falls back by policy."""
+
+    needs_answer = True
 
     def __init__(self, bank: MemoryBank, empty_row: EmptyRowPolicy = "keep_initial"):
         self.rows = bank.rows()
@@ -40,7 +45,9 @@ class PaperRefiner:
     def prepare(self, texts: Sequence[str]) -> Sequence[None]:
         return [None] * len(texts)
 
-    def refine(self, context: None, answer: str) -> Refinement:
+    def refine(self, context: None, answer: str | None) -> Refinement:
+        if answer is None:
+            raise ValueError("the paper's CM refines a first answer; none was given")
         return refine(self.rows[answer], answer, self.empty_row)
 
 
@@ -89,6 +96,7 @@ class PosteriorRefiner:
             if not bank.samples:
                 raise ValueError("choosing cm.tau or cm.likelihood_weight needs the bank's user samples; set both")
             self._choose_on_user_split()
+        self.needs_answer = cm.first_call == "always" or self.weight > 0
 
     def _choose_on_user_split(self) -> None:
         cm = self.cm
@@ -154,20 +162,20 @@ class PosteriorRefiner:
         assert self.embed is not None
         return list(self.embed(texts) @ self.user_vectors.T)
 
-    def refine(self, context: np.ndarray | None, answer: str) -> Refinement:
-        answer_index = self.labels.index(answer)
+    def refine(self, context: np.ndarray | None, answer: str | None) -> Refinement:
+        """C and perhaps the answer for one item; ``answer`` None (the call was skipped) says nothing."""
         vote = None
-        if context is None:
-            probabilities = post.posterior(self.class_likelihood[answer_index] ** self.weight, self.class_prior)
-        else:
-            prior = self._prior(context)
+        prior = self.class_prior if context is None else self._prior(context)
+        if context is not None:
             vote = self.labels[int(prior.argmax())]
-            row = (
-                self._instance_row(context, answer_index, self.counts)
-                if self.cm.variant == "instance"
-                else self.class_likelihood[answer_index]
-            )
-            probabilities = post.posterior(row**self.weight, prior)
+        if answer is None:
+            row = np.ones(self.n_labels)
+        elif self.cm.variant == "instance":
+            assert context is not None
+            row = self._instance_row(context, self.labels.index(answer), self.counts)
+        else:
+            row = self.class_likelihood[self.labels.index(answer)]
+        probabilities = post.posterior(row**self.weight, prior)
         chosen = tuple(self.labels[i] for i in post.mass_candidates(probabilities, self.tau))
         if len(chosen) == 1 or self.cm.second_call == "never":
             return Refinement(chosen, chosen[0], needs_second_call=False, neighbour_vote=vote)

@@ -47,7 +47,11 @@ _SUMS = {
     "right_neighbour": _right_on_gold(pl.col("y_neighbour") == pl.col("gold")),
     "n_neighbour_votes": pl.col("y_neighbour").is_not_null().sum(),
     "calls": pl.col("calls").sum(),
-    "second_calls": (pl.col("calls") >= 2).sum(),
+    "first_answers": pl.col("y_prime").is_not_null().sum(),
+    # a row whose first call was skipped (cm.first_call: no y_prime, no error) and whose set was asked about
+    "second_calls": (
+        (pl.col("calls") >= 2) | (pl.col("y_prime").is_null() & pl.col("error").is_null() & (pl.col("calls") >= 1))
+    ).sum(),
     "n_empty_row_fallback": (pl.col("fallback") == "empty_row").sum(),
     "n_errors": pl.col("error").is_not_null().sum(),
     "prompt_tokens": pl.col("prompt_tokens").sum(),
@@ -78,8 +82,8 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     sizes: Counter[int] = Counter()
     for part in parts:
         totals.update({k: v or 0 for k, v in part.select(**_SUMS).row(0, named=True).items()})
-        answered = part.filter(pl.col("y_prime").is_not_null())["candidates"].list.len()
-        sizes.update(dict(answered.value_counts().iter_rows()))
+        refined = part["candidates"].list.len().filter(part["candidates"].list.len() > 0)
+        sizes.update(dict(refined.value_counts().iter_rows()))
     n, n_gold = totals["n_annotated"], totals["n_with_gold"]
 
     def share(count: int, of: int) -> float | None:
@@ -89,7 +93,8 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     return {
         "n_annotated": n,
         "n_with_gold": n_gold,
-        "accuracy_baseline": share(totals["right_baseline"], n_gold),
+        # None when no first answer was asked for (cm.first_call skipped them all)
+        "accuracy_baseline": share(totals["right_baseline"], n_gold) if totals["first_answers"] else None,
         "accuracy_cm": share(totals["right_cm"], n_gold),
         "coverage": share(totals["covered"], n_gold),
         "accuracy_neighbour_vote": share(totals["right_neighbour"], n_gold) if totals["n_neighbour_votes"] else None,

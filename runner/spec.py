@@ -230,6 +230,16 @@ class CMSpec(_Strict):
             "(answer the posterior's most probable label: one call per item)."
         ),
     )
+    first_call: Literal["always", "when_weighted"] = Field(
+        default="always",
+        description=(
+            "Posterior variants: always ask the model for Y' on the corpus, or only when_weighted: "
+            "when the likelihood weight is 0 the answer cannot change the posterior, so the call is "
+            "skipped (y_prime stays empty, no baseline accuracy) and the neighbour vote or the "
+            "second call decides. The estimate always asks every user sample: that is how the "
+            "weight is chosen."
+        ),
+    )
     neighbours: Annotated[int, Field(gt=0)] | None = Field(
         default=None,
         description=(

@@ -90,17 +90,22 @@ def test_neighbour_variants_need_samples_and_an_embedder():
         PosteriorRefiner(bank_from(SAMPLES), CMSpec(variant="instance"))
 
 
-async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_too(tmp_path, write):
+CORPUS = [("cat loud dog", "pets"), ("rain sun sun", "weather"), ("song loud", "music")]
+ANSWERS = {s.text: s.answer for s in SAMPLES} | {
+    "cat loud dog": "music",
+    "rain sun sun": "weather",
+    "song loud": "music",
+}
+
+
+def neighbour_job(tmp_path, write, cm: str):
     import orjson
-    import polars as pl
 
-    from runner import load_spec, run_job
-    from tests.scripted_engine import ScriptedEngine
+    from runner import load_spec
 
-    corpus = [("cat loud dog", "pets"), ("rain sun sun", "weather"), ("song loud", "music")]
     write("d/user.jsonl", "".join(orjson.dumps({"text": s.text, "label": s.truth}).decode() + "\n" for s in SAMPLES))
-    write("d/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in corpus))
-    spec = load_spec(
+    write("d/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in CORPUS))
+    return load_spec(
         write(
             "job.yaml",
             f"""
@@ -109,17 +114,21 @@ data_dir: {tmp_path / "d"}
 dataset: {{name: toy, labels: {LABELS}}}
 user_split: {{path: user.jsonl, fraction: null}}
 corpus: {{path: corpus.jsonl}}
-cm: {{variant: neighbour_prior, tau: 0.5, neighbours: 3}}
+cm: {cm}
 output: {{dir: {tmp_path / "out"}}}
 """,
         )
     )
-    answers = {s.text: s.answer for s in SAMPLES} | {
-        "cat loud dog": "music",
-        "rain sun sun": "weather",
-        "song loud": "music",
-    }
-    result = await run_job(spec, engine=ScriptedEngine(answers, n_labels=3), embed=toy_embed)
+
+
+async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_too(tmp_path, write):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    spec = neighbour_job(tmp_path, write, "{variant: neighbour_prior, tau: 0.5, neighbours: 3}")
+    result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
     assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
     assert table["y_hat"].to_list() == ["pets", "weather", "music"]
@@ -171,3 +180,52 @@ def test_the_models_answer_gets_weight_only_when_it_clearly_beats_the_prior():
     assert _earned_weight(*held_out(60, 40, answer_fixes=30, answer_breaks=0)) > 0
     # 3 fixed and 1 broken out of 100: better on the user split, but within one standard error
     assert _earned_weight(*held_out(60, 40, answer_fixes=3, answer_breaks=1)) == 0.0
+
+
+async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, write):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    cm = "{variant: neighbour_prior, tau: 0.5, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
+    engine = ScriptedEngine(ANSWERS, n_labels=3)
+    result = await run_job(neighbour_job(tmp_path, write, cm), engine=engine, embed=toy_embed)
+    asked = {request.messages[-1].content for request in engine.requests}
+    assert asked == {s.text for s in SAMPLES}  # the estimate asks every user sample; the corpus, nobody
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_prime"].to_list() == [None, None, None] and table["calls"].to_list() == [0, 0, 0]
+    assert table["y_hat"].to_list() == table["y_neighbour"].to_list() == ["pets", "weather", "music"]
+    assert result.metrics["accuracy_baseline"] is None and result.metrics["accuracy_cm"] == 1.0
+    assert result.metrics["calls_per_item"] == 0
+
+
+async def test_a_skipped_first_answer_still_lets_the_model_choose_within_an_ambiguous_set(tmp_path, write):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    # tau 0.98: the neighbours' label and one more, so every item's set holds two labels
+    cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
+    engine = ScriptedEngine(ANSWERS, dict(CORPUS), n_labels=3)
+    result = await run_job(neighbour_job(tmp_path, write, cm), engine=engine, embed=toy_embed)
+    corpus_requests = [r for r in engine.requests if r.messages[-1].content in dict(CORPUS)]
+    assert len(corpus_requests) == 3 and all(len(r.choices) == 2 for r in corpus_requests)  # second calls only
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["calls"].to_list() == [1, 1, 1] and table["y_hat"].to_list() == [y for _, y in CORPUS]
+    assert result.metrics["second_call_rate"] == 1.0 and result.metrics["candidate_set_size"]["mean"] == 2
+
+
+def test_only_a_weighted_answer_is_needed():
+    bank = bank_from(SAMPLES)
+    cm = dict(variant="neighbour_prior", tau=0.5, neighbours=3, neighbour_temperature=0.05)
+    assert PosteriorRefiner(bank, CMSpec(**cm, likelihood_weight=0.0), toy_embed).needs_answer  # first_call: always
+    skip = PosteriorRefiner(bank, CMSpec(**cm, likelihood_weight=0.0, first_call="when_weighted"), toy_embed)
+    assert not skip.needs_answer
+    [context] = skip.prepare(["loud dog cat"])
+    assert skip.refine(context, None).decided == "pets"
+    assert PosteriorRefiner(
+        bank, CMSpec(**cm, likelihood_weight=0.5, first_call="when_weighted"), toy_embed
+    ).needs_answer
+    assert make_refiner(bank, CMSpec()).needs_answer
