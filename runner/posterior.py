@@ -91,6 +91,27 @@ def neighbour_prior(
     return priors[0] if np.ndim(similarities) == 1 else priors
 
 
+def choose_neighbourhood(
+    similarities: FloatArray,
+    truths: IntArray,
+    user_truths: IntArray,
+    n_labels: int,
+    neighbours: Sequence[int],
+    temperatures: Sequence[float],
+) -> tuple[int, float]:
+    """The (k, temperature) whose neighbour vote is most often right (first in grid order on ties).
+
+    ``similarities`` has one row per held-out sample, its own entry -inf, and ``truths`` are
+    those samples' labels: the choice is made on samples the vote did not see.
+    """
+
+    def right(k_and_t: tuple[int, float]) -> float:
+        priors = neighbour_prior(similarities, user_truths, n_labels, *k_and_t)
+        return float(np.mean(priors.argmax(axis=1) == truths)) if len(truths) else 0.0
+
+    return max(((k, t) for k in neighbours for t in temperatures), key=right)
+
+
 def instance_likelihood(
     similarities: FloatArray,
     user_answers: IntArray,

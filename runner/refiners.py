@@ -106,7 +106,14 @@ class PosteriorRefiner:
         if self.uses_neighbours:
             similarities = self.user_vectors[held] @ self.user_vectors.T
             similarities[np.arange(len(held)), held] = -np.inf
-            self._choose_neighbourhood(similarities, held)
+            self.neighbours, self.temperature = post.choose_neighbourhood(
+                similarities,
+                self.user_truths[held],
+                self.user_truths,
+                self.n_labels,
+                (cm.neighbours,) if cm.neighbours else NEIGHBOUR_GRID,
+                (cm.neighbour_temperature,) if cm.neighbour_temperature else TEMPERATURE_GRID,
+            )
             priors = self._prior(similarities)
         else:
             priors = post.held_out_class_priors(self.counts, self.user_truths[held])
@@ -117,17 +124,6 @@ class PosteriorRefiner:
         if cm.tau is None:
             held_out = post.posteriors(likelihood_rows, priors, self.weight)
             self.tau = post.calibrate_tau(held_out, truths, cm.coverage) if len(held) else 1.0
-
-    def _choose_neighbourhood(self, similarities: np.ndarray, held: np.ndarray) -> None:
-        neighbours = (self.cm.neighbours,) if self.cm.neighbours else NEIGHBOUR_GRID
-        temperatures = (self.cm.neighbour_temperature,) if self.cm.neighbour_temperature else TEMPERATURE_GRID
-        truths = self.user_truths[held]
-        self.neighbours, self.temperature = max(
-            ((k, t) for k in neighbours for t in temperatures),
-            key=lambda kt: _accuracy(
-                post.neighbour_prior(similarities, self.user_truths, self.n_labels, kt[0], kt[1]), truths
-            ),
-        )
 
     def _prior(self, similarities: np.ndarray) -> np.ndarray:
         return post.neighbour_prior(similarities, self.user_truths, self.n_labels, self.neighbours, self.temperature)

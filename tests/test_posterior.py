@@ -3,6 +3,7 @@ import pytest
 
 from runner.posterior import (
     calibrate_tau,
+    choose_neighbourhood,
     class_prior,
     count_matrix,
     held_out_class_priors,
@@ -74,6 +75,22 @@ def test_neighbour_prior_takes_one_row_per_item_and_skips_left_out_samples():
     assert priors.shape == (3, 2) and priors.sum(axis=1) == pytest.approx([1, 1, 1])
     assert priors[0].argmax() == 1 and priors[1].argmax() == 0  # each row's own sample never votes
     assert priors[2] == pytest.approx([0.5, 0.5])  # nobody left to vote: beta alone
+
+
+def test_the_chosen_neighbourhood_is_the_one_whose_held_out_vote_is_most_often_right():
+    # sample 1 sits closest to sample 0 but carries another label; samples 2 and 3 agree with 0
+    sims = np.array(
+        [
+            [-np.inf, 0.9, 0.8, 0.8],
+            [0.9, -np.inf, 0.1, 0.1],
+            [0.8, 0.1, -np.inf, 0.85],
+            [0.8, 0.1, 0.85, -np.inf],
+        ]
+    )
+    truths = np.array([0, 1, 0, 0])
+    k, temperature = choose_neighbourhood(sims, truths, truths, 2, neighbours=(1, 3), temperatures=(0.01, 1.0))
+    assert (k, temperature) == (3, 1.0)  # 1-NN gets sample 0 wrong; three votes alike get it right
+    assert choose_neighbourhood(sims, truths, truths, 2, neighbours=(1,), temperatures=(0.01,)) == (1, 0.01)
 
 
 def test_held_out_rows_equal_estimates_made_without_the_sample():

@@ -1,0 +1,126 @@
+"""The neighbour vote the posterior variants fall back to, against the issue's plain vote, over user-split seeds.
+
+With a weak model the likelihood weight chosen on the user split is 0 on most datasets, and the
+posterior variants are then a neighbour vote whose k and temperature the user split chose
+(``runner.posterior.choose_neighbourhood``). That needs no LLM, so it is measured here on several
+seeded user splits and many test items, to see whether its margin over the issue's plain vote
+(similarity-weighted k-NN with the k the issue measured best) is more than one split's luck.
+
+    python tests/bench/bench_neighbour_vote.py --data-dir ../shared/datasets --seeds 0 1 2 3 4 --n 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from runner import load_spec
+from runner import posterior as post
+from runner.data import Corpus, load_user_split
+from runner.embeddings import embed
+from runner.refiners import NEIGHBOUR_GRID, TEMPERATURE_GRID
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = ["banking77", "clinc150", "massive-en-US", "mtop", "stackexchange"]
+VOTE_K = {"banking77": 1, "clinc150": 1, "massive-en-US": 5, "mtop": 5, "stackexchange": 5}
+
+
+def plain_vote(similarities: np.ndarray, user_truths: np.ndarray, n_labels: int, k: int) -> np.ndarray:
+    """Similarity-weighted k-NN, as the issue measured it."""
+    top = np.argsort(-similarities, axis=1)[:, :k]
+    votes = np.zeros((len(similarities), n_labels))
+    rows = np.repeat(np.arange(len(similarities)), k)
+    np.add.at(
+        votes, (rows, user_truths[top].ravel()), np.clip(np.take_along_axis(similarities, top, 1), 0, None).ravel()
+    )
+    return votes.argmax(axis=1)
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:  # the base spec, completed with what a job must name
+        job = Path(scratch) / "job.yaml"
+        job.write_text(f"base: {REPO / 'jobs/_base' / f'{name}.yaml'}\nname: vote\noutput: {{dir: {scratch}}}\n")
+        spec = load_spec(job)
+    corpus = Corpus(
+        spec.resolve_data_path(spec.corpus.path, args.data_dir),
+        spec.dataset,
+        spec.corpus.model_copy(update={"limit": args.n, "limit_seed": 0}),
+        None,
+    )
+    items = next(iter(corpus.chunks(corpus.height)))[1]
+    item_vectors = embed(items["text"].to_list())
+    result: dict = {"dataset": name, "n": items.height, "seeds": []}
+    for seed in args.seeds:
+        split = load_user_split(
+            spec.resolve_data_path(spec.user_split.path, args.data_dir),
+            spec.dataset,
+            spec.user_split.model_copy(update={"fraction": args.fraction, "seed": seed}),
+        )
+        index = {label: i for i, label in enumerate(split.labels)}
+        user_truths = np.array([index[label] for label in split.rows["label"].to_list()])
+        gold = np.array([index.get(label, -1) for label in items["label"].to_list()])
+        user_vectors = embed(split.rows["text"].to_list())
+        held_out = user_vectors @ user_vectors.T
+        np.fill_diagonal(held_out, -np.inf)
+        k, temperature = post.choose_neighbourhood(
+            held_out, user_truths, user_truths, len(split.labels), NEIGHBOUR_GRID, TEMPERATURE_GRID
+        )
+        similarities = item_vectors @ user_vectors.T
+        tuned = post.neighbour_prior(similarities, user_truths, len(split.labels), k, temperature).argmax(axis=1)
+        vote = plain_vote(similarities, user_truths, len(split.labels), VOTE_K[name])
+        knn = {
+            f"knn{j}": float(np.mean(plain_vote(similarities, user_truths, len(split.labels), j) == gold))
+            for j in (1, 5, 10)
+        }
+        result["seeds"].append(
+            {
+                "seed": seed,
+                "n_user": len(user_truths),
+                "vote": float(np.mean(vote == gold)),
+                "tuned": float(np.mean(tuned == gold)),
+                "neighbourhood": [k, temperature],
+                "wins": int(np.sum((tuned == gold) & (vote != gold))),
+                "losses": int(np.sum((tuned != gold) & (vote == gold))),
+                **knn,
+            }
+        )
+        print(orjson.dumps({"dataset": name, **result["seeds"][-1]}).decode(), flush=True)
+    margins = np.array([s["tuned"] - s["vote"] for s in result["seeds"]])
+    result["margin_mean"] = float(margins.mean())
+    result["margin_sd"] = float(margins.std(ddof=1)) if len(margins) > 1 else None
+    result["seeds_won"] = int(np.sum(margins > 0))
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    results = [run_dataset(name, args) for name in args.datasets]
+    Path(args.out).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print()
+    print("| dataset | test items | seeds | issue's vote | tuned vote | margin (sd) | seeds won | best fixed k |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        seeds = r["seeds"]
+        vote = np.mean([s["vote"] for s in seeds])
+        tuned = np.mean([s["tuned"] for s in seeds])
+        best_k = max((1, 5, 10), key=lambda j: np.mean([s[f"knn{j}"] for s in seeds]))
+        best = np.mean([s[f"knn{best_k}"] for s in seeds])
+        sd = f"{100 * r['margin_sd']:.1f}" if r["margin_sd"] is not None else "-"
+        print(
+            f"| {r['dataset']} | {r['n']} | {len(seeds)} | {100 * vote:.1f} | {100 * tuned:.1f} | "
+            f"{100 * r['margin_mean']:+.1f} ({sd}) | {r['seeds_won']}/{len(seeds)} | k={best_k}: {100 * best:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--datasets", nargs="+", default=DATASETS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="user-split seeds")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--n", type=int, default=3000, help="test items per dataset (a seeded sample)")
+    parser.add_argument("--out", default="/tmp/neighbour-vote.json")
+    main(parser.parse_args())
