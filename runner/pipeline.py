@@ -24,6 +24,7 @@ from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_b
 from runner.checkpoint import Checkpoint, Manifest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
+from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
 from runner.labels import LabelSet
 from runner.refiners import Embedder, Refiner, make_refiner
@@ -335,13 +336,13 @@ async def run_job(
     strategy = make_strategy(spec.strategy, inputs.labels, spec.generation, examples)
 
     owned = engine is None
-    engine = engine or make_engine(spec.engine)
+    # loaded on the first request: a finished job, or one whose bank needs no answers, loads no model
+    engine = engine or LazyEngine(make_engine(spec.engine))
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
     memory = PeakMemory().__enter__()
     if owned:
         await engine.__aenter__()
     try:
-        run["engine_load_seconds"] = getattr(engine, "load_seconds", None)
         started = time.perf_counter()
         bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
@@ -362,6 +363,7 @@ async def run_job(
         run["annotate_seconds"] = round(elapsed, 2)
         run["items_annotated_this_run"] = annotated_now
         run["items_per_second"] = round(annotated_now / elapsed, 3) if annotated_now and elapsed else None
+        run["engine_load_seconds"] = getattr(engine, "load_seconds", None)  # None: never loaded
         if hasattr(engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
             run["engine"] = engine.stats()
     finally:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Self
 
+from runner.engines._lazy import LazyEngine
 from runner.engines.base import ChoiceRequest, Completion, Engine
 
 
@@ -49,12 +50,11 @@ class CachingEngine:
 
     def __init__(self, inner: Engine):
         self.inner = inner
+        self._engine = LazyEngine(inner)
         self._answers: dict[ChoiceRequest, Completion] = {}
         self._in_flight: dict[ChoiceRequest, asyncio.Future[Completion]] = {}
         self._hits = 0
         self._misses = 0
-        self._started = False
-        self._starting = asyncio.Lock()
 
     @property
     def model_id(self) -> str:
@@ -72,15 +72,7 @@ class CachingEngine:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._started:
-            self._started = False
-            await self.inner.__aexit__(*exc_info)
-
-    async def _start(self) -> None:
-        async with self._starting:
-            if not self._started:
-                await self.inner.__aenter__()
-                self._started = True
+        await self._engine.__aexit__(*exc_info)
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
         loop = asyncio.get_running_loop()
@@ -109,8 +101,7 @@ class CachingEngine:
 
     async def _send(self, sent: list[tuple[ChoiceRequest, ChoiceRequest | None, asyncio.Future[Completion]]]) -> None:
         try:
-            await self._start()
-            completions = await self.inner.complete([request for request, _, _ in sent])
+            completions = await self._engine.complete([request for request, _, _ in sent])
         except BaseException as error:
             for _, key, future in sent:
                 if key is not None:
