@@ -132,7 +132,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     ]
     run = metrics.get("run", {})
     if run.get("items_per_second"):
-        lines.append(
-            f"{run['items_per_second']:.1f} items/s annotating; engine load {run.get('engine_load_seconds') or 0:.0f} s"
-        )
+        load = run.get("engine_load_seconds")  # None: no local model was loaded (nothing asked, or an API)
+        loaded = f"engine load {load:.0f} s" if load is not None else "no model loaded"
+        lines.append(f"{run['items_per_second']:.1f} items/s annotating; {loaded}")
     return lines

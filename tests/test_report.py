@@ -70,3 +70,11 @@ def test_an_empty_table_has_no_rates():
 def test_summary_names_both_accuracies():
     lines = summary_lines({**compute_metrics(TABLE), "n_user": 4})
     assert "baseline (y'): 40.0%" in lines[1] and "CM (y_hat): 60.0%" in lines[1]
+
+
+def test_summary_says_when_no_model_was_loaded():
+    metrics = {**compute_metrics(TABLE), "n_user": 4}
+    loaded = summary_lines({**metrics, "run": {"items_per_second": 50.0, "engine_load_seconds": 12.4}})
+    assert loaded[-1] == "50.0 items/s annotating; engine load 12 s"
+    never = summary_lines({**metrics, "run": {"items_per_second": 50.0, "engine_load_seconds": None}})
+    assert never[-1] == "50.0 items/s annotating; no model loaded"
