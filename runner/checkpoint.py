@@ -119,15 +119,16 @@ _NO_DEFAULT = object()
 
 
 def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Material keys whose value differs, ignoring keys a newer cm-runner added with their default value
-    and keys the previous run recorded that no longer count."""
+    """The current material keys whose value differs from the previous run's.
+
+    A key only the previous run recorded no longer counts (an older cm-runner's, or a setting
+    this variant does not read); a key a newer cm-runner added counts only away from its default.
+    """
     changed = []
-    for key in sorted((set(previous) | set(current)) - _NOT_MATERIAL):
+    for key in sorted(current):
         if key not in previous and current[key] == _default_of(key):
             continue
-        if key not in current:  # recorded by an older cm-runner, or a setting this variant does not read
-            continue
-        if previous.get(key) != current.get(key):
+        if previous.get(key) != current[key]:
             changed.append(key)
     return changed
 

@@ -229,9 +229,11 @@ async def annotate_rows(
     texts = _prompt_texts(rows, max_chars)
     contexts = refiner.prepare(texts) if refiner is not None else [None] * len(texts)
 
+    skip_first = refiner is not None and not refiner.needs_answer  # Y' cannot change C (cm.first_call)
+
     async def one(text: str, context: Any) -> dict[str, Any]:
-        if refiner is not None and not refiner.needs_answer:
-            first = Answer(label=None, raw="", calls=0)  # Y' cannot change C: not asked (cm.first_call)
+        if skip_first:
+            first = Answer(label=None, raw="", calls=0)
         else:
             first = (await strategy.classify(engine, [text], [labels.labels]))[0]
         record: dict[str, Any] = {
@@ -246,7 +248,7 @@ async def annotate_rows(
             "error_kind": first.error_kind,
             "y_neighbour": None,
         }
-        if first.label is None and (refiner is None or refiner.needs_answer):
+        if first.label is None and not skip_first:
             return record  # the call failed or its answer did not parse: recorded in error, error_kind
         if refiner is None:  # CM off: the answer is its own, single candidate
             record.update(candidates=[first.label], y_hat=first.label)

@@ -50,11 +50,9 @@ def class_prior(counts: FloatArray, beta: float = 1.0) -> FloatArray:
     return truths / truths.sum()
 
 
-def nearest(similarities: FloatArray, k: int, exclude: int | None = None) -> IntArray:
-    """Indices of the k most similar user samples, most similar first (optionally leaving one out)."""
-    sims = similarities.astype(float, copy=True)
-    if exclude is not None:
-        sims[exclude] = -np.inf
+def nearest(similarities: FloatArray, k: int) -> IntArray:
+    """Indices of the k most similar user samples, most similar first; a -inf one (left out) never."""
+    sims = similarities.astype(float, copy=False)
     k = min(k, int(np.isfinite(sims).sum()))
     top = np.argpartition(-sims, k - 1)[:k] if k else np.array([], dtype=np.int64)
     return top[np.argsort(-sims[top], kind="stable")]
@@ -91,6 +89,11 @@ def neighbour_prior(
     return priors[0] if np.ndim(similarities) == 1 else priors
 
 
+def accuracy(probabilities: FloatArray, truths: IntArray) -> float:
+    """How often each row's most probable label is its truth (0 for no rows)."""
+    return float(np.mean(probabilities.argmax(axis=1) == truths)) if len(truths) else 0.0
+
+
 def choose_neighbourhood(
     similarities: FloatArray,
     truths: IntArray,
@@ -104,12 +107,10 @@ def choose_neighbourhood(
     ``similarities`` has one row per held-out sample, its own entry -inf, and ``truths`` are
     those samples' labels: the choice is made on samples the vote did not see.
     """
-
-    def right(k_and_t: tuple[int, float]) -> float:
-        priors = neighbour_prior(similarities, user_truths, n_labels, *k_and_t)
-        return float(np.mean(priors.argmax(axis=1) == truths)) if len(truths) else 0.0
-
-    return max(((k, t) for k in neighbours for t in temperatures), key=right)
+    return max(
+        ((k, t) for k in neighbours for t in temperatures),
+        key=lambda k_and_t: accuracy(neighbour_prior(similarities, user_truths, n_labels, *k_and_t), truths),
+    )
 
 
 def instance_likelihood(
@@ -120,7 +121,6 @@ def instance_likelihood(
     k: int = 20,
     alpha: float = 0.1,
     blend: float = 5.0,
-    exclude: int | None = None,
 ) -> FloatArray:
     """p(Y' | Y, X): counts of X's k nearest user samples plus the class-level counts.
 
@@ -128,7 +128,7 @@ def instance_likelihood(
     truth with several close neighbours is described by them, and one with none falls back
     to how the model errs on that class overall.
     """
-    top = nearest(similarities, k, exclude)
+    top = nearest(similarities, k)
     weights = np.clip(similarities[top], 0.0, None)
     local = np.zeros_like(class_counts)
     parsed = user_answers[top] >= 0

@@ -186,17 +186,13 @@ def _earned_weight(likelihood_rows: np.ndarray, priors: np.ndarray, truths: np.n
     standard error, sqrt(wins + losses): on a few hundred samples a gain of two or three is
     noise, and a noisy weight costs accuracy on new items more often than it pays.
     """
-    best = max(WEIGHT_GRID, key=lambda w: (_accuracy(post.posteriors(likelihood_rows, priors, w), truths), -w))
+    best = max(WEIGHT_GRID, key=lambda w: (post.accuracy(post.posteriors(likelihood_rows, priors, w), truths), -w))
     if best == 0:
         return 0.0
     with_answer = post.posteriors(likelihood_rows, priors, best).argmax(axis=1) == truths
     prior_alone = priors.argmax(axis=1) == truths
     wins, losses = int(np.sum(with_answer & ~prior_alone)), int(np.sum(~with_answer & prior_alone))
     return best if wins - losses > np.sqrt(wins + losses) else 0.0
-
-
-def _accuracy(probabilities: np.ndarray, truths: np.ndarray) -> float:
-    return float(np.mean(probabilities.argmax(axis=1) == truths)) if len(truths) else 0.0
 
 
 def make_refiner(bank: MemoryBank, cm: CMSpec, embed: Embedder | None = None) -> Refiner:

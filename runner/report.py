@@ -82,8 +82,8 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     sizes: Counter[int] = Counter()
     for part in parts:
         totals.update({k: v or 0 for k, v in part.select(**_SUMS).row(0, named=True).items()})
-        refined = part["candidates"].list.len().filter(part["candidates"].list.len() > 0)
-        sizes.update(dict(refined.value_counts().iter_rows()))
+        set_sizes = part["candidates"].list.len()
+        sizes.update(dict(set_sizes.filter(set_sizes > 0).value_counts().iter_rows()))
     n, n_gold = totals["n_annotated"], totals["n_with_gold"]
 
     def share(count: int, of: int) -> float | None:

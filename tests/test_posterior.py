@@ -49,7 +49,7 @@ def test_mass_candidates_is_the_smallest_set_reaching_tau():
 def test_nearest_orders_by_similarity_and_can_leave_one_out():
     sims = np.array([0.2, 0.9, 0.5, 0.95])
     assert nearest(sims, 2).tolist() == [3, 1]
-    assert nearest(sims, 2, exclude=3).tolist() == [1, 2]
+    assert nearest(np.array([0.2, 0.9, 0.5, -np.inf]), 2).tolist() == [1, 2]  # the last one left out
     assert nearest(sims, 10).tolist() == [3, 1, 2, 0]
 
 
