@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+# this script's folder is on sys.path when it runs: the datasets, the issue's k and its vote are bench_variants'
+from bench_variants import DATASETS, VOTE_K, knn_votes
+
 from runner import load_spec
 from runner import posterior as post
 from runner.data import Corpus, load_user_split
@@ -25,19 +28,6 @@ from runner.embeddings import embed
 from runner.refiners import NEIGHBOUR_GRID, TEMPERATURE_GRID
 
 REPO = Path(__file__).resolve().parents[2]
-DATASETS = ["banking77", "clinc150", "massive-en-US", "mtop", "stackexchange"]
-VOTE_K = {"banking77": 1, "clinc150": 1, "massive-en-US": 5, "mtop": 5, "stackexchange": 5}
-
-
-def plain_vote(similarities: np.ndarray, user_truths: np.ndarray, n_labels: int, k: int) -> np.ndarray:
-    """Similarity-weighted k-NN, as the issue measured it."""
-    top = np.argsort(-similarities, axis=1)[:, :k]
-    votes = np.zeros((len(similarities), n_labels))
-    rows = np.repeat(np.arange(len(similarities)), k)
-    np.add.at(
-        votes, (rows, user_truths[top].ravel()), np.clip(np.take_along_axis(similarities, top, 1), 0, None).ravel()
-    )
-    return votes.argmax(axis=1)
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> dict:
@@ -71,9 +61,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
         )
         similarities = item_vectors @ user_vectors.T
         tuned = post.neighbour_prior(similarities, user_truths, len(split.labels), k, temperature).argmax(axis=1)
-        vote = plain_vote(similarities, user_truths, len(split.labels), VOTE_K[name])
+        vote = knn_votes(similarities, user_truths, len(split.labels), VOTE_K[name])
         knn = {
-            f"knn{j}": float(np.mean(plain_vote(similarities, user_truths, len(split.labels), j) == gold))
+            f"knn{j}": float(np.mean(knn_votes(similarities, user_truths, len(split.labels), j) == gold))
             for j in (1, 5, 10)
         }
         result["seeds"].append(
