@@ -77,7 +77,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # The cm settings each variant reads; the others cannot change its output, so changing them (or
 # their defaults, in a newer cm-runner) does not stop a run from resuming.
 _COUNTS_SETTINGS = {"cm.coverage", "cm.tau", "cm.second_call", "cm.first_call", "cm.alpha", "cm.likelihood_weight"}
-_NEIGHBOUR_SETTINGS = _COUNTS_SETTINGS | {"cm.neighbours", "cm.neighbour_temperature"}
+_NEIGHBOUR_SETTINGS = _COUNTS_SETTINGS | {"cm.neighbours", "cm.neighbour_temperature", "cm.prior"}
 _CM_SETTINGS_READ = {
     "paper": {"cm.empty_row"},
     "counts": _COUNTS_SETTINGS,

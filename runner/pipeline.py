@@ -389,6 +389,7 @@ async def run_job(
         "user_seed": spec.user_split.seed,
         "cm_enabled": spec.cm.enabled,
         "labels_without_user_samples": inputs.labels_without_user_samples,
+        "cm_settings": refiner.settings if refiner is not None else None,
         **compute_metrics(pl.read_parquet(path, columns=METRIC_COLUMNS) for path in shard_paths),
         # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},

@@ -7,12 +7,14 @@ variant needs neighbours); ``refine`` then decides one item from its context and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from runner import posterior as post
 from runner.bank import EmptyRowPolicy, MemoryBank, Refinement, refine
+from runner.probe import Probe, fit_probe
 from runner.spec import CMSpec
 
 # What the user split chooses among when the spec leaves a setting unset (see PosteriorRefiner).
@@ -28,9 +30,23 @@ class Refiner(Protocol):
     needs_answer: bool
     """False when the first answer Y' cannot change the result: the job then skips that call."""
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings in use, those the user split chose included: reported in metrics.json."""
+        ...
+
     def prepare(self, texts: Sequence[str]) -> Sequence[Any]: ...
 
     def refine(self, context: Any, answer: str | None) -> Refinement: ...
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """What the user split says about one item before its first answer."""
+
+    similarities: np.ndarray  # to each user sample
+    prior: np.ndarray  # p(Y | X): the neighbour prior, or the probe's
+    vote: str  # the neighbour vote, recorded beside the answer whichever prior is used
 
 
 class PaperRefiner:
@@ -41,6 +57,10 @@ class PaperRefiner:
     def __init__(self, bank: MemoryBank, empty_row: EmptyRowPolicy = "keep_initial"):
         self.rows = bank.rows()
         self.empty_row = empty_row
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"variant": "paper", "empty_row": self.empty_row}
 
     def prepare(self, texts: Sequence[str]) -> Sequence[None]:
         return [None] * len(texts)
@@ -54,8 +74,10 @@ class PaperRefiner:
 class PosteriorRefiner:
     """C = the smallest label set whose posterior p(Y | Y', X) ∝ p(Y' | Y, X)^w p(Y | X) mass reaches tau.
 
-    What the spec leaves unset is chosen on the user split, each sample scored with itself left
-    out (leave-one-out), in this order:
+    p(Y | X) is the neighbour prior, or with ``cm.prior: probe`` a logistic regression on the user
+    samples' embeddings (``runner.probe``). What the spec leaves unset is chosen on the user
+    split, each sample scored with itself left out (leave-one-out; the probe's held-out
+    probabilities come from 5-fold cross-validation), in this order:
 
     1. the neighbour prior's k and temperature: the pair whose vote alone is most often right;
     2. the likelihood weight w: the one whose posterior argmax is most often right, kept only if
@@ -86,6 +108,9 @@ class PosteriorRefiner:
                 raise ValueError(f"cm.variant {cm.variant!r} needs an embedding model")
             self.user_vectors = embed([s.text for s in bank.samples])
         self.embed = embed
+        self.probe: Probe | None = None
+        if self.uses_neighbours and cm.prior == "probe":
+            self.probe = fit_probe(self.user_vectors, self.user_truths, self.n_labels)
         self.neighbours = cm.neighbours or NEIGHBOUR_GRID[0]
         self.temperature = cm.neighbour_temperature or TEMPERATURE_GRID[0]
         self.weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
@@ -114,7 +139,7 @@ class PosteriorRefiner:
                 (cm.neighbours,) if cm.neighbours else NEIGHBOUR_GRID,
                 (cm.neighbour_temperature,) if cm.neighbour_temperature else TEMPERATURE_GRID,
             )
-            priors = self._prior(similarities)
+            priors = self.probe.held_out[held] if self.probe else self._neighbour_prior(similarities)
         else:
             priors = post.held_out_class_priors(self.counts, self.user_truths[held])
         likelihood_rows = self._held_out_likelihood_rows(held, similarities)
@@ -125,7 +150,16 @@ class PosteriorRefiner:
             held_out = post.posteriors(likelihood_rows, priors, self.weight)
             self.tau = post.calibrate_tau(held_out, truths, cm.coverage) if len(held) else 1.0
 
-    def _prior(self, similarities: np.ndarray) -> np.ndarray:
+    @property
+    def settings(self) -> dict[str, Any]:
+        chosen: dict[str, Any] = {"variant": self.cm.variant, "likelihood_weight": self.weight, "tau": self.tau}
+        if self.uses_neighbours:
+            chosen |= {"prior": self.cm.prior, "neighbours": self.neighbours, "neighbour_temperature": self.temperature}
+        if self.probe is not None:
+            chosen["probe_strength"] = self.probe.strength
+        return chosen
+
+    def _neighbour_prior(self, similarities: np.ndarray) -> np.ndarray:
         return post.neighbour_prior(similarities, self.user_truths, self.n_labels, self.neighbours, self.temperature)
 
     def _instance_row(self, similarities: np.ndarray, answer: int, counts: np.ndarray) -> np.ndarray:
@@ -152,27 +186,30 @@ class PosteriorRefiner:
             rows.append(self._instance_row(row_similarities, answer, counts))
         return np.array(rows)
 
-    def prepare(self, texts: Sequence[str]) -> Sequence[np.ndarray | None]:
+    def prepare(self, texts: Sequence[str]) -> Sequence[Neighbourhood | None]:
         if not self.uses_neighbours:
             return [None] * len(texts)
         assert self.embed is not None
-        return list(self.embed(texts) @ self.user_vectors.T)
+        vectors = self.embed(texts)
+        similarities = vectors @ self.user_vectors.T
+        neighbour_priors = self._neighbour_prior(similarities)
+        priors = self.probe.prior(vectors) if self.probe else neighbour_priors
+        votes = [self.labels[i] for i in neighbour_priors.argmax(axis=1)]
+        return [Neighbourhood(*item) for item in zip(similarities, priors, votes, strict=True)]
 
-    def refine(self, context: np.ndarray | None, answer: str | None) -> Refinement:
+    def refine(self, context: Neighbourhood | None, answer: str | None) -> Refinement:
         """C and perhaps the answer for one item; ``answer`` None (the call was skipped) says nothing."""
-        vote = None
-        prior = self.class_prior if context is None else self._prior(context)
-        if context is not None:
-            vote = self.labels[int(prior.argmax())]
+        prior = self.class_prior if context is None else context.prior
         if answer is None:
             row = np.ones(self.n_labels)
         elif self.cm.variant == "instance":
             assert context is not None
-            row = self._instance_row(context, self.labels.index(answer), self.counts)
+            row = self._instance_row(context.similarities, self.labels.index(answer), self.counts)
         else:
             row = self.class_likelihood[self.labels.index(answer)]
         probabilities = post.posterior(row**self.weight, prior)
         chosen = tuple(self.labels[i] for i in post.mass_candidates(probabilities, self.tau))
+        vote = None if context is None else context.vote
         if len(chosen) == 1 or self.cm.second_call == "never":
             return Refinement(chosen, chosen[0], needs_second_call=False, neighbour_vote=vote)
         return Refinement(chosen, None, needs_second_call=True, neighbour_vote=vote)

@@ -113,6 +113,10 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     }
 
 
+def _setting(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """The few lines ``cm-run`` prints at the end of a job."""
 
@@ -130,6 +134,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"calls per item {metrics['calls_per_item']:.2f}, errors {metrics['n_errors']}, "
         f"empty-row fallbacks {metrics['n_empty_row_fallback']}",
     ]
+    if settings := metrics.get("cm_settings"):
+        lines.append("cm " + ", ".join(f"{key} {_setting(value)}" for key, value in settings.items()))
     run = metrics.get("run", {})
     if run.get("items_per_second"):
         load = run.get("engine_load_seconds")  # None: no local model was loaded (nothing asked, or an API)

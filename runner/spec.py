@@ -255,6 +255,15 @@ class CMSpec(_Strict):
             "with neighbours."
         ),
     )
+    prior: Literal["neighbours", "probe"] = Field(
+        default="neighbours",
+        description=(
+            "neighbour_prior and instance variants: where p(Y|X) comes from. neighbours: the "
+            "kernel vote of X's nearest user samples. probe: a logistic regression on the user "
+            "samples' embeddings, its regularisation chosen by 5-fold cross-validation on the user "
+            "split (needs scikit-learn, in the models extra). The neighbour vote is recorded either way."
+        ),
+    )
     instance_neighbours: Annotated[int, Field(gt=0)] = Field(
         default=20, description="User samples whose counts make the instance-dependent likelihood M(X)."
     )

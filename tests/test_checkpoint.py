@@ -203,7 +203,7 @@ async def test_keys_that_stopped_counting_do_not_block_resume(job, tmp_path):
 async def test_settings_the_variant_does_not_read_do_not_block_resume(job, tmp_path):
     spec, engine = job
     await run_job(spec, engine=engine())  # the paper's CM: no posterior, no neighbours
-    unread = spec.model_copy(update={"cm": spec.cm.model_copy(update={"neighbours": 3, "tau": 0.5})})
+    unread = spec.model_copy(update={"cm": spec.cm.model_copy(update={"neighbours": 3, "tau": 0.5, "prior": "probe"})})
     rerun = engine()
     await run_job(unread, engine=rerun)
     assert rerun.requests == []

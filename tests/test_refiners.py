@@ -229,3 +229,39 @@ def test_only_a_weighted_answer_is_needed():
         bank, CMSpec(**cm, likelihood_weight=0.5, first_call="when_weighted"), toy_embed
     ).needs_answer
     assert make_refiner(bank, CMSpec()).needs_answer
+
+
+def test_the_probe_prior_follows_regions_where_the_nearest_sample_misleads():
+    # a pets arc with one mislabelled "music" sample inside it: the nearest sample to the query is
+    # that one, but no straight boundary can cut it out of the arc
+    angles = {"p0": 0, "p10": 10, "p20": 20, "p30": 30, "m15": 15, "m90": 90, "m100": 100, "m110": 110, "query": 16}
+
+    def embed_at_angle(texts):
+        radians = np.deg2rad([angles[text] for text in texts])
+        return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+    samples = [Sample(id=t, text=t, answer="pets", truth="pets" if t[0] == "p" else "music") for t in angles]
+    cm = dict(variant="neighbour_prior", tau=0.5, likelihood_weight=0.0, neighbours=1, neighbour_temperature=0.01)
+    probe = PosteriorRefiner(bank_from(samples[:-1]), CMSpec(**cm, prior="probe"), embed_at_angle)
+    [context] = probe.prepare(["query"])
+    refined = probe.refine(context, "pets")
+    assert refined.neighbour_vote == "music"  # recorded beside the answer, whichever prior decides
+    assert refined.decided == "pets"
+    assert probe.probe is not None and probe.probe.held_out.shape == (8, len(LABELS))
+
+
+async def test_a_job_with_the_probe_prior_chooses_its_settings_on_the_user_split(tmp_path, write):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    spec = neighbour_job(tmp_path, write, "{variant: neighbour_prior, prior: probe, second_call: never}")
+    result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_hat"].to_list() == ["pets", "weather", "music"]
+    assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
+    assert result.metrics["accuracy_cm"] == 1.0 and result.metrics["accuracy_baseline"] == pytest.approx(2 / 3)
+    chosen = result.metrics["cm_settings"]  # what the user split chose is reported
+    assert chosen["prior"] == "probe" and chosen["probe_strength"] in (1.0, 10.0, 100.0, 1000.0)
+    assert chosen["likelihood_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0) and 0 < chosen["tau"] <= 1

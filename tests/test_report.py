@@ -78,3 +78,9 @@ def test_summary_says_when_no_model_was_loaded():
     assert loaded[-1] == "50.0 items/s annotating; engine load 12 s"
     never = summary_lines({**metrics, "run": {"items_per_second": 50.0, "engine_load_seconds": None}})
     assert never[-1] == "50.0 items/s annotating; no model loaded"
+
+
+def test_summary_shows_the_cm_settings_the_user_split_chose():
+    settings = {"variant": "neighbour_prior", "likelihood_weight": 0.0, "tau": 0.67512, "prior": "probe"}
+    lines = summary_lines({**compute_metrics(TABLE), "n_user": 4, "cm_settings": settings})
+    assert "cm variant neighbour_prior, likelihood_weight 0, tau 0.675, prior probe" in lines

@@ -1,10 +1,12 @@
-"""The neighbour vote the posterior variants fall back to, against the issue's plain vote, over user-split seeds.
+"""The priors the posterior variants fall back to, against the issue's plain vote, over user-split seeds.
 
 With a weak model the likelihood weight chosen on the user split is 0 on most datasets, and the
-posterior variants are then a neighbour vote whose k and temperature the user split chose
-(``runner.posterior.choose_neighbourhood``). That needs no LLM, so it is measured here on several
-seeded user splits and many test items, to see whether its margin over the issue's plain vote
-(similarity-weighted k-NN with the k the issue measured best) is more than one split's luck.
+posterior variants are then their prior's argmax: the neighbour vote whose k and temperature the
+user split chose (``runner.posterior.choose_neighbourhood``), or with ``cm.prior: probe`` the
+logistic regression on the user samples' embeddings (``runner.probe``). That needs no LLM, so it
+is measured here on several seeded user splits and many test items, to see whether a margin over
+the issue's plain vote (similarity-weighted k-NN with the k the issue measured best) is more than
+one split's luck.
 
     python tests/bench/bench_neighbour_vote.py --data-dir ../shared/datasets --seeds 0 1 2 3 4 --n 3000
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from runner import load_spec
 from runner import posterior as post
 from runner.data import Corpus, load_user_split
 from runner.embeddings import embed
+from runner.probe import fit_probe
 from runner.refiners import NEIGHBOUR_GRID, TEMPERATURE_GRID
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +66,10 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
         similarities = item_vectors @ user_vectors.T
         tuned = post.neighbour_prior(similarities, user_truths, len(split.labels), k, temperature).argmax(axis=1)
         vote = knn_votes(similarities, user_truths, len(split.labels), VOTE_K[name])
+        started = time.perf_counter()
+        probe = fit_probe(user_vectors, user_truths, len(split.labels))
+        fit_seconds = time.perf_counter() - started
+        probed = probe.prior(item_vectors).argmax(axis=1)
         knn = {
             f"knn{j}": float(np.mean(knn_votes(similarities, user_truths, len(split.labels), j) == gold))
             for j in (1, 5, 10)
@@ -75,33 +83,47 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
                 "neighbourhood": [k, temperature],
                 "wins": int(np.sum((tuned == gold) & (vote != gold))),
                 "losses": int(np.sum((tuned != gold) & (vote == gold))),
+                "probe": float(np.mean(probed == gold)),
+                "probe_strength": probe.strength,
+                "probe_fit_seconds": round(fit_seconds, 1),
+                "probe_wins": int(np.sum((probed == gold) & (vote != gold))),
+                "probe_losses": int(np.sum((probed != gold) & (vote == gold))),
                 **knn,
             }
         )
         print(orjson.dumps({"dataset": name, **result["seeds"][-1]}).decode(), flush=True)
-    margins = np.array([s["tuned"] - s["vote"] for s in result["seeds"]])
-    result["margin_mean"] = float(margins.mean())
-    result["margin_sd"] = float(margins.std(ddof=1)) if len(margins) > 1 else None
-    result["seeds_won"] = int(np.sum(margins > 0))
+    for prior in ("tuned", "probe"):
+        margins = np.array([s[prior] - s["vote"] for s in result["seeds"]])
+        result[f"{prior}_margin_mean"] = float(margins.mean())
+        result[f"{prior}_margin_sd"] = float(margins.std(ddof=1)) if len(margins) > 1 else None
+        result[f"{prior}_seeds_won"] = int(np.sum(margins > 0))
     return result
+
+
+def margin(result: dict, prior: str) -> str:
+    sd = result[f"{prior}_margin_sd"]
+    sd_text = f" ({100 * sd:.1f})" if sd is not None else ""
+    won = f"{result[f'{prior}_seeds_won']}/{len(result['seeds'])}"
+    return f"{100 * result[f'{prior}_margin_mean']:+.1f}{sd_text}, {won}"
 
 
 def main(args: argparse.Namespace) -> None:
     results = [run_dataset(name, args) for name in args.datasets]
     Path(args.out).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print()
-    print("| dataset | test items | seeds | issue's vote | tuned vote | margin (sd) | seeds won | best fixed k |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| dataset | test items | seeds | issue's vote | best fixed k | tuned vote | margin (sd), seeds won "
+        "| probe | margin (sd), seeds won |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         seeds = r["seeds"]
-        vote = np.mean([s["vote"] for s in seeds])
-        tuned = np.mean([s["tuned"] for s in seeds])
+        vote, tuned, probe = (100 * np.mean([s[key] for s in seeds]) for key in ("vote", "tuned", "probe"))
         best_k = max((1, 5, 10), key=lambda j: np.mean([s[f"knn{j}"] for s in seeds]))
-        best = np.mean([s[f"knn{best_k}"] for s in seeds])
-        sd = f"{100 * r['margin_sd']:.1f}" if r["margin_sd"] is not None else "-"
+        best = 100 * np.mean([s[f"knn{best_k}"] for s in seeds])
         print(
-            f"| {r['dataset']} | {r['n']} | {len(seeds)} | {100 * vote:.1f} | {100 * tuned:.1f} | "
-            f"{100 * r['margin_mean']:+.1f} ({sd}) | {r['seeds_won']}/{len(seeds)} | k={best_k}: {100 * best:.1f} |"
+            f"| {r['dataset']} | {r['n']} | {len(seeds)} | {vote:.1f} | k={best_k}: {best:.1f} | {tuned:.1f} | "
+            f"{margin(r, 'tuned')} | {probe:.1f} | {margin(r, 'probe')} |"
         )
 
 

@@ -5,8 +5,9 @@ bank with its user samples); then each posterior variant is applied to those sam
 answers through the pipeline's own refiners, answering without a second call
 (``cm.second_call: never``: one LLM call per item), so every number in a row is measured on the
 same items with the same model answers. With ``--second-calls K`` each posterior variant (with K
-neighbours) also runs as a real job on the paper job's bank, asking the model again among its
-candidate set when that holds more than one label (``cm.second_call: when_ambiguous``); one
+neighbours, and the prior ``--second-calls-prior``) also runs as a real job on the paper job's
+bank, asking the model again among its candidate set when that holds more than one label
+(``cm.second_call: when_ambiguous``; the first answer only if it earned a weight); one
 engine, behind the grid's request cache, serves all of a dataset's jobs, so the first calls are
 paid once.
 
@@ -135,40 +136,61 @@ output: {{dir: {job_dir}}}
     tuned_votes = [tuned.refine(c, labels[0]).neighbour_vote for c in tuned.prepare(table["text"].to_list())]
     row["tuned_vote"] = float(np.mean([v == g for v, g in zip(tuned_votes, gold, strict=True)]))
     row["tuned_vote_neighbourhood"] = [tuned.neighbours, tuned.temperature]
+    if "probe" in args.priors:  # the probe alone, likewise: what the model's answer adds on top of it
+        alone = CMSpec(variant="neighbour_prior", prior="probe", likelihood_weight=0.0, tau=0.5, second_call="never")
+        probe = PosteriorRefiner(bank, alone, reuse)
+        probe_votes = [probe.refine(c, labels[0]).decided for c in probe.prepare(table["text"].to_list())]
+        probe_right = np.array([v == g for v, g in zip(probe_votes, gold, strict=True)])
+        row["probe_vote"] = float(probe_right.mean())
+        row["probe_vote_wins"] = int((probe_right & ~vote_right).sum())
+        row["probe_vote_losses"] = int((~probe_right & vote_right).sum())
 
-    for variant in VARIANTS:
-        for k in args.neighbours:
-            neighbours = None if k == "auto" else int(k)
-            cm = CMSpec(variant=variant, second_call="never", coverage=args.coverage, neighbours=neighbours)
-            refiner = PosteriorRefiner(bank, cm, reuse)
-            contexts = refiner.prepare(table["text"].to_list())
-            decided, covered, sizes = [], [], []
-            for context, answer, truth in zip(contexts, answered, gold, strict=True):
-                if answer is None:
-                    decided.append(None)
-                    covered.append(False)
-                    continue
-                refinement = refiner.refine(context, answer)
-                decided.append(refinement.decided)
-                covered.append(truth in refinement.candidates)
-                sizes.append(len(refinement.candidates))
-            key = variant if variant == "counts" else f"{variant}_k{k}"
-            hits = np.array([d == g for d, g in zip(decided, gold, strict=True)])
-            row[key] = float(hits.mean())
-            # paired with the vote on the same items: right where the vote is wrong, and the reverse
-            row[f"{key}_wins"] = int((hits & ~vote_right).sum())
-            row[f"{key}_losses"] = int((~hits & vote_right).sum())
-            row[f"{key}_neighbourhood"] = [refiner.neighbours, refiner.temperature] if refiner.uses_neighbours else None
-            row[f"{key}_coverage"] = float(np.mean(covered))
-            row[f"{key}_set"] = float(np.mean(sizes)) if sizes else None
-            row[f"{key}_tau"] = refiner.tau
-            row[f"{key}_weight"] = refiner.weight
-            if variant == "counts":
-                break
+    for variant, prior, k in measured(args):
+        neighbours = None if k == "auto" else int(k)
+        cm = CMSpec(variant=variant, prior=prior, second_call="never", coverage=args.coverage, neighbours=neighbours)
+        refiner = PosteriorRefiner(bank, cm, reuse)
+        contexts = refiner.prepare(table["text"].to_list())
+        decided, covered, sizes = [], [], []
+        for context, answer, truth in zip(contexts, answered, gold, strict=True):
+            if answer is None:
+                decided.append(None)
+                covered.append(False)
+                continue
+            refinement = refiner.refine(context, answer)
+            decided.append(refinement.decided)
+            covered.append(truth in refinement.candidates)
+            sizes.append(len(refinement.candidates))
+        key = column(variant, prior, k)
+        hits = np.array([d == g for d, g in zip(decided, gold, strict=True)])
+        row[key] = float(hits.mean())
+        # paired with the vote on the same items: right where the vote is wrong, and the reverse
+        row[f"{key}_wins"] = int((hits & ~vote_right).sum())
+        row[f"{key}_losses"] = int((~hits & vote_right).sum())
+        row[f"{key}_neighbourhood"] = [refiner.neighbours, refiner.temperature] if refiner.uses_neighbours else None
+        row[f"{key}_coverage"] = float(np.mean(covered))
+        row[f"{key}_set"] = float(np.mean(sizes)) if sizes else None
+        row[f"{key}_tau"] = refiner.tau
+        row[f"{key}_weight"] = refiner.weight
+        row[f"{key}_probe_strength"] = refiner.probe.strength if refiner.probe else None
     async with engine:
         if args.second_calls:
             await with_second_calls(spec, engine, out, bank_dir / "memory_bank.json", args, row)
     return row
+
+
+def measured(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(variant, prior, k) of each posterior variant measured without second calls."""
+    runs = [("counts", "neighbours", "auto")]
+    for variant in VARIANTS[1:]:
+        runs += [(variant, "neighbours", k) for k in args.neighbours] if "neighbours" in args.priors else []
+        runs += [(variant, "probe", "auto")] if "probe" in args.priors else []
+    return runs
+
+
+def column(variant: str, prior: str, k: str) -> str:
+    if variant == "counts":
+        return variant
+    return f"{variant}_probe" if prior == "probe" else f"{variant}_k{k}"
 
 
 async def with_second_calls(
@@ -181,8 +203,10 @@ async def with_second_calls(
                 "variant": variant,
                 "bank": str(bank_path),
                 "second_call": "when_ambiguous",
+                "first_call": "when_weighted",  # a first answer that gets weight 0 changes nothing: not asked
                 "coverage": args.coverage,
                 "neighbours": None if args.second_calls == "auto" else int(args.second_calls),
+                "prior": args.second_calls_prior,
             }
         )
         job = spec.model_copy(
@@ -204,8 +228,10 @@ async def main(args: argparse.Namespace) -> None:
         print(orjson.dumps(row).decode(), flush=True)
     Path(args.out, "variants.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
     print()
-    header = ["dataset", "n", "plain", "paper_cm", "vote", "knn1", "knn5", "knn10", "tuned_vote", "counts"]
-    header += [f"{v}_k{k}" for v in VARIANTS[1:] for k in args.neighbours]
+    header = ["dataset", "n", "plain", "paper_cm", "vote", "knn1", "knn5", "knn10", "tuned_vote"]
+    header += ["probe_vote"] if "probe" in args.priors else []
+    header += ["counts"]
+    header += [column(*run) for run in measured(args)[1:]]
     header += [f"{v}_asked" for v in args.variants] if args.second_calls else []
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -234,4 +260,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="the variants --second-calls runs"
     )
+    parser.add_argument(
+        "--priors", nargs="+", choices=["neighbours", "probe"], default=["neighbours", "probe"], help="p(Y|X) measured"
+    )
+    parser.add_argument("--second-calls-prior", choices=["neighbours", "probe"], default="neighbours")
     asyncio.run(main(parser.parse_args()))
