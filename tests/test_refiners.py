@@ -121,19 +121,24 @@ output: {{dir: {tmp_path / "out"}}}
     )
 
 
-async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_too(tmp_path, write):
+@pytest.mark.parametrize("prior", ["neighbours", "probe"])
+async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_and_what_it_chose(tmp_path, write, prior):
     import polars as pl
 
     from runner import run_job
     from tests.scripted_engine import ScriptedEngine
 
-    spec = neighbour_job(tmp_path, write, "{variant: neighbour_prior, tau: 0.5, neighbours: 3}")
+    spec = neighbour_job(tmp_path, write, f"{{variant: neighbour_prior, prior: {prior}, second_call: never}}")
     result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
     assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
     assert table["y_hat"].to_list() == ["pets", "weather", "music"]
     assert result.metrics["accuracy_baseline"] == pytest.approx(2 / 3)
     assert result.metrics["accuracy_cm"] == 1.0 and result.metrics["accuracy_neighbour_vote"] == 1.0
+    chosen = result.metrics["cm_settings"]  # what the user split chose is reported
+    assert chosen["prior"] == prior and chosen["neighbours"] in (1, 3, 5, 10, 20) and 0 < chosen["tau"] <= 1
+    assert chosen["likelihood_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert chosen.get("probe_strength") in ((1.0, 10.0, 100.0, 1000.0) if prior == "probe" else (None,))
 
 
 def test_likelihood_weight_zero_is_the_neighbour_vote_and_unset_is_chosen_on_held_out_samples():
@@ -248,20 +253,3 @@ def test_the_probe_prior_follows_regions_where_the_nearest_sample_misleads():
     assert refined.neighbour_vote == "music"  # recorded beside the answer, whichever prior decides
     assert refined.decided == "pets"
     assert probe.probe is not None and probe.probe.held_out.shape == (8, len(LABELS))
-
-
-async def test_a_job_with_the_probe_prior_chooses_its_settings_on_the_user_split(tmp_path, write):
-    import polars as pl
-
-    from runner import run_job
-    from tests.scripted_engine import ScriptedEngine
-
-    spec = neighbour_job(tmp_path, write, "{variant: neighbour_prior, prior: probe, second_call: never}")
-    result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
-    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
-    assert table["y_hat"].to_list() == ["pets", "weather", "music"]
-    assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
-    assert result.metrics["accuracy_cm"] == 1.0 and result.metrics["accuracy_baseline"] == pytest.approx(2 / 3)
-    chosen = result.metrics["cm_settings"]  # what the user split chose is reported
-    assert chosen["prior"] == "probe" and chosen["probe_strength"] in (1.0, 10.0, 100.0, 1000.0)
-    assert chosen["likelihood_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0) and 0 < chosen["tau"] <= 1
