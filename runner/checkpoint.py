@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runner.spec import JobSpec
 
 MANIFEST_NAME = "manifest.json"
+TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
 PHASES = ("estimate", "annotate")
 SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
 MANIFEST_FORMAT_VERSION = 2
@@ -207,7 +208,7 @@ class Checkpoint:
         for name in SHARD_DIRS.values():
             for shard in (self.directory / name).glob("*.parquet"):
                 shard.unlink()
-        for name in ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json"):
+        for name in ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json", TRIAL_FILE):
             (self.directory / name).unlink(missing_ok=True)
 
     def load(self) -> Manifest:

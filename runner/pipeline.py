@@ -21,7 +21,7 @@ import polars as pl
 
 from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
-from runner.checkpoint import Checkpoint, Manifest, write_atomic
+from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
 from runner.engines._lazy import LazyEngine
@@ -288,6 +288,30 @@ def _embedder(spec: JobSpec) -> Embedder | None:
     return embed
 
 
+async def _second_call_trial(
+    refiner: Refiner, bank: MemoryBank, engine: Engine, strategy: Strategy, path: Path
+) -> None:
+    """cm.second_call: auto: ask the model among the user samples' held-out sets, once per job.
+
+    The choices are kept beside the checkpoints, keyed by sample and set, so a resumed or finished
+    job decides the same way without asking (or loading the model) again.
+    """
+    if not refiner.trial:
+        refiner.decide_second_calls([])
+        return
+    assert bank.samples is not None  # a trial is drawn from them
+    asked = [{"id": bank.samples[item.sample].id, "candidates": list(item.candidates)} for item in refiner.trial]
+    if path.is_file() and (stored := orjson.loads(path.read_bytes()))["asked"] == asked:
+        choices = stored["choices"]
+    else:
+        answers = await asyncio.gather(
+            *(strategy.classify(engine, [bank.samples[item.sample].text], [item.candidates]) for item in refiner.trial)
+        )
+        choices = [answer[0].label for answer in answers]
+        write_atomic(path, orjson.dumps({"asked": asked, "choices": choices}, option=orjson.OPT_INDENT_2))
+    refiner.decide_second_calls(choices)
+
+
 async def _bank_phase(
     spec: JobSpec,
     engine: Engine,
@@ -350,6 +374,8 @@ async def run_job(
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 
         refiner = make_refiner(bank, spec.cm, embed or _embedder(spec)) if bank is not None else None
+        if refiner is not None and bank is not None:
+            await _second_call_trial(refiner, bank, engine, strategy, checkpoint.directory / TRIAL_FILE)
         started = time.perf_counter()
         annotated_now = await _run_chunks(
             "annotate",

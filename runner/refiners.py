@@ -26,9 +26,25 @@ Embedder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> one L2-normalised vector per text (rows), so a dot product is a cosine similarity."""
 
 
+@dataclass(frozen=True)
+class TrialItem:
+    """A user sample whose held-out candidate set is ambiguous: what a second call would choose among."""
+
+    sample: int  # index into the bank's samples
+    candidates: tuple[str, ...]
+    most_probable: str  # the answer without a second call
+
+
 class Refiner(Protocol):
     needs_answer: bool
     """False when the first answer Y' cannot change the result: the job then skips that call."""
+
+    trial: Sequence[TrialItem]
+    """With ``cm.second_call: auto``: the user samples to ask among their sets before annotating."""
+
+    def decide_second_calls(self, choices: Sequence[str | None]) -> None:
+        """Given the model's choice for each trial item, whether the corpus gets second calls."""
+        ...
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -53,6 +69,7 @@ class PaperRefiner:
     """The paper: C = row Y' of the binary, class-level M; an empty row falls back by policy."""
 
     needs_answer = True
+    trial: Sequence[TrialItem] = ()
 
     def __init__(self, bank: MemoryBank, empty_row: EmptyRowPolicy = "keep_initial"):
         self.rows = bank.rows()
@@ -61,6 +78,9 @@ class PaperRefiner:
     @property
     def settings(self) -> dict[str, Any]:
         return {"variant": "paper", "empty_row": self.empty_row}
+
+    def decide_second_calls(self, choices: Sequence[str | None]) -> None:
+        pass  # the paper always asks again among an ambiguous row
 
     def prepare(self, texts: Sequence[str]) -> Sequence[None]:
         return [None] * len(texts)
@@ -84,7 +104,10 @@ class PosteriorRefiner:
        it beats w = 0 (the prior alone) by more than one standard error; so a model whose
        answers add nothing gets w = 0, the neighbour vote;
     3. tau: the smallest mass threshold whose candidate sets hold the truth for ``cm.coverage``
-       of the samples (posteriors from small counts are rarely calibrated).
+       of the samples (posteriors from small counts are rarely calibrated);
+    4. with ``cm.second_call: auto``, whether to ask again: the job asks the model among the
+       held-out sets that hold several labels (``trial``), and second calls are made only if its
+       choices beat the posterior's most probable label by more than one standard error.
     """
 
     def __init__(self, bank: MemoryBank, cm: CMSpec, embed: Embedder | None = None):
@@ -115,11 +138,17 @@ class PosteriorRefiner:
         self.temperature = cm.neighbour_temperature or TEMPERATURE_GRID[0]
         self.weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
         self.tau = 1.0 if cm.tau is None else cm.tau
+        # None until the trial decides (cm.second_call: auto)
+        self.asks_second_call: bool | None = {"when_ambiguous": True, "never": False}.get(cm.second_call)
+        self.trial: list[TrialItem] = []
+        self.trial_outcome: dict[str, int] | None = None
         settings = (cm.tau, cm.likelihood_weight)
         settings += (cm.neighbours, cm.neighbour_temperature) if self.uses_neighbours else ()
-        if any(setting is None for setting in settings):
+        if any(setting is None for setting in settings) or self.asks_second_call is None:
             if not bank.samples:
-                raise ValueError("choosing cm.tau or cm.likelihood_weight needs the bank's user samples; set both")
+                raise ValueError(
+                    "choosing cm.tau, cm.likelihood_weight or cm.second_call needs the bank's user samples; set them"
+                )
             self._choose_on_user_split()
         self.needs_answer = cm.first_call == "always" or self.weight > 0
 
@@ -146,13 +175,38 @@ class PosteriorRefiner:
         truths = self.user_truths[held]
         if cm.likelihood_weight is None:
             self.weight = _earned_weight(likelihood_rows, priors, truths)
+        held_out = post.posteriors(likelihood_rows, priors, self.weight)
         if cm.tau is None:
-            held_out = post.posteriors(likelihood_rows, priors, self.weight)
             self.tau = post.calibrate_tau(held_out, truths, cm.coverage) if len(held) else 1.0
+        if self.asks_second_call is None:
+            for sample, probabilities in zip(held, held_out, strict=True):
+                chosen = [self.labels[i] for i in post.mass_candidates(probabilities, self.tau)]
+                if len(chosen) > 1:
+                    self.trial.append(TrialItem(int(sample), tuple(chosen), chosen[0]))
+
+    def decide_second_calls(self, choices: Sequence[str | None]) -> None:
+        """Second calls pay if the model's choices beat the most probable labels by more than one standard error.
+
+        As for the likelihood weight: a trial item is a win where the choice is right and the most
+        probable label is not, a loss the reverse; sqrt(wins + losses) is the noise on their
+        difference. No trial item (no ambiguous held-out set) means no second call either.
+        """
+        if self.asks_second_call is not None:
+            return
+        wins = losses = 0
+        for item, choice in zip(self.trial, choices, strict=True):
+            truth = self.labels[self.user_truths[item.sample]]
+            wins += choice == truth != item.most_probable
+            losses += item.most_probable == truth != choice
+        self.asks_second_call = bool(wins - losses > np.sqrt(wins + losses))
+        self.trial_outcome = {"asked": len(self.trial), "wins": wins, "losses": losses}
 
     @property
     def settings(self) -> dict[str, Any]:
         chosen: dict[str, Any] = {"variant": self.cm.variant, "likelihood_weight": self.weight, "tau": self.tau}
+        chosen["second_call"] = {True: "when_ambiguous", False: "never", None: "auto"}[self.asks_second_call]
+        if self.trial_outcome is not None:
+            chosen["second_call_trial"] = self.trial_outcome
         if self.uses_neighbours:
             chosen |= {"prior": self.cm.prior, "neighbours": self.neighbours, "neighbour_temperature": self.temperature}
         if self.probe is not None:
@@ -210,7 +264,9 @@ class PosteriorRefiner:
         probabilities = post.posterior(row**self.weight, prior)
         chosen = tuple(self.labels[i] for i in post.mass_candidates(probabilities, self.tau))
         vote = None if context is None else context.vote
-        if len(chosen) == 1 or self.cm.second_call == "never":
+        if self.asks_second_call is None:
+            raise RuntimeError("cm.second_call: auto is decided by decide_second_calls before items are refined")
+        if len(chosen) == 1 or not self.asks_second_call:
             return Refinement(chosen, chosen[0], needs_second_call=False, neighbour_vote=vote)
         return Refinement(chosen, None, needs_second_call=True, neighbour_vote=vote)
 

@@ -223,11 +223,14 @@ class CMSpec(_Strict):
     tau: Annotated[float, Field(gt=0, le=1)] | None = Field(
         default=None, description="Posterior variants: a fixed posterior-mass threshold instead of calibrating one."
     )
-    second_call: Literal["when_ambiguous", "never"] = Field(
+    second_call: Literal["when_ambiguous", "never", "auto"] = Field(
         default="when_ambiguous",
         description=(
             "Posterior variants: ask the model again among C when C has several labels, or never "
-            "(answer the posterior's most probable label: one call per item)."
+            "(answer the posterior's most probable label: one call per item), or auto: first ask "
+            "it among the held-out candidate sets of the user samples whose set is ambiguous, and "
+            "make second calls only if its choices there beat the posterior's most probable label "
+            "by more than one standard error."
         ),
     )
     first_call: Literal["always", "when_weighted"] = Field(

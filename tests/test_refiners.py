@@ -1,6 +1,7 @@
 """CM variants: the paper's binary row and the posterior candidate sets (issue: instance-dependent banks)."""
 
 import numpy as np
+import orjson
 import pytest
 
 from runner.bank import Sample, UserSplitInfo, estimate_bank
@@ -98,12 +99,10 @@ ANSWERS = {s.text: s.answer for s in SAMPLES} | {
 }
 
 
-def neighbour_job(tmp_path, write, cm: str):
-    import orjson
-
+def neighbour_job(tmp_path, write, cm: str, samples=SAMPLES):
     from runner import load_spec
 
-    write("d/user.jsonl", "".join(orjson.dumps({"text": s.text, "label": s.truth}).decode() + "\n" for s in SAMPLES))
+    write("d/user.jsonl", "".join(orjson.dumps({"text": s.text, "label": s.truth}).decode() + "\n" for s in samples))
     write("d/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in CORPUS))
     return load_spec(
         write(
@@ -253,3 +252,50 @@ def test_the_probe_prior_follows_regions_where_the_nearest_sample_misleads():
     assert refined.neighbour_vote == "music"  # recorded beside the answer, whichever prior decides
     assert refined.decided == "pets"
     assert probe.probe is not None and probe.probe.held_out.shape == (8, len(LABELS))
+
+
+def test_second_call_auto_asks_again_only_if_the_trial_on_user_samples_says_it_pays():
+    bank = bank_from(SAMPLES)
+    cm = dict(variant="neighbour_prior", tau=0.98, neighbours=3, likelihood_weight=0.0, second_call="auto")
+    refiner = PosteriorRefiner(bank, CMSpec(**cm), toy_embed)
+    assert refiner.trial and all(len(item.candidates) > 1 for item in refiner.trial)
+    truths = [SAMPLES[item.sample].truth for item in refiner.trial]
+    with pytest.raises(RuntimeError, match="decided"):
+        refiner.refine(refiner.prepare(["rain"])[0], "music")
+    # right wherever the most probable label is wrong: one win ("loud band"), within one standard error
+    refiner.decide_second_calls(truths)
+    assert refiner.trial_outcome == {"asked": len(truths), "wins": 1, "losses": 0}
+    assert refiner.asks_second_call is False and refiner.settings["second_call"] == "never"
+
+
+async def test_a_job_with_second_call_auto_asks_user_samples_once_and_follows_their_verdict(tmp_path, write):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    # loud music among the pets: the neighbours get these wrong, a model choosing within C does not
+    loud_music = ["loud dog dog band", "loud cat cat band", "dog cat loud band"]
+    samples = [*SAMPLES, *(Sample(id=text, text=text, answer="pets", truth="music") for text in loud_music)]
+    first = ANSWERS | {s.text: s.answer for s in samples}
+    right_within_c = {s.text: s.truth for s in samples} | dict(CORPUS)
+    cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, second_call: auto}"
+    spec = neighbour_job(tmp_path, write, cm, samples)
+    result = await run_job(spec, engine=ScriptedEngine(first, right_within_c, n_labels=3), embed=toy_embed)
+    trial = orjson.loads((tmp_path / "out/second_call_trial.json").read_bytes())
+    texts = {s.id: s.text for s in result.bank.samples}
+    assert trial["choices"] == [right_within_c[texts[asked["id"]]] for asked in trial["asked"]]
+    chosen = result.metrics["cm_settings"]
+    assert chosen["second_call"] == "when_ambiguous" and chosen["second_call_trial"]["losses"] == 0
+    assert chosen["second_call_trial"]["wins"] >= 2
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_hat"].to_list() == [y for _, y in CORPUS] and table["calls"].to_list() == [2, 2, 2]
+    # a rerun reads the trial back: no request, no model started, the same verdict
+    rerun = ScriptedEngine(first, right_within_c, n_labels=3)
+    again = await run_job(spec, engine=rerun, embed=toy_embed)
+    assert rerun.requests == [] and again.metrics["cm_settings"] == chosen
+    # a model that always picks the wrong label within C is not asked again about the corpus
+    wrong_within_c = {text: next(y for y in LABELS if y != truth) for text, truth in right_within_c.items()}
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "out-wrong")})})
+    wrong = await run_job(spec, engine=ScriptedEngine(first, wrong_within_c, n_labels=3), embed=toy_embed)
+    assert wrong.metrics["cm_settings"]["second_call"] == "never" and wrong.metrics["calls_per_item"] == 1
