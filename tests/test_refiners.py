@@ -151,17 +151,23 @@ def test_likelihood_weight_zero_is_the_neighbour_vote_and_unset_is_chosen_on_hel
     assert chosen.weight in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def test_unset_neighbourhood_is_the_one_whose_vote_is_best_on_held_out_samples():
-    # A pets cluster with one mislabelled "music" sample in its middle, and a music cluster far
-    # away: the single nearest sample misleads half the pets, a vote of three does not.
-    angles = {"p0": 0, "p10": 10, "p20": 20, "p30": 30, "m15": 15, "m90": 90, "m100": 100, "m110": 110, "query": 17}
+def pets_arc_with_a_mislabelled_sample(query_angle: float):
+    """A pets arc with one "music" sample in its middle, a music cluster far away, and a query:
+    user samples on the unit circle (named by their angle) and the embedder that places them."""
+    angles = {"p0": 0, "p10": 10, "p20": 20, "p30": 30, "m15": 15, "m90": 90, "m100": 100, "m110": 110}
 
     def embed_at_angle(texts):
-        radians = np.deg2rad([angles[text] for text in texts])
+        radians = np.deg2rad([query_angle if text == "query" else angles[text] for text in texts])
         return np.stack([np.cos(radians), np.sin(radians)], axis=1)
 
     samples = [Sample(id=t, text=t, answer="pets", truth="pets" if t[0] == "p" else "music") for t in angles]
-    bank = bank_from(samples[:-1])
+    return samples, embed_at_angle
+
+
+def test_unset_neighbourhood_is_the_one_whose_vote_is_best_on_held_out_samples():
+    # the single nearest sample misleads half the pets, a vote of three does not
+    samples, embed_at_angle = pets_arc_with_a_mislabelled_sample(query_angle=17)
+    bank = bank_from(samples)
     fixed = dict(variant="neighbour_prior", tau=0.5, likelihood_weight=0.0)
     tuned = PosteriorRefiner(bank, CMSpec(**fixed), embed_at_angle)
     one = PosteriorRefiner(bank, CMSpec(**fixed, neighbours=1, neighbour_temperature=0.01), embed_at_angle)
@@ -236,17 +242,10 @@ def test_only_a_weighted_answer_is_needed():
 
 
 def test_the_probe_prior_follows_regions_where_the_nearest_sample_misleads():
-    # a pets arc with one mislabelled "music" sample inside it: the nearest sample to the query is
-    # that one, but no straight boundary can cut it out of the arc
-    angles = {"p0": 0, "p10": 10, "p20": 20, "p30": 30, "m15": 15, "m90": 90, "m100": 100, "m110": 110, "query": 16}
-
-    def embed_at_angle(texts):
-        radians = np.deg2rad([angles[text] for text in texts])
-        return np.stack([np.cos(radians), np.sin(radians)], axis=1)
-
-    samples = [Sample(id=t, text=t, answer="pets", truth="pets" if t[0] == "p" else "music") for t in angles]
+    # the query's nearest sample is the mislabelled one, but no straight boundary cuts it out of the arc
+    samples, embed_at_angle = pets_arc_with_a_mislabelled_sample(query_angle=16)
     cm = dict(variant="neighbour_prior", tau=0.5, likelihood_weight=0.0, neighbours=1, neighbour_temperature=0.01)
-    probe = PosteriorRefiner(bank_from(samples[:-1]), CMSpec(**cm, prior="probe"), embed_at_angle)
+    probe = PosteriorRefiner(bank_from(samples), CMSpec(**cm, prior="probe"), embed_at_angle)
     [context] = probe.prepare(["query"])
     refined = probe.refine(context, "pets")
     assert refined.neighbour_vote == "music"  # recorded beside the answer, whichever prior decides
