@@ -83,10 +83,19 @@ def neighbour_prior(
     weights[~np.isfinite(top_similarities)] = 0.0
     votes = np.zeros((len(rows), n_labels))
     np.add.at(votes, (np.repeat(np.arange(len(rows)), k), user_truths[top].ravel()), weights.ravel())
-    totals = votes.sum(axis=1, keepdims=True)
-    shares = np.divide(votes, totals, out=np.full_like(votes, 1.0 / n_labels), where=totals > 0)
-    priors = (1 - beta) * shares + beta / n_labels
+    priors = smoothed_shares(votes, beta)
     return priors[0] if np.ndim(similarities) == 1 else priors
+
+
+def smoothed_shares(weights: FloatArray, beta: float) -> FloatArray:
+    """Each row's weights as shares of their sum, a share ``beta`` of the mass spread over all labels.
+
+    A row with no weight at all is uniform.
+    """
+    n_labels = weights.shape[1]
+    totals = weights.sum(axis=1, keepdims=True)
+    shares = np.divide(weights, totals, out=np.full_like(weights, 1.0 / n_labels), where=totals > 0)
+    return (1 - beta) * shares + beta / n_labels
 
 
 def accuracy(probabilities: FloatArray, truths: IntArray) -> float:

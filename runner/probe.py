@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runner.posterior import FloatArray, IntArray
+from runner.posterior import FloatArray, IntArray, accuracy, smoothed_shares
 
 if TYPE_CHECKING:  # scikit-learn comes with the models extra; a job without cm.prior: probe never imports it
     from sklearn.base import ClassifierMixin
@@ -38,7 +38,7 @@ class Probe:
 
     def prior(self, vectors: FloatArray) -> FloatArray:
         """p(Y | X), one row per vector; a share ``beta`` of the mass is spread over all labels."""
-        return _smoothed(_probabilities(self.model, np.atleast_2d(vectors), self.n_labels), self.beta)
+        return smoothed_shares(_probabilities(self.model, np.atleast_2d(vectors), self.n_labels), self.beta)
 
 
 def fit_probe(
@@ -69,10 +69,11 @@ def fit_probe(
         for fitted_on, scored in splits:
             model = _fit(vectors[fitted_on], truths[fitted_on], strength)
             held_out[scored] = _probabilities(model, vectors[scored], n_labels)
-        accuracy = float(np.mean(held_out.argmax(axis=1) == truths))
-        if accuracy > best_accuracy:  # ties keep the stronger regularisation (earlier in the grid)
-            best_accuracy, best_strength, best_held_out = accuracy, strength, held_out
-    return Probe(_fit(vectors, truths, best_strength), n_labels, best_strength, _smoothed(best_held_out, beta), beta)
+        right = accuracy(held_out, truths)
+        if right > best_accuracy:  # ties keep the stronger regularisation (earlier in the grid)
+            best_accuracy, best_strength, best_held_out = right, strength, held_out
+    held_out_priors = smoothed_shares(best_held_out, beta)
+    return Probe(_fit(vectors, truths, best_strength), n_labels, best_strength, held_out_priors, beta)
 
 
 def _fit(vectors: FloatArray, truths: IntArray, strength: float) -> ClassifierMixin:
@@ -94,11 +95,3 @@ def _probabilities(model: ClassifierMixin, vectors: FloatArray, n_labels: int) -
     probabilities = np.zeros((len(vectors), n_labels))
     probabilities[:, model.classes_] = model.predict_proba(vectors)
     return probabilities
-
-
-def _smoothed(probabilities: FloatArray, beta: float) -> FloatArray:
-    totals = probabilities.sum(axis=1, keepdims=True)
-    shares = np.divide(
-        probabilities, totals, out=np.full_like(probabilities, 1.0 / probabilities.shape[1]), where=totals > 0
-    )
-    return (1 - beta) * shares + beta / probabilities.shape[1]

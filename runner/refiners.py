@@ -185,20 +185,18 @@ class PosteriorRefiner:
                     self.trial.append(TrialItem(int(sample), tuple(chosen), chosen[0]))
 
     def decide_second_calls(self, choices: Sequence[str | None]) -> None:
-        """Second calls pay if the model's choices beat the most probable labels by more than one standard error.
+        """Second calls pay if the model's choices beat the most probable labels clearly (``_clearly_better``).
 
-        As for the likelihood weight: a trial item is a win where the choice is right and the most
-        probable label is not, a loss the reverse; sqrt(wins + losses) is the noise on their
-        difference. No trial item (no ambiguous held-out set) means no second call either.
+        No trial item (no ambiguous held-out set) means no second call either.
         """
         if self.asks_second_call is not None:
             return
-        wins = losses = 0
-        for item, choice in zip(self.trial, choices, strict=True):
-            truth = self.labels[self.user_truths[item.sample]]
-            wins += choice == truth != item.most_probable
-            losses += item.most_probable == truth != choice
-        self.asks_second_call = bool(wins - losses > np.sqrt(wins + losses))
+        truths = [self.labels[self.user_truths[item.sample]] for item in self.trial]
+        chosen_right = np.array([c == t for c, t in zip(choices, truths, strict=True)], dtype=bool)
+        most_probable_right = np.array(
+            [item.most_probable == t for item, t in zip(self.trial, truths, strict=True)], dtype=bool
+        )
+        self.asks_second_call, wins, losses = _clearly_better(chosen_right, most_probable_right)
         self.trial_outcome = {"asked": len(self.trial), "wins": wins, "losses": losses}
 
     @property
@@ -283,9 +281,18 @@ def _earned_weight(likelihood_rows: np.ndarray, priors: np.ndarray, truths: np.n
     if best == 0:
         return 0.0
     with_answer = post.posteriors(likelihood_rows, priors, best).argmax(axis=1) == truths
-    prior_alone = priors.argmax(axis=1) == truths
-    wins, losses = int(np.sum(with_answer & ~prior_alone)), int(np.sum(~with_answer & prior_alone))
-    return best if wins - losses > np.sqrt(wins + losses) else 0.0
+    earned, _, _ = _clearly_better(with_answer, priors.argmax(axis=1) == truths)
+    return best if earned else 0.0
+
+
+def _clearly_better(right: np.ndarray, baseline_right: np.ndarray) -> tuple[bool, int, int]:
+    """Whether ``right`` beats ``baseline_right`` on the same samples by more than one standard error.
+
+    A win is a sample right where the baseline is wrong, a loss the reverse; sqrt(wins + losses)
+    is the noise on their difference. Returns the verdict, the wins and the losses.
+    """
+    wins, losses = int(np.sum(right & ~baseline_right)), int(np.sum(~right & baseline_right))
+    return bool(wins - losses > np.sqrt(wins + losses)), wins, losses
 
 
 def make_refiner(bank: MemoryBank, cm: CMSpec, embed: Embedder | None = None) -> Refiner:
