@@ -33,3 +33,35 @@ def write(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def toy_job(tmp_path: Path, write):
+    """A job over two small jsonl files under tmp_path/data, written from (text, label) rows; returns its spec.
+
+    ``labels`` fixes the label set (else the rows' labels); ``output`` adds keys to the output
+    mapping ("chunk_size: 4"); ``extra`` is more top-level YAML ("strategy: ...", "cm: ...").
+    Output goes to tmp_path/out.
+    """
+    import orjson
+
+    from runner import load_spec
+    from runner.spec import JobSpec
+
+    def _toy_job(user, corpus, *, name="toy", labels=None, output="", extra="") -> JobSpec:
+        for file, rows in (("user.jsonl", user), ("corpus.jsonl", corpus)):
+            write(f"data/{file}", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in rows))
+        dataset = f"{{name: toy, labels: [{', '.join(labels)}]}}" if labels else "{name: toy}"
+        more_output = f", {output}" if output else ""
+        job = f"""
+name: {name}
+data_dir: {tmp_path / "data"}
+dataset: {dataset}
+user_split: {{path: user.jsonl, fraction: null}}
+corpus: {{path: corpus.jsonl}}
+output: {{dir: {tmp_path / "out"}{more_output}}}
+{extra}
+"""
+        return load_spec(write("job.yaml", job))
+
+    return _toy_job

@@ -6,7 +6,7 @@ import orjson
 import polars as pl
 import pytest
 
-from runner import load_spec, run_job
+from runner import run_job
 from runner.bank import BankError
 from runner.checkpoint import CheckpointError
 from runner.data import DataError
@@ -17,24 +17,10 @@ LABELS = ["a", "b", "c"]
 
 
 @pytest.fixture
-def job(tmp_path, write):
-    user = "".join(orjson.dumps({"text": f"u{i}", "label": LABELS[i % 3]}).decode() + "\n" for i in range(N_USER))
-    corpus = "".join(orjson.dumps({"text": f"c{i}", "label": LABELS[i % 3]}).decode() + "\n" for i in range(N_CORPUS))
-    write("data/user.jsonl", user)
-    write("data/corpus.jsonl", corpus)
-    spec = load_spec(
-        write(
-            "job.yaml",
-            f"""
-name: resume
-data_dir: {tmp_path / "data"}
-dataset: {{name: toy}}
-user_split: {{path: user.jsonl, fraction: null}}
-corpus: {{path: corpus.jsonl}}
-output: {{dir: {tmp_path / "out"}, chunk_size: 4}}
-""",
-        )
-    )
+def job(toy_job):
+    user = [(f"u{i}", LABELS[i % 3]) for i in range(N_USER)]
+    corpus = [(f"c{i}", LABELS[i % 3]) for i in range(N_CORPUS)]
+    spec = toy_job(user, corpus, name="resume", output="chunk_size: 4")
     # The model answers 'a' for everything but multiples of 3 ('b'); second calls pick 'c'.
     first = {f"{p}{i}": ("b" if i % 3 == 0 else "a") for p in "uc" for i in range(max(N_USER, N_CORPUS))}
     second = {f"c{i}": "c" for i in range(N_CORPUS)}

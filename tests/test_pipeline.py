@@ -6,7 +6,7 @@ import orjson
 import polars as pl
 import pytest
 
-from runner import load_bank, load_spec, run_job
+from runner import load_bank, run_job
 from runner.checkpoint import CheckpointError
 from runner.report import compute_metrics
 from tests.scripted_engine import ScriptedEngine
@@ -26,23 +26,16 @@ CORPUS = [  # (text, gold, first answer, second answer when asked again)
 
 
 @pytest.fixture
-def job(tmp_path, write):
-    write("data/user.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y, _ in USER))
-    write("data/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y, *_ in CORPUS))
-    spec_path = write(
-        "job.yaml",
-        f"""
-name: toy
-data_dir: {tmp_path / "data"}
-dataset: {{name: toy, labels: [alarm, iot, music, news]}}
-user_split: {{path: user.jsonl, fraction: null}}
-corpus: {{path: corpus.jsonl}}
-output: {{dir: {tmp_path / "out"}, chunk_size: 3}}
-""",
+def job(toy_job):
+    spec = toy_job(
+        [(t, y) for t, y, _ in USER],
+        [(t, y) for t, y, *_ in CORPUS],
+        labels=["alarm", "iot", "music", "news"],
+        output="chunk_size: 3",
     )
     first = {t: a for t, _, a in USER} | {t: a for t, _, a, _ in CORPUS}
     second = {t: s for t, _, _, s in CORPUS if s}
-    return load_spec(spec_path), lambda: ScriptedEngine(first, second, n_labels=4)
+    return spec, lambda: ScriptedEngine(first, second, n_labels=4)
 
 
 async def test_cm_flow_end_to_end(job, tmp_path):

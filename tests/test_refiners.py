@@ -99,35 +99,18 @@ ANSWERS = {s.text: s.answer for s in SAMPLES} | {
 }
 
 
-def neighbour_job(tmp_path, write, cm: str, samples=SAMPLES):
-    from runner import load_spec
-
-    write("d/user.jsonl", "".join(orjson.dumps({"text": s.text, "label": s.truth}).decode() + "\n" for s in samples))
-    write("d/corpus.jsonl", "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in CORPUS))
-    return load_spec(
-        write(
-            "job.yaml",
-            f"""
-name: np
-data_dir: {tmp_path / "d"}
-dataset: {{name: toy, labels: {LABELS}}}
-user_split: {{path: user.jsonl, fraction: null}}
-corpus: {{path: corpus.jsonl}}
-cm: {cm}
-output: {{dir: {tmp_path / "out"}}}
-""",
-        )
-    )
+def neighbour_job(toy_job, cm: str, samples=SAMPLES):
+    return toy_job([(s.text, s.truth) for s in samples], CORPUS, name="np", labels=LABELS, extra=f"cm: {cm}")
 
 
 @pytest.mark.parametrize("prior", ["neighbours", "probe"])
-async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_and_what_it_chose(tmp_path, write, prior):
+async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_and_what_it_chose(tmp_path, toy_job, prior):
     import polars as pl
 
     from runner import run_job
     from tests.scripted_engine import ScriptedEngine
 
-    spec = neighbour_job(tmp_path, write, f"{{variant: neighbour_prior, prior: {prior}, second_call: never}}")
+    spec = neighbour_job(toy_job, f"{{variant: neighbour_prior, prior: {prior}, second_call: never}}")
     result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
     assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
@@ -192,7 +175,7 @@ def test_the_models_answer_gets_weight_only_when_it_clearly_beats_the_prior():
     assert _earned_weight(*held_out(60, 40, answer_fixes=3, answer_breaks=1)) == 0.0
 
 
-async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, write):
+async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, toy_job):
     import polars as pl
 
     from runner import run_job
@@ -200,7 +183,7 @@ async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, write
 
     cm = "{variant: neighbour_prior, tau: 0.5, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
     engine = ScriptedEngine(ANSWERS, n_labels=3)
-    result = await run_job(neighbour_job(tmp_path, write, cm), engine=engine, embed=toy_embed)
+    result = await run_job(neighbour_job(toy_job, cm), engine=engine, embed=toy_embed)
     asked = {request.messages[-1].content for request in engine.requests}
     assert asked == {s.text for s in SAMPLES}  # the estimate asks every user sample; the corpus, nobody
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
@@ -210,7 +193,7 @@ async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, write
     assert result.metrics["calls_per_item"] == 0
 
 
-async def test_a_skipped_first_answer_still_lets_the_model_choose_within_an_ambiguous_set(tmp_path, write):
+async def test_a_skipped_first_answer_still_lets_the_model_choose_within_an_ambiguous_set(tmp_path, toy_job):
     import polars as pl
 
     from runner import run_job
@@ -219,7 +202,7 @@ async def test_a_skipped_first_answer_still_lets_the_model_choose_within_an_ambi
     # tau 0.98: the neighbours' label and one more, so every item's set holds two labels
     cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
     engine = ScriptedEngine(ANSWERS, dict(CORPUS), n_labels=3)
-    result = await run_job(neighbour_job(tmp_path, write, cm), engine=engine, embed=toy_embed)
+    result = await run_job(neighbour_job(toy_job, cm), engine=engine, embed=toy_embed)
     corpus_requests = [r for r in engine.requests if r.messages[-1].content in dict(CORPUS)]
     assert len(corpus_requests) == 3 and all(len(r.choices) == 2 for r in corpus_requests)  # second calls only
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
@@ -267,7 +250,7 @@ def test_second_call_auto_asks_again_only_if_the_trial_on_user_samples_says_it_p
     assert refiner.asks_second_call is False and refiner.settings["second_call"] == "never"
 
 
-async def test_a_job_with_second_call_auto_asks_user_samples_once_and_follows_their_verdict(tmp_path, write):
+async def test_a_job_with_second_call_auto_asks_user_samples_once_and_follows_their_verdict(tmp_path, toy_job):
     import polars as pl
 
     from runner import run_job
@@ -279,7 +262,7 @@ async def test_a_job_with_second_call_auto_asks_user_samples_once_and_follows_th
     first = ANSWERS | {s.text: s.answer for s in samples}
     right_within_c = {s.text: s.truth for s in samples} | dict(CORPUS)
     cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, second_call: auto}"
-    spec = neighbour_job(tmp_path, write, cm, samples)
+    spec = neighbour_job(toy_job, cm, samples)
     result = await run_job(spec, engine=ScriptedEngine(first, right_within_c, n_labels=3), embed=toy_embed)
     trial = orjson.loads((tmp_path / "out/second_call_trial.json").read_bytes())
     texts = {s.id: s.text for s in result.bank.samples}

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import orjson
 import polars as pl
 import pytest
 
-from runner import load_spec, run_job
+from runner import run_job
 from runner.engines.base import ChoiceRequest, Completion
 from runner.examples import ExamplePool, examples_for_jobs
 from runner.labels import LabelSet
@@ -115,31 +114,16 @@ USER = [("u1", "alarm"), ("u2", "iot"), ("u3", "music"), ("u4", "music"), ("u5",
 
 
 @pytest.fixture
-def toy_job(tmp_path, write):
-    rows = "".join(orjson.dumps({"text": t, "label": y}).decode() + "\n" for t, y in USER)
-    write("data/user.jsonl", rows)
-    write("data/corpus.jsonl", rows)
-
+def strategy_job(toy_job):
     def spec(strategy: str) -> object:
-        path = write(
-            "job.yaml",
-            f"""
-name: toy
-data_dir: {tmp_path / "data"}
-dataset: {{name: toy, labels: [alarm, iot, music, news]}}
-user_split: {{path: user.jsonl, fraction: null}}
-corpus: {{path: corpus.jsonl}}
-strategy: {strategy}
-output: {{dir: {tmp_path / "out"}, chunk_size: 2}}
-""",
-        )
-        return load_spec(path)
+        labels = ["alarm", "iot", "music", "news"]
+        return toy_job(USER, USER, labels=labels, output="chunk_size: 2", extra=f"strategy: {strategy}")
 
     return spec
 
 
-async def test_few_shot_in_a_job_never_shows_a_user_sample_its_own_label(toy_job):
-    spec = toy_job("{name: few_shot, k: 10, selection: random}")
+async def test_few_shot_in_a_job_never_shows_a_user_sample_its_own_label(strategy_job):
+    spec = strategy_job("{name: few_shot, k: 10, selection: random}")
     pool = ExamplePool([t for t, _ in USER], [y for _, y in USER])
     engine = Script(lambda r: "music")
     with examples_for_jobs(pool):
@@ -151,8 +135,8 @@ async def test_few_shot_in_a_job_never_shows_a_user_sample_its_own_label(toy_job
         assert len(shown) == len([y for t, y in USER if t != user_text(request) and y in _allowed(request)])
 
 
-async def test_few_shot_in_a_plain_job_draws_examples_from_its_user_split(toy_job):
-    spec = toy_job("{name: few_shot, k: 10, selection: random}")
+async def test_few_shot_in_a_plain_job_draws_examples_from_its_user_split(strategy_job):
+    spec = strategy_job("{name: few_shot, k: 10, selection: random}")
     engine = Script(lambda r: "music")
     result = await run_job(spec, engine=engine)  # no grid, no pool handed in
     assert result.metrics["n_annotated"] > 0
@@ -271,7 +255,7 @@ async def test_self_refine_draft_is_the_zero_shot_request():
 # --- composed with CM ------------------------------------------------------------------------------------------
 
 
-async def test_cm_second_pass_runs_the_whole_strategy_on_the_candidates(toy_job, tmp_path):
+async def test_cm_second_pass_runs_the_whole_strategy_on_the_candidates(strategy_job, tmp_path):
     # first answers: every 'u*' text is called 'music' first, so row music of M = {iot, music} after estimation
     def answer(request: ChoiceRequest) -> str:
         if not request.choices:
@@ -281,7 +265,7 @@ async def test_cm_second_pass_runs_the_whole_strategy_on_the_candidates(toy_job,
             return "alarm" if user_text(request) == "u1" else "music"
         return "iot" if "iot" in allowed else "music"
 
-    spec = toy_job("{name: chain_of_thought}")
+    spec = strategy_job("{name: chain_of_thought}")
     engine = Script(answer)
     await run_job(spec, engine=engine)
     table = pl.read_parquet(tmp_path / "out/annotations.parquet").sort("id")

@@ -36,32 +36,11 @@ async def test_concurrent_first_requests_start_it_once_and_are_answered():
     assert first[0].text == "a" and second[0].text == "b"
 
 
-async def test_a_rerun_of_a_finished_job_loads_no_model(tmp_path, write, monkeypatch):
-    import orjson
-
+async def test_a_rerun_of_a_finished_job_loads_no_model(toy_job, monkeypatch):
     import runner.pipeline
-    from runner import load_spec, run_job
+    from runner import run_job
 
-    write(
-        "d/user.jsonl", "".join(orjson.dumps({"text": f"u{i}", "label": "ab"[i % 2]}).decode() + "\n" for i in range(4))
-    )
-    write(
-        "d/corpus.jsonl",
-        "".join(orjson.dumps({"text": f"c{i}", "label": "ab"[i % 2]}).decode() + "\n" for i in range(4)),
-    )
-    spec = load_spec(
-        write(
-            "job.yaml",
-            f"""
-name: lazy
-data_dir: {tmp_path / "d"}
-dataset: {{name: toy}}
-user_split: {{path: user.jsonl, fraction: null}}
-corpus: {{path: corpus.jsonl}}
-output: {{dir: {tmp_path / "out"}}}
-""",
-        )
-    )
+    spec = toy_job([(f"u{i}", "ab"[i % 2]) for i in range(4)], [(f"c{i}", "ab"[i % 2]) for i in range(4)], name="lazy")
     answers = {f"{p}{i}": "ab"[i % 2] for p in "uc" for i in range(4)}
     made: list[ScriptedEngine] = []
 
