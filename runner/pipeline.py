@@ -392,6 +392,8 @@ async def run_job(
         run["items_annotated_this_run"] = annotated_now
         run["items_per_second"] = round(annotated_now / elapsed, 3) if annotated_now and elapsed else None
         run["engine_load_seconds"] = getattr(engine, "load_seconds", None)  # None: never loaded
+        if (dtype := getattr(engine, "dtype", None)) is not None:  # a local vLLM model that was loaded
+            run["engine_dtype"] = {"dtype": dtype.dtype, "reason": dtype.reason}
         if hasattr(engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
             run["engine"] = engine.stats()
     finally:

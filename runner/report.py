@@ -140,5 +140,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     if run.get("items_per_second"):
         load = run.get("engine_load_seconds")  # None: no local model was loaded (nothing asked, or an API)
         loaded = f"engine load {load:.0f} s" if load is not None else "no model loaded"
+        if dtype := run.get("engine_dtype"):
+            loaded += f", {dtype['dtype']} ({dtype['reason']})"
         lines.append(f"{run['items_per_second']:.1f} items/s annotating; {loaded}")
     return lines

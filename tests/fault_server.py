@@ -72,6 +72,8 @@ class FaultConfig:
     fault_retry_after: float = 0.5
     """Retry-After (seconds) sent with injected 429s."""
     slow_seconds: float = 5.0
+    capacity: int | None = None
+    """Requests worked on at once, as a CPU-bound model server: the rest queue, so latency grows with load."""
     api_key: str | None = None
     """When set, requests without ``Authorization: Bearer <api_key>`` get a 401."""
     seed: int = 0
@@ -146,6 +148,7 @@ class FaultServer:
             else None
         )
         self._attempts: Counter[str] = Counter()
+        self._slots = asyncio.Semaphore(self.config.capacity) if self.config.capacity else contextlib.nullcontext()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -227,7 +230,8 @@ class FaultServer:
         if fault == "400":
             counters.statuses["400"] += 1
             return _error(400, "This model's maximum context length is exceeded (injected).", "invalid_request_error")
-        await asyncio.sleep(config.slow_seconds if fault == "slow" else config.latency)
+        async with self._slots:
+            await asyncio.sleep(config.slow_seconds if fault == "slow" else config.latency)
         if fault in ("500", "503"):
             counters.statuses[fault] += 1
             return _error(int(fault), "The server had an error (injected).", "server_error")
@@ -271,6 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--faults", default="429,500,503,drop,malformed", help=f"comma list of {FAULT_KINDS}")
     parser.add_argument("--fault-retry-after", type=float, default=0.5)
     parser.add_argument("--slow-seconds", type=float, default=5.0)
+    parser.add_argument("--capacity", type=int, default=None, help="requests worked on at once; the rest queue")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop by itself after this long")
@@ -291,6 +296,7 @@ async def _serve(args: argparse.Namespace) -> None:
         random_faults=faults,
         fault_retry_after=args.fault_retry_after,
         slow_seconds=args.slow_seconds,
+        capacity=args.capacity,
         api_key=args.api_key,
         seed=args.seed,
     )

@@ -74,6 +74,11 @@ class AdaptiveLimiter:
         self.limit = max(1.0, self.limit * factor)
         self.lowest_limit = min(self.lowest_limit, self.limit)
 
+    def cap(self, limit: float) -> None:
+        """Lower the limit to ``limit`` (never raise it; successes grow it back)."""
+        self.limit = max(1.0, min(self.limit, limit))
+        self.lowest_limit = min(self.lowest_limit, self.limit)
+
     def grow(self) -> None:
         if self.limit < self.maximum:
             self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)

@@ -86,6 +86,7 @@ class VLLMReplica:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "load_seconds": self._load_seconds,
+            "dtype": self._engine.dtype.describe() if self._engine is not None and self._engine.dtype else None,
         }
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:

@@ -47,8 +47,14 @@ class TokenEstimator:
 
 @dataclass
 class EngineStats:
-    """What the engine did: every HTTP attempt, every retry, every token, every error by kind."""
+    """What the engine did: every call asked of it, every HTTP attempt, every retry, token and error by kind.
 
+    ``calls`` counts what the job asked for (one per choice request); ``requests`` counts HTTP
+    attempts, so ``requests == calls + retries``: a timed-out or refused attempt sent again is
+    a retry, not another call.
+    """
+
+    calls: int = 0
     requests: int = 0
     retries: int = 0
     rows_answered: int = 0
@@ -61,6 +67,7 @@ class EngineStats:
 
     def as_dict(self, prices: Prices | None, lowest_concurrency: float, estimator_ratio: float) -> dict[str, Any]:
         stats: dict[str, Any] = {
+            "calls": self.calls,
             "requests": self.requests,
             "retries": self.retries,
             "rows_answered": self.rows_answered,

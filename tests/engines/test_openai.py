@@ -255,3 +255,22 @@ async def test_a_retry_is_let_in_before_first_attempts_that_queued_earlier():
     limiter.release()
     await asyncio.gather(*waiting)
     assert order == ["retry", "new 0", "new 1", "new 2"]  # its chunk is not held open behind newer rows
+
+
+async def test_timeouts_at_a_saturated_server_lower_the_concurrency_instead_of_piling_on():
+    # A CPU model server: 2 requests worked on at once, 0.1 s each, so 20 answered per second; the
+    # rest queue. With 64 in flight and a 1 s timeout most would time out and be sent again into the
+    # same queue (measured before this fix: 781 retries and 41 rows given up on for 120 calls).
+    async with FaultServer(FaultConfig(latency=0.1, capacity=2)) as saturated:
+        async with engine_for(saturated, max_concurrency=64, timeout_seconds=1.0, max_retries=8) as engine:
+            completions = await engine.complete([ask(f"row {i}") for i in range(120)])
+            stats = engine.stats()
+        seen_by_server = saturated.counters.requests
+    assert [c.text for c in completions] == [expected_answer(f"row {i}", LABELS) for i in range(120)]
+    assert stats["calls"] == 120 and stats["rows_failed"] == 0
+    # every attempt is a call or a retry, and the server saw each attempt once
+    assert stats["requests"] == stats["calls"] + stats["retries"] == seen_by_server
+    assert stats["retries"] == stats["attempt_errors"]["timeout"]
+    # no more in flight than the server answers within the timeout: 2 / 0.1 s x 1 s = 20
+    assert stats["lowest_concurrency_limit"] <= 20
+    assert stats["retries"] < stats["calls"]

