@@ -50,6 +50,11 @@ _NOT_MATERIAL = {
 }
 
 
+# What a run writes besides the shards; --restart removes them.
+_JOB_FILES = ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json")
+_JOB_FILES += ("fitted_cm.pkl", "fitted_cm.json", "review.parquet", "risk_coverage.png")
+
+
 class CheckpointError(ValueError):
     """An output directory that cannot be resumed into; the message says why and what to do."""
 
@@ -85,7 +90,8 @@ _CM_SETTINGS_READ = {
     "neighbour_prior": _NEIGHBOUR_SETTINGS,
     "instance": _NEIGHBOUR_SETTINGS | {"cm.instance_neighbours", "cm.blend"},
 }
-_CM_ALWAYS_READ = {"cm.enabled", "cm.variant", "cm.bank"}
+_CM_ALWAYS_READ = {"cm.enabled", "cm.variant", "cm.bank", "cm.accept", "cm.accept.target_accuracy"}
+_CM_ALWAYS_READ |= {"cm.accept.confidence_level"}
 
 
 def material_spec(spec: JobSpec) -> dict[str, Any]:
@@ -147,6 +153,9 @@ class Manifest(BaseModel):
     spec: dict[str, Any] = Field(description="The material spec keys, flattened.")
     model: str
     bank_digest: str | None = None
+    fit_key: str | None = Field(
+        default=None, description="The fitted CM the annotation shards were scored with (spec, bank, reviewed rows)."
+    )
     finished_shards: dict[str, list[int]] = Field(
         default_factory=lambda: {phase: [] for phase in PHASES},
         description="Per phase, the chunk numbers whose parquet shard is complete on disk.",
@@ -208,7 +217,7 @@ class Checkpoint:
         for name in SHARD_DIRS.values():
             for shard in (self.directory / name).glob("*.parquet"):
                 shard.unlink()
-        for name in ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json", TRIAL_FILE):
+        for name in (*_JOB_FILES, TRIAL_FILE):
             (self.directory / name).unlink(missing_ok=True)
 
     def load(self) -> Manifest:

@@ -10,25 +10,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import polars as pl
 
+from runner import apply
+from runner._fitted_store import load_fitted, save_fitted
 from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
-from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, write_atomic
+from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, spec_digest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
+from runner.fit import FittedCM, Question, finish_fit, prepare_fit
 from runner.labels import LabelSet
-from runner.refiners import Embedder, Refiner, make_refiner
-from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics
+from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, trust_metrics
+from runner.review import (
+    mark_reviewed,
+    read_reviewed,
+    reviewed_digest,
+    risk_coverage_plot,
+    with_reviewed,
+    write_review,
+)
 from runner.spec import JobSpec
 from runner.strategies import Answer, Strategy, make_strategy
 
@@ -40,8 +51,14 @@ ANNOTATIONS_FILE = "annotations.parquet"
 METRICS_FILE = "metrics.json"
 ROW_GROUP_ROWS = 16_384
 
+REVIEW_FILE = "review.parquet"
+RISK_COVERAGE_FILE = "risk_coverage.png"
+
 Progress = Callable[[str, int, int], None]
 """Called as progress(phase, done, total) after each chunk."""
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+"""Texts -> one L2-normalised vector per text (rows), so a dot product is a cosine similarity."""
 
 
 @dataclass(frozen=True)
@@ -219,27 +236,48 @@ async def annotate_rows(
     engine: Engine,
     strategy: Strategy,
     labels: LabelSet,
-    refiner: Refiner | None,
+    fitted: FittedCM | None,
     max_chars: int | None = None,
+    embed: Embedder | None = None,
+    previous: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """CM on a chunk: Y' from all labels, C from the refiner (row Y' of M), Y_hat = G(X, C) when |C| > 1.
+    """CM on a chunk: Y' from all labels, C from the fitted CM, Y_hat = G(X, C) when |C| > 1; its confidence.
 
-    Without a refiner (CM off) Y_hat is Y'.
+    Without a fitted CM (CM off and no acceptance asked for) Y_hat is Y' and has no confidence.
+    With ``previous`` (these rows as an earlier fit annotated them) the chunk is re-scored: first
+    answers are reused, and a second call is made only where the new candidate set is ambiguous
+    and differs from the one the earlier answer was chosen in.
     """
     texts = _prompt_texts(rows, max_chars)
-    contexts = refiner.prepare(texts) if refiner is not None else [None] * len(texts)
+    contexts: Sequence[apply.Neighbourhood | None] = [None] * len(texts)
+    if fitted is not None and fitted.uses_neighbours:
+        assert embed is not None
+        # embedding is CPU work: off the event loop, so other chunks' requests keep their timeouts
+        contexts = apply.neighbourhoods(fitted, await asyncio.to_thread(embed, texts))
+    earlier = previous.to_dicts() if previous is not None else [None] * len(texts)
 
-    skip_first = refiner is not None and not refiner.needs_answer  # Y' cannot change C (cm.first_call)
+    skip_first = fitted is not None and not fitted.needs_answer  # Y' cannot change C (cm.first_call)
 
-    async def one(text: str, context: Any) -> dict[str, Any]:
+    async def one(text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None) -> dict[str, Any]:
         if skip_first:
             first = Answer(label=None, raw="", calls=0)
+        elif before is not None and (before["y_prime"] is not None or before["error_kind"] == "rejected"):
+            first = Answer(
+                before["y_prime"],
+                None,
+                before["calls"] if before["y_prime"] is None else 1,
+                error=before["error"] if before["y_prime"] is None else None,
+                error_kind=before["error_kind"] if before["y_prime"] is None else None,
+            )
         else:
             first = (await strategy.classify(engine, [text], [labels.labels]))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
             "candidates": [],
             "y_hat": None,
+            "confidence": None if fitted is None else 0.0,  # no label: certainly not right
+            "accepted": None if fitted is None else False,
+            "source": "model",
             "calls": first.calls,
             "prompt_tokens": first.prompt_tokens,
             "completion_tokens": first.completion_tokens,
@@ -248,68 +286,136 @@ async def annotate_rows(
             "error_kind": first.error_kind,
             "y_neighbour": None,
         }
+        if before is not None:  # what was spent on this row before counts as spent
+            record.update({key: before[key] for key in ("calls", "prompt_tokens", "completion_tokens")})
         if first.label is None and not skip_first:
             return record  # the call failed or its answer did not parse: recorded in error, error_kind
-        if refiner is None:  # CM off: the answer is its own, single candidate
+        if fitted is None:  # CM off: the answer is its own, single candidate
             record.update(candidates=[first.label], y_hat=first.label)
             return record
-        refinement = refiner.refine(context, first.label)
+        refined = apply.refine(fitted, context, first.label)
+        refinement = refined.refinement
         record.update(
-            candidates=list(refinement.candidates),
+            candidates=_most_probable_first(fitted, refined),
             fallback=refinement.fallback,
             y_neighbour=refinement.neighbour_vote,
         )
-        if not refinement.needs_second_call:
-            record["y_hat"] = refinement.decided
-            return record
-        second = (await strategy.classify(engine, [text], [refinement.candidates]))[0]
-        record.update(
-            y_hat=second.label,
-            calls=record["calls"] + second.calls,
-            prompt_tokens=record["prompt_tokens"] + second.prompt_tokens,
-            completion_tokens=record["completion_tokens"] + second.completion_tokens,
-            error=second.error,
-            error_kind=second.error_kind,
-        )
+        y_hat = refinement.decided
+        asked_before = before is not None and before["y_hat"] is not None and before["source"] == "model"
+        if refinement.needs_second_call and asked_before and set(before["candidates"]) == set(refinement.candidates):
+            y_hat = before["y_hat"]  # the model already chose within this very set
+        elif refinement.needs_second_call:
+            second = (await strategy.classify(engine, [text], [refinement.candidates]))[0]
+            y_hat = second.label
+            record.update(
+                calls=record["calls"] + second.calls,
+                prompt_tokens=record["prompt_tokens"] + second.prompt_tokens,
+                completion_tokens=record["completion_tokens"] + second.completion_tokens,
+                error=second.error,
+                error_kind=second.error_kind,
+            )
+        confidence = apply.confidence(fitted, apply.score(fitted, refined, y_hat))
+        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(fitted, confidence, y_hat))
         return record
 
-    records = await asyncio.gather(*(one(text, context) for text, context in zip(texts, contexts, strict=True)))
+    records = await asyncio.gather(
+        *(one(text, context, before) for text, context, before in zip(texts, contexts, earlier, strict=True))
+    )
     answer_schema = {k: v for k, v in ANNOTATION_SCHEMA.items() if k not in ("id", "text", "gold")}
     answers = pl.DataFrame(records, schema=answer_schema)
     base = rows.select("id", "text", pl.col("label").alias("gold"))
     return pl.concat([base, answers], how="horizontal").cast(ANNOTATION_SCHEMA)
 
 
+async def _annotated(rows: Awaitable[pl.DataFrame], reviewed: pl.DataFrame | None) -> pl.DataFrame:
+    return mark_reviewed(await rows, reviewed)
+
+
+def _most_probable_first(fitted: FittedCM, refined: apply.Refined) -> list[str]:
+    """The candidate set as a reviewer's options: most probable first (ties keep the set's order)."""
+    index = {label: i for i, label in enumerate(fitted.labels)}
+    return sorted(refined.refinement.candidates, key=lambda label: -refined.scores[index[label]])
+
+
 def _embedder(spec: JobSpec) -> Embedder | None:
-    if spec.cm.variant not in ("neighbour_prior", "instance"):
+    if not spec.cm.enabled or spec.cm.variant not in ("neighbour_prior", "instance"):
         return None
     from runner.embeddings import embed  # loads torch and a sentence model: only when a variant needs it
 
     return embed
 
 
-async def _second_call_trial(
-    refiner: Refiner, bank: MemoryBank, engine: Engine, strategy: Strategy, path: Path
-) -> None:
-    """cm.second_call: auto: ask the model among the user samples' held-out sets, once per job.
+async def _ask_questions(
+    questions: Sequence[Question], bank: MemoryBank, engine: Engine, strategy: Strategy, path: Path
+) -> list[str | None]:
+    """Ask the model among the user samples' held-out candidate sets, once per job.
 
     The choices are kept beside the checkpoints, keyed by sample and set, so a resumed or finished
-    job decides the same way without asking (or loading the model) again.
+    job fits the same way without asking (or loading the model) again.
     """
-    if not refiner.trial:
-        refiner.decide_second_calls([])
-        return
-    assert bank.samples is not None  # a trial is drawn from them
-    asked = [{"id": bank.samples[item.sample].id, "candidates": list(item.candidates)} for item in refiner.trial]
+    if not questions:
+        return []
+    assert bank.samples is not None  # questions are drawn from them
+    asked = [{"id": bank.samples[q.sample].id, "candidates": list(q.candidates)} for q in questions]
     if path.is_file() and (stored := orjson.loads(path.read_bytes()))["asked"] == asked:
-        choices = stored["choices"]
-    else:
-        answers = await asyncio.gather(
-            *(strategy.classify(engine, [bank.samples[item.sample].text], [item.candidates]) for item in refiner.trial)
+        return stored["choices"]
+    answers = await asyncio.gather(
+        *(strategy.classify(engine, [bank.samples[q.sample].text], [q.candidates]) for q in questions)
+    )
+    choices = [answer[0].label for answer in answers]
+    write_atomic(path, orjson.dumps({"asked": asked, "choices": choices}, option=orjson.OPT_INDENT_2))
+    return choices
+
+
+async def _fit_phase(
+    spec: JobSpec,
+    bank: MemoryBank,
+    engine: Engine,
+    strategy: Strategy,
+    checkpoint: Checkpoint,
+    embed: Embedder | None,
+    key: str,
+) -> FittedCM:
+    """The fitted CM of this job: read back when this spec, bank and review fitted it before, else fitted and saved."""
+    if (fitted := load_fitted(checkpoint.directory, key)) is not None:
+        return fitted
+    vectors = None
+    if spec.cm.enabled and spec.cm.variant in ("neighbour_prior", "instance"):
+        assert embed is not None and bank.samples is not None
+        vectors = await asyncio.to_thread(embed, [sample.text for sample in bank.samples])
+    draft = await asyncio.to_thread(prepare_fit, bank, spec.cm, vectors)
+    choices = await _ask_questions(draft.questions, bank, engine, strategy, checkpoint.directory / TRIAL_FILE)
+    fitted = finish_fit(draft, choices)
+    save_fitted(checkpoint.directory, key, fitted)
+    return fitted
+
+
+async def _rescore(
+    spec: JobSpec,
+    inputs: JobInputs,
+    fitted: FittedCM,
+    engine: Engine,
+    strategy: Strategy,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    embed: Embedder | None,
+    reviewed: pl.DataFrame | None,
+) -> int:
+    """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored."""
+    finished = checkpoint.finished(manifest, "annotate")
+    total = 0
+    for number, chunk in inputs.corpus.chunks(spec.output.chunk_size):
+        if number not in finished:
+            continue  # annotated with this fit when its turn comes
+        shard = pl.read_parquet(checkpoint.shard_path("annotate", number))
+        rows = chunk.join(shard.select("id"), on="id", how="semi", maintain_order="left")
+        previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
+        rescored = await annotate_rows(
+            rows, engine, strategy, inputs.labels, fitted, spec.dataset.max_text_chars, embed, previous
         )
-        choices = [answer[0].label for answer in answers]
-        write_atomic(path, orjson.dumps({"asked": asked, "choices": choices}, option=orjson.OPT_INDENT_2))
-    refiner.decide_second_calls(choices)
+        checkpoint.write_shard(manifest, "annotate", number, mark_reviewed(rescored, reviewed))
+        total += rescored.height
+    return total
 
 
 async def _bank_phase(
@@ -321,8 +427,8 @@ async def _bank_phase(
     manifest: Manifest,
     progress: Progress | None,
 ) -> MemoryBank | None:
-    if not spec.cm.enabled:
-        return None
+    if not spec.cm.enabled and spec.cm.accept is None:
+        return None  # no CM and no confidence asked for: the user split is not needed
     if spec.cm.bank is not None:
         return load_bank(spec.cm.bank, labels=inputs.labels.labels)
     bank_path = checkpoint.directory / BANK_FILE
@@ -373,15 +479,27 @@ async def run_job(
         bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 
-        refiner = make_refiner(bank, spec.cm, embed or _embedder(spec)) if bank is not None else None
-        if refiner is not None and bank is not None:
-            await _second_call_trial(refiner, bank, engine, strategy, checkpoint.directory / TRIAL_FILE)
+        embed = embed or _embedder(spec)
+        reviewed = read_reviewed(checkpoint.directory)
+        fitted = None
+        if bank is not None:
+            key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
+            fitted = await _fit_phase(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
+            if manifest.fit_key not in (None, key):  # reviewed rows came back: the corpus is scored anew
+                run["rows_rescored"] = await _rescore(
+                    spec, inputs, fitted, engine, strategy, checkpoint, manifest, embed, reviewed
+                )
+            manifest.fit_key = key
+            checkpoint.save(manifest)
         started = time.perf_counter()
         annotated_now = await _run_chunks(
             "annotate",
             inputs.corpus.chunks(spec.output.chunk_size),
             inputs.corpus.height,
-            lambda rows: annotate_rows(rows, engine, strategy, inputs.labels, refiner, spec.dataset.max_text_chars),
+            lambda rows: _annotated(
+                annotate_rows(rows, engine, strategy, inputs.labels, fitted, spec.dataset.max_text_chars, embed),
+                reviewed,
+            ),
             checkpoint,
             manifest,
             progress,
@@ -417,11 +535,15 @@ async def run_job(
         "user_seed": spec.user_split.seed,
         "cm_enabled": spec.cm.enabled,
         "labels_without_user_samples": inputs.labels_without_user_samples,
-        "cm_settings": refiner.settings if refiner is not None else None,
+        "cm_settings": fitted.settings if fitted is not None else None,
         **compute_metrics(pl.read_parquet(path, columns=METRIC_COLUMNS) for path in shard_paths),
+        "trust": trust_metrics(annotations_path, fitted),
         # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},
     }
+    if fitted is not None:
+        write_review(annotations_path, checkpoint.directory / REVIEW_FILE)
+        risk_coverage_plot(annotations_path, fitted, checkpoint.directory / RISK_COVERAGE_FILE)
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     manifest.complete = True
     checkpoint.save(manifest)

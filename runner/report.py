@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+if TYPE_CHECKING:
+    from runner.fit import FittedCM
 
 ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
@@ -19,6 +23,10 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "y_prime": pl.String(),
     "candidates": pl.List(pl.String()),
     "y_hat": pl.String(),
+    # P(y_hat is right), calibrated on held-out user samples; null only without a user split (CM off, no cm.accept)
+    "confidence": pl.Float64(),
+    "accepted": pl.Boolean(),  # confidence reached the threshold cm.accept chose; the rest are in review.parquet
+    "source": pl.String(),  # "model", or "human" for a row a reviewer labelled (cm-run review import)
     "calls": pl.Int32(),
     "prompt_tokens": pl.Int64(),
     "completion_tokens": pl.Int64(),
@@ -113,6 +121,52 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     }
 
 
+def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] | None:
+    """Accepted share, the user split's estimate of their accuracy, and (with gold) what it turned out to be.
+
+    Read from the annotations file, column by column, like every other metric.
+    """
+    if fitted is None:
+        return None
+    right = (pl.col("y_hat") == pl.col("gold")).fill_null(False)
+    with_gold = pl.col("gold").is_not_null()
+    bins = pl.min_horizontal((pl.col("confidence") * 10).floor(), pl.lit(9.0))
+    table = pl.scan_parquet(annotations).select("confidence", "accepted", "y_hat", "gold")
+    totals = (
+        table.select(
+            n=pl.len(),
+            accepted=pl.col("accepted").sum(),
+            gold_accepted=(with_gold & pl.col("accepted")).sum(),
+            right_accepted=(right & with_gold & pl.col("accepted")).sum(),
+            gold_review=(with_gold & ~pl.col("accepted")).sum(),
+            right_review=(right & with_gold & ~pl.col("accepted")).sum(),
+        )
+        .collect()
+        .row(0, named=True)
+    )
+    by_bin = (
+        table.filter(with_gold)
+        .group_by(bins.alias("bin"))
+        .agg(n=pl.len(), gap=(right.cast(pl.Float64).sum() - pl.col("confidence").sum()).abs())
+        .collect()
+    )
+    n_gold = int(by_bin["n"].sum()) if by_bin.height else 0
+
+    def share(count: int, of: int) -> float | None:
+        return count / of if of else None
+
+    return {
+        **fitted.trust_settings,
+        "accepted_share": share(totals["accepted"], totals["n"]),
+        "n_accepted": totals["accepted"],
+        "n_review": totals["n"] - totals["accepted"],
+        "accuracy_accepted": share(totals["right_accepted"], totals["gold_accepted"]),
+        "accuracy_review": share(totals["right_review"], totals["gold_review"]),
+        # expected calibration error on the rows with gold labels, ten equal-width bins
+        "calibration_error": share(float(by_bin["gap"].sum()), n_gold) if n_gold else None,
+    }
+
+
 def _setting(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -136,6 +190,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     ]
     if settings := metrics.get("cm_settings"):
         lines.append("cm " + ", ".join(f"{key} {_setting(value)}" for key, value in settings.items()))
+    if trusted := metrics.get("trust"):
+        lines.append(_trust_line(trusted, pct))
     run = metrics.get("run", {})
     if run.get("items_per_second"):
         load = run.get("engine_load_seconds")  # None: no local model was loaded (nothing asked, or an API)
@@ -144,3 +200,23 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
             loaded += f", {dtype['dtype']} ({dtype['reason']})"
         lines.append(f"{run['items_per_second']:.1f} items/s annotating; {loaded}")
     return lines
+
+
+def _trust_line(trusted: dict[str, Any], pct: Any) -> str:
+    if trusted.get("threshold") is None:
+        if "target_accuracy" not in trusted:
+            return "trust: confidence per row; no acceptance asked for (cm.accept: null)"
+        return (
+            f"trust: no threshold reaches {pct(trusted['target_accuracy'])} on the user split "
+            f"({trusted['held_out_samples']} held-out samples): nothing accepted, every row is in review.parquet"
+        )
+    low, high = trusted["user_split_accepted_interval"]
+    line = (
+        f"trust: accepted {pct(trusted['accepted_share'])} ({trusted['n_accepted']} rows) at confidence >= "
+        f"{trusted['threshold']:.3f}; user split: {pct(trusted['user_split_accepted_accuracy'])} right "
+        f"({100 * trusted['confidence_level']:.0f}% interval {pct(low)}-{pct(high)}); "
+        f"{trusted['n_review']} rows to review"
+    )
+    if trusted.get("accuracy_accepted") is not None:
+        line += f"; gold: accepted {pct(trusted['accuracy_accepted'])}, review {pct(trusted['accuracy_review'])}"
+    return line

@@ -201,6 +201,21 @@ class GenerationSpec(_Strict):
     seed: int = 0
 
 
+class AcceptSpec(_Strict):
+    """Which rows a job accepts without review: those whose confidence reaches a threshold chosen on the user split."""
+
+    target_accuracy: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.95, description="Accepted rows should be right at least this often."
+    )
+    confidence_level: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.95,
+        description=(
+            "How sure the user split must make us: the lowest confidence threshold is chosen whose accepted "
+            "held-out user samples have a Clopper-Pearson lower bound at this level of at least target_accuracy."
+        ),
+    )
+
+
 class CMSpec(_Strict):
     """How the memory bank refines the first answer."""
 
@@ -218,7 +233,18 @@ class CMSpec(_Strict):
     )
     coverage: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.9,
-        description="Posterior variants: tau is calibrated so held-out user samples' truths are in C this often.",
+        description=(
+            "Posterior variants: tau is the conformal quantile of held-out user samples' scores, so C holds the "
+            "truth at least this often for items exchangeable with the user split."
+        ),
+    )
+    accept: AcceptSpec | None = Field(
+        default_factory=AcceptSpec,
+        description=(
+            "Mark rows accepted when their calibrated confidence reaches the threshold the user split supports; "
+            "the rest go to review.parquet. null: no acceptance (confidence is still computed). With cm.enabled "
+            "false the user split is still asked, to calibrate the confidence, unless this is null."
+        ),
     )
     tau: Annotated[float, Field(gt=0, le=1)] | None = Field(
         default=None, description="Posterior variants: a fixed posterior-mass threshold instead of calibrating one."

@@ -13,6 +13,9 @@ from runner.data import DataError
 from tests.scripted_engine import ScriptedEngine
 
 N_USER, N_CORPUS = 10, 23
+# Before annotating, paper CM asks the model among each user sample's held-out row of M when it holds
+# several labels: the six samples answered 'a' (truths b and c) still see {b, c} without themselves.
+N_QUESTIONS = 6
 LABELS = ["a", "b", "c"]
 
 
@@ -39,7 +42,7 @@ async def test_interrupted_annotate_resumes_and_matches_an_uninterrupted_run(job
     )
 
     with pytest.raises(RuntimeError, match="engine died"):
-        await run_job(spec, engine=engine(crash_after=N_USER + 14))  # estimate done, two chunks annotated
+        await run_job(spec, engine=engine(crash_after=N_USER + N_QUESTIONS + 14))  # estimate, two chunks
     manifest = orjson.loads((tmp_path / "out/manifest.json").read_bytes())
     assert manifest["finished_shards"]["annotate"] == [0, 1] and not manifest["complete"]
 
@@ -61,7 +64,11 @@ async def test_interrupted_estimate_resumes_that_phase(job, tmp_path):
     assert orjson.loads((tmp_path / "out/manifest.json").read_bytes())["finished_shards"]["estimate"] == [0]
     resumed_engine = engine()
     await run_job(spec, engine=resumed_engine)
-    estimated = [r.messages[-1].content for r in resumed_engine.requests if r.messages[-1].content.startswith("u")]
+    estimated = [
+        r.messages[-1].content
+        for r in resumed_engine.requests
+        if r.messages[-1].content.startswith("u") and len(r.choices) == len(LABELS)  # not the held-out questions
+    ]
     assert estimated == [f"u{i}" for i in range(4, N_USER)]
 
 

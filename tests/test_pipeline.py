@@ -113,11 +113,23 @@ async def test_rerun_resumes_without_calling_the_engine_again(job):
 
 async def test_cm_disabled_keeps_the_first_answer(job, tmp_path):
     spec, make_engine = job
-    spec = spec.model_copy(update={"cm": spec.cm.model_copy(update={"enabled": False})})
+    spec = spec.model_copy(update={"cm": spec.cm.model_copy(update={"enabled": False, "accept": None})})
     result = await run_job(spec, engine=make_engine())
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
     assert table["y_hat"].to_list() == table["y_prime"].to_list()
     assert result.metrics["calls_per_item"] == 1.0 and not (tmp_path / "out/memory_bank.json").exists()
+    assert table["confidence"].null_count() == table.height  # no user split asked: nothing to calibrate on
+
+
+async def test_cm_disabled_with_acceptance_still_asks_the_user_split_to_calibrate(job, tmp_path):
+    spec, make_engine = job
+    spec = spec.model_copy(update={"cm": spec.cm.model_copy(update={"enabled": False})})
+    engine = make_engine()
+    result = await run_job(spec, engine=engine)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_hat"].to_list() == table["y_prime"].to_list()
+    assert len(engine.requests) == result.metrics["n_user"] + table.height  # the estimate, then one call a row
+    assert table["confidence"].null_count() == 0 and result.metrics["trust"]["held_out_samples"] > 0
 
 
 async def test_abstain_policy_leaves_empty_rows_unlabelled(job, tmp_path):

@@ -269,7 +269,11 @@ async def test_cm_second_pass_runs_the_whole_strategy_on_the_candidates(strategy
     engine = Script(answer)
     await run_job(spec, engine=engine)
     table = pl.read_parquet(tmp_path / "out/annotations.parquet").sort("id")
-    second = [r for r in engine.requests if r.choices and set(r.choices) != set(LABELS.shown)]
-    assert second and all(set(r.choices) == {"iot", "music", "news"} for r in second)
+    restricted = [set(r.choices) for r in engine.requests if r.choices and set(r.choices) != set(LABELS.shown)]
+    # first, the held-out questions: u2..u5 answered music, and row music of M without each of them is
+    questions = [{"music", "news"}, {"iot", "music", "news"}, {"iot", "music", "news"}, {"iot", "music"}]
+    assert sorted(map(sorted, restricted[:4])) == sorted(map(sorted, questions))
+    # then the corpus's second calls, among the whole row
+    assert restricted[4:] and all(choices == {"iot", "music", "news"} for choices in restricted[4:])
     # one CoT pass (2 calls) where the row has one candidate, two passes (4 calls) otherwise
     assert table["calls"].to_list() == [2, 4, 4, 4, 4]

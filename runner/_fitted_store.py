@@ -1,0 +1,39 @@
+"""The fitted CM beside the bank: a pickle to read back, and its settings as JSON for people.
+
+The pickle is a cache keyed by the spec and bank that made it: a rerun or a finished job reads
+it instead of refitting (the probe's cross-validation takes up to a minute and a half). One that
+cannot be read (a newer cm-runner, a different scikit-learn) is simply fitted again.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import orjson
+
+from runner.checkpoint import write_atomic
+from runner.fit import FittedCM
+
+FITTED_FILE = "fitted_cm.pkl"
+FITTED_SUMMARY = "fitted_cm.json"
+
+
+def save_fitted(directory: Path, key: str, fitted: FittedCM) -> None:
+    write_atomic(directory / FITTED_FILE, pickle.dumps({"key": key, "fitted": fitted}, protocol=5))
+    summary = {"key": key, "settings": fitted.settings, "trust": fitted.trust_settings}
+    summary["calibration"] = {"scores": fitted.calibration.scores, "probabilities": fitted.calibration.probabilities}
+    write_atomic(directory / FITTED_SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+
+
+def load_fitted(directory: Path, key: str) -> FittedCM | None:
+    path = directory / FITTED_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = pickle.loads(path.read_bytes())  # written by this job into its own output directory
+    except Exception:  # a pickle from another version of cm-runner or scikit-learn: fit again
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key or not isinstance(stored.get("fitted"), FittedCM):
+        return None
+    return stored["fitted"]

@@ -1,0 +1,431 @@
+"""Fitting CM on the user split: everything chosen there, as one frozen object.
+
+Fitting is pure: the bank, the CM settings, the user samples' embeddings (for the neighbour
+variants) and the model's choices among held-out candidate sets go in; a ``FittedCM`` comes
+out. Applying it to corpus items is ``runner.apply``; reading and writing it is the job's
+business (``save_fitted`` / ``load_fitted``, beside the bank, so a rerun never refits).
+
+Each user sample is scored without itself (leave-one-out counts and neighbours; the probe's
+5-fold held-out probabilities), in this order:
+
+1. the neighbour prior's k and temperature: the pair whose vote alone is most often right;
+2. the likelihood weight w: the one whose posterior argmax is most often right, kept only if it
+   beats w = 0 (the prior alone) by more than one standard error;
+3. tau: the conformal quantile of the held-out conformity scores at ``cm.coverage``;
+4. the questions: the samples whose held-out candidate set holds several labels, which the
+   model is asked to choose among, as it would be for a corpus item (``FitDraft.questions``);
+5. with ``cm.second_call: auto``, whether second calls pay: the model's choices must beat the
+   posterior's most probable label by more than one standard error;
+6. the confidence: isotonic calibration of each held-out sample's score (the posterior
+   probability of the label CM gives it; for the paper's CM the bank's count share of that
+   label in row Y'; without CM the share of Y' among the samples that answered Y');
+7. the acceptance threshold (``cm.accept``): the lowest confidence whose accepted held-out
+   samples reach the target accuracy by the Clopper-Pearson lower bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from runner import posterior as post
+from runner import trust
+from runner.bank import MemoryBank
+from runner.probe import Probe, fit_probe
+from runner.spec import CMSpec
+
+# What the user split chooses among when the spec leaves a setting unset.
+WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+NEIGHBOUR_GRID = (1, 3, 5, 10, 20)
+TEMPERATURE_GRID = (0.01, 0.02, 0.05, 0.1, 1.0)
+
+Variant = Literal["plain", "paper", "counts", "neighbour_prior", "instance"]
+
+
+@dataclass(frozen=True)
+class Question:
+    """A user sample whose held-out candidate set is ambiguous: what a second call would choose among."""
+
+    sample: int  # index into the bank's samples
+    candidates: tuple[str, ...]  # as the second call lists them: most probable first (the paper's row: label order)
+    most_probable: str  # the answer without a second call
+
+
+@dataclass(frozen=True)
+class FittedCM:
+    """What the user split chose, frozen: applied to corpus chunks by ``runner.apply``."""
+
+    variant: Variant
+    labels: tuple[str, ...]
+    cm: CMSpec
+    counts: np.ndarray  # counts[k', k]: user samples with answer k' and truth k
+    user_answers: np.ndarray  # label index, -1 when unparsed
+    user_truths: np.ndarray
+    user_vectors: np.ndarray | None  # the neighbour variants' embeddings of the user samples
+    probe: Probe | None
+    neighbours: int
+    temperature: float
+    weight: float
+    tau: float
+    asks_second_call: bool
+    trial_outcome: dict[str, int] | None
+    calibration: trust.Calibration
+    acceptance: trust.Acceptance | None
+    held_out_confidence: np.ndarray = field(repr=False)  # per held-out sample, for the risk-coverage plot
+    held_out_right: np.ndarray = field(repr=False)
+
+    @property
+    def uses_neighbours(self) -> bool:
+        return self.variant in ("neighbour_prior", "instance")
+
+    @property
+    def needs_answer(self) -> bool:
+        """False when the first answer Y' cannot change the result: the job then skips that call."""
+        return self.variant in ("plain", "paper") or self.cm.first_call == "always" or self.weight > 0
+
+    @property
+    def class_likelihood(self) -> np.ndarray:
+        return post.likelihood(self.counts, self.cm.alpha)
+
+    @property
+    def class_prior(self) -> np.ndarray:
+        return post.class_prior(self.counts)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the job used, the user split's choices included: reported in metrics.json and the summary."""
+        chosen: dict[str, Any] = {"variant": self.variant}
+        if self.variant == "paper":
+            chosen["empty_row"] = self.cm.empty_row
+        elif self.variant != "plain":
+            chosen |= {"likelihood_weight": self.weight, "tau": self.tau}
+            chosen["second_call"] = "when_ambiguous" if self.asks_second_call else "never"
+            if self.trial_outcome is not None:
+                chosen["second_call_trial"] = self.trial_outcome
+            if self.uses_neighbours:
+                chosen |= {"prior": self.cm.prior, "neighbours": self.neighbours}
+                chosen["neighbour_temperature"] = self.temperature
+            if self.probe is not None:
+                chosen["probe_strength"] = self.probe.strength
+        return chosen
+
+    @property
+    def trust_settings(self) -> dict[str, Any]:
+        """The acceptance the user split supports, for metrics.json."""
+        acceptance = self.acceptance
+        report: dict[str, Any] = {"held_out_samples": len(self.held_out_right)}
+        if acceptance is not None:
+            report |= {
+                "target_accuracy": acceptance.target_accuracy,
+                "confidence_level": acceptance.confidence_level,
+                "threshold": acceptance.threshold,
+                "user_split_accepted_share": acceptance.accepted_share,
+                "user_split_accepted_accuracy": acceptance.accuracy,
+                "user_split_accepted_interval": (
+                    [acceptance.lower_bound, acceptance.upper_bound] if acceptance.lower_bound is not None else None
+                ),
+            }
+        return report
+
+
+@dataclass(frozen=True)
+class FitDraft:
+    """Everything fitted before the model is asked among held-out sets (``questions``)."""
+
+    variant: Variant
+    labels: tuple[str, ...]
+    cm: CMSpec
+    counts: np.ndarray
+    user_answers: np.ndarray
+    user_truths: np.ndarray
+    user_vectors: np.ndarray | None
+    probe: Probe | None
+    neighbours: int
+    temperature: float
+    weight: float
+    tau: float
+    held: np.ndarray  # the user samples scored held out (their answer parsed)
+    held_out_sets: tuple[tuple[int, ...], ...]  # per held sample: its candidate labels, most probable first
+    held_out_scores: np.ndarray  # per held sample and label: the score a label would get (posterior or share)
+    asks_second_call: bool | None  # None: cm.second_call auto, decided by the questions
+    questions: tuple[Question, ...]
+
+
+def _variant(cm: CMSpec) -> Variant:
+    return cm.variant if cm.enabled else "plain"
+
+
+def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = None) -> FitDraft:
+    """Steps 1-4 of the module docstring: settings, held-out candidate sets, and what to ask the model."""
+    variant = _variant(cm)
+    labels = tuple(bank.labels)
+    index = {label: i for i, label in enumerate(labels)}
+    n_labels = len(labels)
+    counts = np.zeros((n_labels, n_labels))
+    for entry in bank.confusions:
+        counts[index[entry.answer], index[entry.truth]] = entry.count
+    samples = bank.samples or []
+    answers = np.array([index[s.answer] if s.answer else -1 for s in samples], dtype=np.int64)
+    truths = np.array([index[s.truth] for s in samples], dtype=np.int64)
+    uses_neighbours = variant in ("neighbour_prior", "instance")
+    if uses_neighbours:
+        if not samples:
+            raise ValueError(f"cm.variant {cm.variant!r} needs a bank with its user samples (re-estimate it)")
+        if user_vectors is None:
+            raise ValueError(f"cm.variant {cm.variant!r} needs the user samples' embeddings")
+    probe = fit_probe(user_vectors, truths, n_labels) if uses_neighbours and cm.prior == "probe" else None
+    held = np.flatnonzero(answers >= 0)
+    asks = None if cm.second_call == "auto" else cm.second_call == "when_ambiguous"
+    neighbours = cm.neighbours or NEIGHBOUR_GRID[0]
+    temperature = cm.neighbour_temperature or TEMPERATURE_GRID[0]
+    weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
+    tau = 1.0 if cm.tau is None else cm.tau
+    common = dict(variant=variant, labels=labels, cm=cm, counts=counts, user_answers=answers, user_truths=truths)
+    common |= dict(user_vectors=user_vectors, probe=probe, held=held)
+
+    if variant in ("plain", "paper"):
+        # held-out rows of the bank: counts without the sample's own (answer, truth) pair
+        rows = counts[answers[held]].copy()
+        rows[np.arange(len(held)), truths[held]] -= 1
+        totals = rows.sum(axis=1, keepdims=True)
+        shares = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
+        if variant == "plain":
+            sets = tuple((int(a),) for a in answers[held])
+            return FitDraft(
+                **common,
+                neighbours=neighbours,
+                temperature=temperature,
+                weight=weight,
+                tau=tau,
+                held_out_sets=sets,
+                held_out_scores=shares,
+                asks_second_call=False,
+                questions=(),
+            )
+        sets = tuple(
+            _paper_row(row, int(answer), cm.empty_row) for row, answer in zip(rows, answers[held], strict=True)
+        )
+        questions = tuple(
+            Question(int(sample), tuple(labels[i] for i in chosen), labels[max(chosen, key=lambda i: row[i])])
+            for sample, chosen, row in zip(held, sets, rows, strict=True)
+            if len(chosen) > 1
+        )
+        return FitDraft(
+            **common,
+            neighbours=neighbours,
+            temperature=temperature,
+            weight=weight,
+            tau=tau,
+            held_out_sets=sets,
+            held_out_scores=shares,
+            asks_second_call=True,
+            questions=questions,
+        )
+
+    similarities = None
+    if uses_neighbours:
+        assert user_vectors is not None
+        similarities = user_vectors[held] @ user_vectors.T
+        similarities[np.arange(len(held)), held] = -np.inf
+        neighbours, temperature = post.choose_neighbourhood(
+            similarities,
+            truths[held],
+            truths,
+            n_labels,
+            (cm.neighbours,) if cm.neighbours else NEIGHBOUR_GRID,
+            (cm.neighbour_temperature,) if cm.neighbour_temperature else TEMPERATURE_GRID,
+        )
+        priors = (
+            probe.held_out[held]
+            if probe
+            else post.neighbour_prior(similarities, truths, n_labels, neighbours, temperature)
+        )
+    else:
+        priors = post.held_out_class_priors(counts, truths[held])
+    likelihood_rows = _held_out_likelihood_rows(variant, cm, counts, answers, truths, held, similarities)
+    if cm.likelihood_weight is None:
+        weight = _earned_weight(likelihood_rows, priors, truths[held])
+    held_out = post.posteriors(likelihood_rows, priors, weight)
+    if cm.tau is None:
+        tau = trust.conformal_tau(trust.conformity_scores(held_out, truths[held]), cm.coverage)
+    sets = tuple(tuple(int(i) for i in post.mass_candidates(row, tau)) for row in held_out)
+    questions = ()
+    if asks is not False:
+        questions = tuple(
+            Question(int(sample), tuple(labels[i] for i in chosen), labels[chosen[0]])
+            for sample, chosen in zip(held, sets, strict=True)
+            if len(chosen) > 1
+        )
+    return FitDraft(
+        **common,
+        neighbours=neighbours,
+        temperature=temperature,
+        weight=weight,
+        tau=tau,
+        held_out_sets=sets,
+        held_out_scores=held_out,
+        asks_second_call=asks,
+        questions=questions,
+    )
+
+
+def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
+    """Steps 5-7: given the model's choice for each of ``draft.questions``, the second-call verdict,
+    the confidence calibration and the acceptance threshold."""
+    labels, cm = draft.labels, draft.cm
+    if len(choices) != len(draft.questions):
+        raise ValueError(f"{len(draft.questions)} questions, {len(choices)} choices")
+    chosen_for = {q.sample: c for q, c in zip(draft.questions, choices, strict=True)}
+    truths = draft.user_truths
+    asks, outcome = draft.asks_second_call, None
+    if asks is None:  # cm.second_call: auto
+        questioned_truths = [labels[truths[q.sample]] for q in draft.questions]
+        chosen_right = np.array([c == t for c, t in zip(choices, questioned_truths, strict=True)], dtype=bool)
+        probable_right = np.array(
+            [q.most_probable == t for q, t in zip(draft.questions, questioned_truths, strict=True)], dtype=bool
+        )
+        asks, wins, losses = _clearly_better(chosen_right, probable_right)
+        outcome = {"asked": len(draft.questions), "wins": wins, "losses": losses}
+    index = {label: i for i, label in enumerate(labels)}
+    scores, right = np.zeros(len(draft.held)), np.zeros(len(draft.held), dtype=bool)
+    for n, (sample, candidates) in enumerate(zip(draft.held, draft.held_out_sets, strict=True)):
+        y_hat = _held_out_answer(draft, int(sample), candidates, asks, chosen_for)
+        if y_hat is not None:
+            scores[n] = draft.held_out_scores[n, index[y_hat]]
+            right[n] = index[y_hat] == truths[sample]
+    calibration = trust.fit_calibration(scores, right)
+    confidence = calibration.apply(scores)
+    acceptance = None
+    if cm.accept is not None:
+        acceptance = trust.choose_threshold(confidence, right, cm.accept.target_accuracy, cm.accept.confidence_level)
+    return FittedCM(
+        variant=draft.variant,
+        labels=labels,
+        cm=cm,
+        counts=draft.counts,
+        user_answers=draft.user_answers,
+        user_truths=truths,
+        user_vectors=draft.user_vectors,
+        probe=draft.probe,
+        neighbours=draft.neighbours,
+        temperature=draft.temperature,
+        weight=draft.weight,
+        tau=draft.tau,
+        asks_second_call=bool(asks),
+        trial_outcome=outcome,
+        calibration=calibration,
+        acceptance=acceptance,
+        held_out_confidence=confidence,
+        held_out_right=right,
+    )
+
+
+def fit_cm(
+    bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = None, choices: Sequence[str | None] = ()
+) -> FittedCM:
+    """``prepare_fit`` then ``finish_fit``, for callers that know the choices (or need none)."""
+    return finish_fit(prepare_fit(bank, cm, user_vectors), choices)
+
+
+def _held_out_answer(
+    draft: FitDraft,
+    sample: int,
+    candidates: tuple[int, ...],
+    asks: bool,
+    chosen_for: dict[int, str | None],
+) -> str | None:
+    """The label CM gives a held-out sample, as it would give it to a corpus item."""
+    labels = draft.labels
+    if not candidates:  # the paper's empty row with cm.empty_row: abstain
+        return None
+    if len(candidates) > 1 and asks:
+        choice = chosen_for.get(sample)
+        return choice if choice in {labels[i] for i in candidates} else None
+    return labels[candidates[0]]
+
+
+def _paper_row(row: np.ndarray, answer: int, empty_row: str) -> tuple[int, ...]:
+    """Row Y' of the binary M in label order (the order the second call's prompt lists them in).
+
+    An empty row falls back by policy: the first answer kept, or no label.
+    """
+    seen = np.flatnonzero(row > 0)
+    if len(seen) == 0:
+        return (answer,) if empty_row == "keep_initial" else ()
+    return tuple(int(i) for i in seen)
+
+
+def paper_candidates(counts: np.ndarray, answer: int, empty_row: str) -> tuple[int, ...]:
+    """The paper's candidate set for a corpus item the model answered ``answer`` (full bank)."""
+    return _paper_row(counts[answer], answer, empty_row)
+
+
+def _held_out_likelihood_rows(
+    variant: str,
+    cm: CMSpec,
+    counts: np.ndarray,
+    user_answers: np.ndarray,
+    user_truths: np.ndarray,
+    held: np.ndarray,
+    similarities: np.ndarray | None,
+) -> np.ndarray:
+    """Row Y' of each held-out sample's likelihood, estimated without that sample's own pair."""
+    answers, truths = user_answers[held], user_truths[held]
+    if variant != "instance":
+        return post.held_out_likelihood_rows(counts, answers, truths, cm.alpha)
+    assert similarities is not None
+    rows = []
+    for row_similarities, answer, truth in zip(similarities, answers, truths, strict=True):
+        without = counts.copy()
+        without[answer, truth] -= 1
+        rows.append(instance_row(cm, row_similarities, user_answers, user_truths, answer, without))
+    return np.array(rows)
+
+
+def instance_row(
+    cm: CMSpec,
+    similarities: np.ndarray,
+    user_answers: np.ndarray,
+    user_truths: np.ndarray,
+    answer: int,
+    counts: np.ndarray,
+) -> np.ndarray:
+    """Row ``answer`` of the instance-dependent likelihood M(X)."""
+    return post.instance_likelihood(
+        similarities,
+        user_answers,
+        user_truths,
+        counts,
+        k=cm.instance_neighbours,
+        alpha=cm.alpha,
+        blend=cm.blend,
+    )[answer]
+
+
+def _earned_weight(likelihood_rows: np.ndarray, priors: np.ndarray, truths: np.ndarray) -> float:
+    """The likelihood weight with the best held-out accuracy, if the model's answer earns it.
+
+    Against the prior alone (w = 0) a weight wins the samples it gets right and the prior gets
+    wrong, and loses the reverse. It is kept only when wins exceed losses by more than one
+    standard error, sqrt(wins + losses): on a few hundred samples a gain of two or three is
+    noise, and a noisy weight costs accuracy on new items more often than it pays.
+    """
+    best = max(WEIGHT_GRID, key=lambda w: (post.accuracy(post.posteriors(likelihood_rows, priors, w), truths), -w))
+    if best == 0:
+        return 0.0
+    with_answer = post.posteriors(likelihood_rows, priors, best).argmax(axis=1) == truths
+    earned, _, _ = _clearly_better(with_answer, priors.argmax(axis=1) == truths)
+    return best if earned else 0.0
+
+
+def _clearly_better(right: np.ndarray, baseline_right: np.ndarray) -> tuple[bool, int, int]:
+    """Whether ``right`` beats ``baseline_right`` on the same samples by more than one standard error.
+
+    A win is a sample right where the baseline is wrong, a loss the reverse; sqrt(wins + losses)
+    is the noise on their difference. Returns the verdict, the wins and the losses.
+    """
+    wins, losses = int(np.sum(right & ~baseline_right)), int(np.sum(~right & baseline_right))
+    return bool(wins - losses > np.sqrt(wins + losses)), wins, losses

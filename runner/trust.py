@@ -1,0 +1,156 @@
+"""How far to trust each label: calibrated confidence, an acceptance threshold, conformal candidate sets.
+
+Pure functions over numpy arrays, no I/O. Everything here is fitted on held-out user samples:
+each sample scored by a bank, prior and settings that did not see it, so its score behaves as a
+new corpus item's would.
+
+- ``fit_calibration``: scikit-learn's isotonic regression from a raw score (the posterior
+  probability of the chosen label, or the bank's count share) to the probability of being right.
+- ``choose_threshold``: the lowest confidence at which the held-out samples accepted are right often
+  enough that the Clopper-Pearson lower bound (scipy) at ``confidence_level`` reaches the target.
+- ``conformal_tau``: the split-conformal quantile of held-out scores, for candidate sets that hold
+  the truth with probability at least ``coverage`` on items exchangeable with the user split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.posterior import FloatArray
+
+BoolArray = np.ndarray
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A non-decreasing map from raw score to P(right), as the isotonic fit's breakpoints.
+
+    ``apply`` interpolates linearly between breakpoints and clips outside them, which is what
+    ``IsotonicRegression(out_of_bounds="clip").predict`` does; keeping only the breakpoints makes
+    the fitted map a few numbers in a JSON file instead of a pickled estimator.
+    """
+
+    scores: tuple[float, ...]
+    probabilities: tuple[float, ...]
+
+    def apply(self, scores: FloatArray) -> FloatArray:
+        values = np.asarray(scores, dtype=float)
+        if not self.scores:
+            return np.zeros_like(values)
+        return np.interp(values, self.scores, self.probabilities)
+
+
+def fit_calibration(scores: FloatArray, right: BoolArray) -> Calibration:
+    """Isotonic regression of ``right`` (0/1) on ``scores``; no samples: every confidence is 0."""
+    from sklearn.isotonic import IsotonicRegression
+
+    scores = np.asarray(scores, dtype=float)
+    right = np.asarray(right, dtype=float)
+    if len(scores) == 0:
+        return Calibration((), ())
+    if len(np.unique(scores)) == 1:  # one score: its accuracy is the only thing known
+        return Calibration((float(scores[0]),), (float(right.mean()),))
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, right)
+    return Calibration(tuple(map(float, fitted.X_thresholds_)), tuple(map(float, fitted.y_thresholds_)))
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The threshold a job accepts rows at, and what the user split says about the accepted ones."""
+
+    target_accuracy: float
+    confidence_level: float
+    threshold: float | None  # None: no threshold reaches the target, nothing is accepted
+    accepted_share: float  # of the held-out user samples
+    accuracy: float | None  # of the accepted held-out samples
+    lower_bound: float | None  # Clopper-Pearson, at confidence_level
+    upper_bound: float | None
+    n: int  # held-out samples the threshold was chosen on
+
+
+def clopper_pearson(right: int, n: int, level: float) -> tuple[float, float]:
+    """The exact two-sided binomial interval (scipy), as (low, high)."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(right, n).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
+def choose_threshold(
+    confidences: FloatArray, right: BoolArray, target_accuracy: float, confidence_level: float
+) -> Acceptance:
+    """The lowest confidence t such that the held-out samples with confidence >= t are right often enough.
+
+    Often enough: the lower end of the Clopper-Pearson interval at ``confidence_level`` on their
+    accuracy reaches ``target_accuracy``. Lower thresholds accept more rows; the bound falls as
+    less certain rows join, so the lowest t that still passes accepts the most.
+    """
+    confidences = np.asarray(confidences, dtype=float)
+    right = np.asarray(right, dtype=bool)
+    n = len(confidences)
+    best: tuple[float, int, int, float, float] | None = None
+    for threshold in np.unique(confidences)[::-1]:  # highest first: each step accepts more rows
+        accepted = confidences >= threshold
+        n_accepted, n_right = int(accepted.sum()), int(right[accepted].sum())
+        low, high = clopper_pearson(n_right, n_accepted, confidence_level)
+        if low >= target_accuracy:
+            best = (float(threshold), n_accepted, n_right, low, high)
+    if best is None:
+        return Acceptance(target_accuracy, confidence_level, None, 0.0, None, None, None, n)
+    threshold, n_accepted, n_right, low, high = best
+    return Acceptance(target_accuracy, confidence_level, threshold, n_accepted / n, n_right / n_accepted, low, high, n)
+
+
+def expected_calibration_error(confidences: FloatArray, right: BoolArray, bins: int = 10) -> float | None:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their rows."""
+    confidences = np.asarray(confidences, dtype=float)
+    right = np.asarray(right, dtype=float)
+    if len(confidences) == 0:
+        return None
+    which = np.minimum((confidences * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in np.unique(which):
+        members = which == b
+        error += members.sum() * abs(right[members].mean() - confidences[members].mean())
+    return float(error / len(confidences))
+
+
+def conformity_scores(posteriors: FloatArray, truths: np.ndarray) -> FloatArray:
+    """Each row's posterior mass down to and including its truth, labels taken most probable first.
+
+    ``posterior.mass_candidates(row, tau)`` holds the truth whenever this score is <= tau (same
+    stable order; it also holds it when only the mass before the truth is below tau), so a
+    quantile of these scores is a tau whose coverage is at least the quantile's.
+    """
+    order = np.argsort(-posteriors, axis=1, kind="stable")
+    ranked = np.take_along_axis(posteriors, order, axis=1)
+    cumulative = np.cumsum(ranked, axis=1)
+    truth_rank = np.argmax(order == np.asarray(truths)[:, None], axis=1)
+    return cumulative[np.arange(len(posteriors)), truth_rank]
+
+
+def conformal_tau(scores: FloatArray, coverage: float) -> float:
+    """The ceil((n+1) * coverage)-th smallest of n held-out conformity scores; 1 when that exceeds n.
+
+    Split-conformal prediction: a new item exchangeable with the n scored ones has its truth in
+    the set of mass tau with probability >= coverage (Vovk et al.; Angelopoulos & Bates, 2021).
+    """
+    n = len(scores)
+    rank = math.ceil((n + 1) * coverage)
+    if n == 0 or rank > n:
+        return 1.0
+    return float(min(1.0, np.sort(scores)[rank - 1]))
+
+
+def risk_coverage(confidences: FloatArray, right: BoolArray) -> tuple[FloatArray, FloatArray]:
+    """Share accepted and accuracy of the accepted rows, at every threshold (most confident first)."""
+    confidences = np.asarray(confidences, dtype=float)
+    if len(confidences) == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(-confidences, kind="stable")
+    correct = np.cumsum(np.asarray(right, dtype=float)[order])
+    accepted = np.arange(1, len(confidences) + 1)
+    return accepted / len(confidences), correct / accepted

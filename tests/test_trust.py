@@ -1,0 +1,114 @@
+"""Confidence, acceptance and conformal candidate sets, each against a value worked out by hand or apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+from sklearn.isotonic import IsotonicRegression
+
+from runner.posterior import mass_candidates
+from runner.trust import (
+    choose_threshold,
+    clopper_pearson,
+    conformal_tau,
+    conformity_scores,
+    expected_calibration_error,
+    fit_calibration,
+    risk_coverage,
+)
+
+
+def beta_bounds(k: int, n: int, level: float) -> tuple[float, float]:
+    """Clopper-Pearson from the beta quantiles (the textbook formula, not scipy's binomtest)."""
+    alpha = 1 - level
+    low = 0.0 if k == 0 else beta.ppf(alpha / 2, k, n - k + 1)
+    high = 1.0 if k == n else beta.ppf(1 - alpha / 2, k + 1, n - k)
+    return low, high
+
+
+def test_clopper_pearson_matches_the_beta_quantiles():
+    for k, n in ((0, 10), (9, 10), (95, 100), (480, 500)):
+        assert clopper_pearson(k, n, 0.95) == pytest.approx(beta_bounds(k, n, 0.95), abs=1e-9)
+
+
+def test_the_threshold_is_the_lowest_whose_accepted_rows_pass_the_bound():
+    # 100 samples at confidence 0.99, all right; 100 at 0.9, 90 right; 100 at 0.5, 50 right.
+    confidences = np.repeat([0.99, 0.9, 0.5], 100)
+    right = np.concatenate([np.ones(100), np.arange(100) < 90, np.arange(100) < 50]).astype(bool)
+    # Worked apart: accepting >= 0.99 gives 100/100, lower bound 0.9638; >= 0.9 gives 190/200,
+    # lower bound 0.9100; >= 0.5 gives 240/300 = 0.8, lower bound below 0.76.
+    assert beta_bounds(100, 100, 0.95)[0] == pytest.approx(0.9638, abs=1e-4)
+    assert beta_bounds(190, 200, 0.95)[0] == pytest.approx(0.9100, abs=1e-4)
+    assert beta_bounds(240, 300, 0.95)[0] < 0.76
+    at_95 = choose_threshold(confidences, right, 0.95, 0.95)
+    assert at_95.threshold == 0.99 and at_95.accepted_share == pytest.approx(1 / 3) and at_95.accuracy == 1.0
+    assert at_95.lower_bound == pytest.approx(beta_bounds(100, 100, 0.95)[0])
+    at_90 = choose_threshold(confidences, right, 0.90, 0.95)
+    assert at_90.threshold == 0.9 and at_90.accepted_share == pytest.approx(2 / 3) and at_90.accuracy == 0.95
+    assert at_90.lower_bound == pytest.approx(beta_bounds(190, 200, 0.95)[0])
+    nothing = choose_threshold(confidences, right, 0.99, 0.95)  # 100/100 gives only 0.9638
+    assert nothing.threshold is None and nothing.accepted_share == 0.0 and nothing.accuracy is None
+
+
+def test_isotonic_calibration_is_sklearns_fit_as_a_few_numbers():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=400)
+    right = rng.uniform(size=400) < scores**2  # overconfident raw scores: P(right) = score^2
+    calibration = fit_calibration(scores, right)
+    reference = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, right.astype(float))
+    grid = np.linspace(-0.5, 1.5, 201)
+    assert calibration.apply(grid) == pytest.approx(reference.predict(grid))
+    assert np.all(np.diff(calibration.apply(grid)) >= 0)
+    calibrated = calibration.apply(scores)
+    assert expected_calibration_error(calibrated, right) < expected_calibration_error(scores, right)
+
+
+def test_expected_calibration_error_by_hand():
+    # bin [0.2, 0.3): confidence 0.25 twice, 1 of 2 right -> |0.5 - 0.25| = 0.25, weight 2/4
+    # bin [0.9, 1.0]: confidence 0.95 twice, both right -> |1 - 0.95| = 0.05, weight 2/4
+    ece = expected_calibration_error(np.array([0.25, 0.25, 0.95, 0.95]), np.array([True, False, True, True]))
+    assert ece == pytest.approx(0.5 * 0.25 + 0.5 * 0.05)
+
+
+def test_the_conformal_quantile_by_hand():
+    scores = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])  # n = 9
+    # coverage 0.8: ceil(10 * 0.8) = 8th smallest of 0.1 .. 0.9 = 0.8
+    assert conformal_tau(scores, 0.8) == pytest.approx(0.8)
+    # coverage 0.5: ceil(10 * 0.5) = 5th smallest = 0.5
+    assert conformal_tau(scores, 0.5) == pytest.approx(0.5)
+    # coverage 0.95: ceil(10 * 0.95) = 10 > 9: no finite quantile, every label
+    assert conformal_tau(scores, 0.95) == 1.0
+
+
+def test_a_set_holds_the_truth_whenever_its_conformity_score_is_within_tau():
+    posteriors = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    truths = np.array([1, 2, 2])
+    # row 0: 0.6 then 0.3 (the truth) -> 0.9; row 1: 0.5 then 0.3 -> 0.8; row 2: 0.8 alone
+    assert conformity_scores(posteriors, truths) == pytest.approx([0.9, 0.8, 0.8])
+    rng = np.random.default_rng(1)
+    many = rng.dirichlet(np.ones(6), size=200)
+    truth = rng.integers(0, 6, size=200)
+    scores = conformity_scores(many, truth)
+    for tau in (0.3, 0.6, 0.9):
+        held = np.array([t in mass_candidates(row, tau) for row, t in zip(many, truth, strict=True)])
+        assert held[scores <= tau].all()  # what the coverage guarantee needs
+        mass_before_truth = scores - many[np.arange(200), truth]
+        assert np.array_equal(held, mass_before_truth < tau - 1e-12)  # and exactly when a set holds it
+
+
+def test_conformal_sets_cover_new_exchangeable_items_at_least_as_promised():
+    rng = np.random.default_rng(2)
+    coverage_seen = []
+    for _ in range(200):
+        posteriors = rng.dirichlet(np.full(5, 0.5), size=101)
+        truths = np.array([rng.choice(5, p=row) for row in posteriors])  # calibrated: truth ~ posterior
+        tau = conformal_tau(conformity_scores(posteriors[:100], truths[:100]), 0.9)
+        coverage_seen.append(truths[100] in mass_candidates(posteriors[100], tau))
+    assert np.mean(coverage_seen) >= 0.85  # 0.9 promised; 200 draws leave about 2 points of noise
+
+
+def test_risk_coverage_by_hand():
+    share, accuracy = risk_coverage(np.array([0.9, 0.2, 0.6]), np.array([True, False, False]))
+    assert share == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert accuracy == pytest.approx([1.0, 0.5, 1 / 3])
