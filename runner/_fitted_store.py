@@ -21,7 +21,7 @@ FITTED_SUMMARY = "fitted_cm.json"
 
 def save_fitted(directory: Path, key: str, fitted: FittedCM) -> None:
     write_atomic(directory / FITTED_FILE, pickle.dumps({"key": key, "fitted": fitted}, protocol=5))
-    summary = {"key": key, "settings": fitted.settings, "trust": fitted.trust_settings}
+    summary = {"key": key, "labels": fitted.labels, "settings": fitted.settings, "trust": fitted.trust_settings}
     summary["calibration"] = {"scores": fitted.calibration.scores, "probabilities": fitted.calibration.probabilities}
     write_atomic(directory / FITTED_SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
@@ -37,3 +37,9 @@ def load_fitted(directory: Path, key: str) -> FittedCM | None:
     if not isinstance(stored, dict) or stored.get("key") != key or not isinstance(stored.get("fitted"), FittedCM):
         return None
     return stored["fitted"]
+
+
+def fitted_labels(directory: Path) -> list[str] | None:
+    """The label set a finished job was fitted with (for checking reviewed labels), if it was."""
+    path = directory / FITTED_SUMMARY
+    return list(orjson.loads(path.read_bytes())["labels"]) if path.is_file() else None

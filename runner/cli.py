@@ -5,6 +5,7 @@
     cm-run prepare-model smollm2-135m-instruct
     cm-run schemas [--check]
     cm-run bank show out/massive/memory_bank.json
+    cm-run review export out/massive --csv        (then: cm-run review import out/massive reviewed.csv)
 
 Exit codes: 0 done, 2 bad spec/data/bank/output dir, 3 engine failure, 130 interrupted.
 """
@@ -102,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         result = asyncio.run(_stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=log)))
     for line in summary_lines(result.metrics):
         print(line)
-    print(f"outputs in {result.output_dir}/ (memory_bank.json, annotations.parquet, metrics.json)")
+    print(f"outputs in {result.output_dir}/ (annotations.parquet, review.parquet, metrics.json, memory_bank.json)")
     return 0
 
 
@@ -252,6 +253,31 @@ def _bank_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review_export(args: argparse.Namespace) -> int:
+    from runner.review import export_csv
+
+    job_dir = Path(args.job_dir)
+    output = Path(args.output or job_dir / "review.csv")
+    n = export_csv(job_dir, output)
+    print(f"{output}: {n} rows to review, most uncertain first; fill in the 'label' column, then:")
+    print(f"  cm-run review import {job_dir} {output}")
+    return 0
+
+
+def _review_import(args: argparse.Namespace) -> int:
+    from runner._fitted_store import fitted_labels
+    from runner.review import REVIEWED_FILE, import_reviewed
+
+    job_dir = Path(args.job_dir)
+    labels = fitted_labels(job_dir)
+    if labels is None:
+        raise DataError(f"{job_dir}: not a finished cm-run job with a fitted CM (no fitted_cm.json)")
+    n = import_reviewed(job_dir, Path(args.reviewed), labels)
+    print(f"{job_dir / REVIEWED_FILE}: {n} reviewed rows. Rerun the job's spec: they join the user split, CM is")
+    print("refit, the corpus is re-scored (no first calls again), and they are marked source = human.")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cm-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -308,6 +334,18 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--truth-column", default="corrected", help="the user's label (default: corrected)")
     update.add_argument("-o", "--output", help="write here instead of replacing the bank")
     update.set_defaults(func=_bank_update)
+    review = sub.add_parser("review", help="the rows a job did not accept: export them, import their labels")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    export = review_sub.add_parser("export", help="review.parquet as CSV for a labelling tool")
+    export.add_argument("job_dir", help="the job's output directory")
+    export.add_argument("--csv", action="store_true", help="write CSV (the only format; the flag says so)")
+    export.add_argument("-o", "--output", help="where to write (default: JOB_DIR/review.csv)")
+    export.set_defaults(func=_review_export)
+    imported = review_sub.add_parser("import", help="reviewed labels (columns id, label) back into the job")
+    imported.add_argument("job_dir", help="the job's output directory")
+    imported.add_argument("reviewed", help="the reviewed table (csv, jsonl or parquet) with columns id and label")
+    imported.set_defaults(func=_review_import)
+
     merge = bank_sub.add_parser("merge", help="sum the counts of banks made for the same label set")
     merge.add_argument("paths", nargs="+")
     merge.add_argument("-o", "--output", required=True)
@@ -317,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run", "eval", "prepare-model", "schemas", "bank", "-h", "--help"}
+    commands = {"run", "eval", "prepare-model", "schemas", "bank", "review", "-h", "--help"}
     if argv and argv[0] not in commands:
         argv.insert(0, "run")  # `cm-run jobs/x.yaml` is `cm-run run jobs/x.yaml`
     args = _parser().parse_args(argv)

@@ -242,8 +242,9 @@ class CMSpec(_Strict):
         default_factory=AcceptSpec,
         description=(
             "Mark rows accepted when their calibrated confidence reaches the threshold the user split supports; "
-            "the rest go to review.parquet. null: no acceptance (confidence is still computed). With cm.enabled "
-            "false the user split is still asked, to calibrate the confidence, unless this is null."
+            "the rest go to review.parquet. null: no acceptance (confidence is still computed where the job has "
+            "a bank). With cm.enabled false the user split is still asked, to calibrate the confidence, unless "
+            "this is null."
         ),
     )
     tau: Annotated[float, Field(gt=0, le=1)] | None = Field(
