@@ -1,0 +1,138 @@
+"""How far the confidence column can be trusted: accepted share and accuracy at several targets.
+
+With SmolLM2 the recommended configuration (``neighbour_prior``, ``prior: probe``,
+``first_call: when_weighted``, ``second_call: never``) gives the model's answer a weight of 0
+on four of five datasets, so its labels are the probe's, and need no LLM call. This bench fits
+exactly that (``likelihood_weight: 0``) through the job's own ``runner.fit`` and ``runner.apply``
+on seeded 5% user splits, applies it to up to ``--n`` seeded test items, and reports per target
+accuracy: the share the user split let through, the accuracy of those rows on gold labels, and
+the expected calibration error of ``confidence``.
+
+    python tests/bench/bench_trust.py --data-dir ../shared/datasets --seeds 0 1 --n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from runner import apply, load_spec, trust
+from runner.bank import Sample, UserSplitInfo, estimate_bank
+from runner.data import Corpus, load_user_split
+from runner.embeddings import embed
+from runner.fit import fit_cm
+from runner.spec import CMSpec
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = ["banking77", "clinc150", "massive-en-US", "massive-de-DE", "mtop", "stackexchange"]
+TARGETS = (0.90, 0.95, 0.98)
+RECOMMENDED = CMSpec(
+    variant="neighbour_prior", prior="probe", first_call="when_weighted", second_call="never", likelihood_weight=0.0
+)
+
+
+def _spec(name: str):
+    with tempfile.TemporaryDirectory() as scratch:  # the base spec, completed with what a job must name
+        job = Path(scratch) / "job.yaml"
+        job.write_text(f"base: {REPO / 'jobs/_base' / f'{name}.yaml'}\nname: trust\noutput: {{dir: {scratch}}}\n")
+        return load_spec(job)
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
+    spec = _spec(name)
+    corpus = Corpus(
+        spec.resolve_data_path(spec.corpus.path, args.data_dir),
+        spec.dataset,
+        spec.corpus.model_copy(update={"limit": args.n, "limit_seed": 0}),
+        None,
+    )
+    items = next(iter(corpus.chunks(corpus.height)))[1]
+    item_vectors = embed(items["text"].to_list())
+    rows = []
+    for seed in args.seeds:
+        split = load_user_split(
+            spec.resolve_data_path(spec.user_split.path, args.data_dir),
+            spec.dataset,
+            spec.user_split.model_copy(update={"fraction": args.fraction, "seed": seed}),
+        )
+        texts, truths = split.rows["text"].to_list(), split.rows["label"].to_list()
+        # w = 0: the model's answer cannot move the posterior, so every sample's answer is one stand-in label
+        answer = split.labels[0]
+        samples = [Sample(id=str(i), text=t, answer=answer, truth=y) for i, (t, y) in enumerate(zip(texts, truths, strict=True))]
+        bank = estimate_bank(
+            [(answer, y) for y in truths],
+            split.labels,
+            dataset=name,
+            model="none (w = 0)",
+            strategy="none",
+            user_split=UserSplitInfo(
+                path="-", fraction=args.fraction, seed=seed, stratified=True, n_samples=len(texts)
+            ),
+            samples=samples,
+        )
+        started = time.perf_counter()
+        fitted = fit_cm(bank, RECOMMENDED, embed(texts))
+        fit_seconds = time.perf_counter() - started
+        contexts = apply.neighbourhoods(fitted, item_vectors)
+        refined = [apply.refine(fitted, context, None) for context in contexts]
+        labels_given = [r.refinement.decided for r in refined]
+        confidence = np.array(
+            [apply.confidence(fitted, apply.score(fitted, r, y)) for r, y in zip(refined, labels_given)]
+        )
+        right = np.array([y == gold for y, gold in zip(labels_given, items["label"].to_list())])
+        covered = np.mean([gold in r.refinement.candidates for r, gold in zip(refined, items["label"].to_list())])
+        row = {
+            "dataset": name,
+            "seed": seed,
+            "n_user": len(texts),
+            "n_test": len(right),
+            "accuracy": float(right.mean()),
+            "ece": trust.expected_calibration_error(confidence, right),
+            "coverage_at_0.9": float(covered),
+            "fit_seconds": round(fit_seconds, 1),
+        }
+        for target in TARGETS:
+            chosen = trust.choose_threshold(fitted.held_out_confidence, fitted.held_out_right, target, 0.95)
+            accepted = confidence >= chosen.threshold if chosen.threshold is not None else np.zeros(len(right), bool)
+            row[f"share@{target}"] = float(accepted.mean())
+            row[f"acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
+            row[f"user_share@{target}"] = chosen.accepted_share
+        rows.append(row)
+        print(orjson.dumps(row).decode(), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--datasets", nargs="+", default=DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--n", type=int, default=1000, help="test items per dataset (a seeded sample)")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
+    args = parser.parse_args()
+    rows = [row for name in args.datasets for row in run_dataset(name, args)]
+    header = "| dataset | seed | n user / test | accuracy | ECE | " + " | ".join(
+        f"accepted / acc. @{t:.2f}" for t in TARGETS
+    )
+    print("\n" + header + " |\n|" + "---|" * (5 + len(TARGETS)))
+    for row in rows:
+        cells = [
+            f"{100 * row[f'share@{t}']:.1f}% / " + ("-" if row[f"acc@{t}"] is None else f"{100 * row[f'acc@{t}']:.1f}%")
+            for t in TARGETS
+        ]
+        print(
+            f"| {row['dataset']} | {row['seed']} | {row['n_user']} / {row['n_test']} | {100 * row['accuracy']:.1f}% | "
+            f"{row['ece']:.3f} | " + " | ".join(cells) + " |"
+        )
+    if args.out:
+        args.out.write_text("".join(orjson.dumps(row).decode() + "\n" for row in rows))
+
+
+if __name__ == "__main__":
+    main()
