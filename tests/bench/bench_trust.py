@@ -63,7 +63,8 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         texts, truths = split.rows["text"].to_list(), split.rows["label"].to_list()
         # w = 0: the model's answer cannot move the posterior, so every sample's answer is one stand-in label
         answer = split.labels[0]
-        samples = [Sample(id=str(i), text=t, answer=answer, truth=y) for i, (t, y) in enumerate(zip(texts, truths, strict=True))]
+        pairs = enumerate(zip(texts, truths, strict=True))
+        samples = [Sample(id=str(i), text=t, answer=answer, truth=y) for i, (t, y) in pairs]
         bank = estimate_bank(
             [(answer, y) for y in truths],
             split.labels,
@@ -81,11 +82,11 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         contexts = apply.neighbourhoods(fitted, item_vectors)
         refined = [apply.refine(fitted, context, None) for context in contexts]
         labels_given = [r.refinement.decided for r in refined]
-        confidence = np.array(
-            [apply.confidence(fitted, apply.score(fitted, r, y)) for r, y in zip(refined, labels_given)]
-        )
-        right = np.array([y == gold for y, gold in zip(labels_given, items["label"].to_list())])
-        covered = np.mean([gold in r.refinement.candidates for r, gold in zip(refined, items["label"].to_list())])
+        gold_labels = items["label"].to_list()
+        scores = [apply.score(fitted, r, y) for r, y in zip(refined, labels_given, strict=True)]
+        confidence = np.array([apply.confidence(fitted, raw) for raw in scores])
+        right = np.array([y == gold for y, gold in zip(labels_given, gold_labels, strict=True)])
+        covered = np.mean([gold in r.refinement.candidates for r, gold in zip(refined, gold_labels, strict=True)])
         row = {
             "dataset": name,
             "seed": seed,
