@@ -141,4 +141,11 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         load = run.get("engine_load_seconds")  # None: no local model was loaded (nothing asked, or an API)
         loaded = f"engine load {load:.0f} s" if load is not None else "no model loaded"
         lines.append(f"{run['items_per_second']:.1f} items/s annotating; {loaded}")
+    engine = run.get("engine") or {}
+    if engine.get("estimated_cost_usd") is not None:
+        tokens = f"{engine['prompt_tokens']:,} prompt + {engine['completion_tokens']:,} completion tokens"
+        cost = f"about ${engine['estimated_cost_usd']:,.4f}"
+        if engine.get("mode") == "batch":
+            cost += f" at the batch price ({engine['batch_discount']:g} x; online ${engine['online_cost_usd']:,.4f})"
+        lines.append(f"API: {engine['requests']:,} requests, {tokens}, {cost}")
     return lines
