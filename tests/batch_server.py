@@ -13,7 +13,8 @@ error); ``[[invalid]]`` fails the whole batch's validation. ``--expire-first N``
 batches expire with every other line answered. ``POST /hooks {"point": "upload"|"create"|
 "download", "seconds": S, "skip": K}`` holds the (K+1)-th such request S seconds (an upload before
 the file exists, a create after the batch exists, a download before its bytes), once; kill tests
-land there. ``GET /stats`` counts files, batches, submitted lines and what is in progress.
+land there. ``{"point": "completion", "seconds": S}`` sets how long batches created later take.
+``GET /stats`` counts files, batches, submitted lines and what is in progress.
 
     python -m tests.batch_server --completion-seconds 1 --max-seconds 600
 """
@@ -63,6 +64,7 @@ class _Batch:
     metadata: dict[str, Any]
     invalid: list[dict[str, Any]]
     expires: bool
+    completion_seconds: float
     status: str = "validating"
     cancel_at: float | None = None
     output_file_id: str | None = None
@@ -89,7 +91,7 @@ class BatchServer(FaultServer):
         self.hooks: dict[str, dict[str, float]] = {}
         self.stats: Counter[str] = Counter()
         self.submitted_ids: Counter[str] = Counter()
-        self.answered_texts: Counter[str] = Counter()
+        self.answered_ids: Counter[str] = Counter()
         self._text_attempts: Counter[str] = Counter()
         self._random = random.Random(self.batch_config.seed)
 
@@ -108,13 +110,16 @@ class BatchServer(FaultServer):
             **self.counters.as_dict(),
             **self.stats,
             "custom_ids_submitted_more_than_once": sum(1 for n in self.submitted_ids.values() if n > 1),
-            "texts_answered_more_than_once_in_batches": sum(1 for n in self.answered_texts.values() if n > 1),
+            "custom_ids_answered_more_than_once": sum(1 for n in self.answered_ids.values() if n > 1),
             "batch_statuses": {batch.id: batch.status for batch in self.batches.values()},
         }
         return web.Response(body=orjson.dumps(stats), content_type="application/json")
 
     async def _arm(self, request: web.Request) -> web.Response:
         hook = orjson.loads(await request.read())
+        if hook["point"] == "completion":  # batches created from now on take this long
+            self.batch_config.completion_seconds = float(hook["seconds"])
+            return web.Response(body=b"{}", content_type="application/json")
         self.hooks[hook["point"]] = {"seconds": float(hook["seconds"]), "skip": int(hook.get("skip", 0))}
         return web.Response(body=b"{}", content_type="application/json")
 
@@ -187,6 +192,7 @@ class BatchServer(FaultServer):
             metadata=body.get("metadata") or {},
             invalid=invalid,
             expires=number <= self.batch_config.expire_first,
+            completion_seconds=self.batch_config.completion_seconds,
         )
         self.batches[batch.id] = batch
         self.stats["batches_created"] += 1
@@ -252,20 +258,20 @@ class BatchServer(FaultServer):
             return
         if batch.cancel_at is not None:
             if time.monotonic() - batch.cancel_at >= _CANCELLING_SECONDS:
-                share = (batch.cancel_at - batch.started - config.validating_seconds) / config.completion_seconds
+                share = (batch.cancel_at - batch.started - config.validating_seconds) / batch.completion_seconds
                 self._finish(batch, "cancelled", set(range(int(done * min(max(share, 0.0), 1.0)))))
             return
         if elapsed < config.validating_seconds:
             batch.status = "validating"
-        elif elapsed < config.completion_seconds:
+        elif elapsed < batch.completion_seconds:
             batch.status = "in_progress"
             share = (elapsed - config.validating_seconds) / max(
-                config.completion_seconds - config.validating_seconds, 1e-9
+                batch.completion_seconds - config.validating_seconds, 1e-9
             )
             batch.completed = int(done * share)
         elif batch.expires:
             self._finish(batch, "expired", set(range(0, done, 2)))
-        elif elapsed < config.completion_seconds + _FINALIZING_SECONDS:
+        elif elapsed < batch.completion_seconds + _FINALIZING_SECONDS:
             batch.status, batch.completed = "finalizing", done
         else:
             self._finish(batch, "completed", set(range(done)))
@@ -298,7 +304,7 @@ class BatchServer(FaultServer):
                 }
                 errors.append({"id": request_id, "custom_id": line_id, "response": response, "error": None})
                 continue
-            self.answered_texts[text] += 1
+            self.answered_ids[line_id] += 1
             self.stats["lines_answered"] += 1
             body = chat_completion(line["body"], f"chatcmpl-{request_id}")
             response = {"status_code": 200, "request_id": request_id, "body": body}
