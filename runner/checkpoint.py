@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from runner.spec import JobSpec
 
 MANIFEST_NAME = "manifest.json"
 TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
+BATCH_DIR = "batch"  # an engine's own resumable state (the Batch API's batches and answered lines)
 PHASES = ("estimate", "annotate")
 SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
 MANIFEST_FORMAT_VERSION = 2
@@ -47,6 +49,13 @@ _NOT_MATERIAL = {
     "engine.prices.prompt_per_million",
     "engine.prices.completion_per_million",
     "engine.prices",
+    # The Batch API sends the online engine's request bodies: the same answers, later and cheaper.
+    "engine.batch",
+    "engine.batch_completion_window",
+    "engine.batch_poll_seconds",
+    "engine.batch_max_requests",
+    "engine.batch_max_bytes",
+    "engine.batch_discount",
 }
 
 
@@ -211,7 +220,7 @@ class Checkpoint:
         return previous
 
     def _only_our_layout(self) -> bool:
-        return all(p.name in SHARD_DIRS.values() for p in self.directory.iterdir())
+        return all(p.name in (*SHARD_DIRS.values(), BATCH_DIR) for p in self.directory.iterdir())
 
     def _clear(self) -> None:
         for name in SHARD_DIRS.values():
@@ -219,6 +228,7 @@ class Checkpoint:
                 shard.unlink()
         for name in (*_JOB_FILES, TRIAL_FILE):
             (self.directory / name).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / BATCH_DIR, ignore_errors=True)
 
     def load(self) -> Manifest:
         try:

@@ -6,6 +6,7 @@
     cm-run schemas [--check]
     cm-run bank show out/massive/memory_bank.json
     cm-run review export out/massive --csv        (then: cm-run review import out/massive reviewed.csv)
+    cm-run cancel jobs/openai/x-batch.yaml   (cancel the job's running Batch API batches)
 
 Exit codes: 0 done, 2 bad spec/data/bank/output dir, 3 engine failure, 130 interrupted.
 """
@@ -151,6 +152,30 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
     if prices is not None:
         cost = (prompt_tokens * prices.prompt_per_million + completion_tokens * prices.completion_per_million) / 1e6
         print(f"  at most about ${cost:,.2f} at the configured prices")
+    if spec.engine.kind == "openai" and prices is not None:
+        batch = cost * spec.engine.batch_discount
+        chosen = "engine.batch is on" if spec.engine.batch else "with engine.batch: true"
+        print(f"  through the Batch API ({chosen}): at most about ${batch:,.2f} (online ${cost:,.2f}),")
+        print(f"  up to {spec.engine.batch_completion_window} per phase (estimate; first calls; second calls)")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    """Cancel the Batch API batches a job left running; its next run collects what they answered."""
+    from runner.checkpoint import BATCH_DIR
+    from runner.engines.openai_batch import OpenAIBatchEngine
+
+    spec = load_spec(args.spec)
+    if spec.engine.kind != "openai" or not spec.engine.batch:
+        print(f"cm-run cancel: {spec.name} does not use the Batch API (engine.batch); nothing to cancel")
+        return 0
+
+    async def cancel() -> list[str]:
+        async with OpenAIBatchEngine(spec.engine, Path(spec.output.dir) / BATCH_DIR) as engine:
+            return await engine.cancel_pending()
+
+    for line in asyncio.run(cancel()) or ["no batch of this job is running"]:
+        print(f"cm-run cancel: {line}")
     return 0
 
 
@@ -319,6 +344,10 @@ def _parser() -> argparse.ArgumentParser:
     schemas.add_argument("--check", action="store_true")
     schemas.set_defaults(func=_schemas)
 
+    cancel = sub.add_parser("cancel", help="cancel the Batch API batches a job (engine.batch) left running")
+    cancel.add_argument("spec", help="the job spec YAML file")
+    cancel.set_defaults(func=_cancel)
+
     bank = sub.add_parser("bank", help="inspect a memory bank file")
     bank_sub = bank.add_subparsers(dest="bank_command", required=True)
     show = bank_sub.add_parser("show", help="top confusions per answer label")
@@ -355,11 +384,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run", "eval", "prepare-model", "schemas", "bank", "review", "-h", "--help"}
+    commands = {"run", "eval", "prepare-model", "schemas", "bank", "review", "cancel", "-h", "--help"}
     if argv and argv[0] not in commands:
         argv.insert(0, "run")  # `cm-run jobs/x.yaml` is `cm-run run jobs/x.yaml`
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="cm-run: %(levelname)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "quiet", False):  # the Batch API engine's line per poll: each batch's status and counts
+        logging.getLogger("runner.batch").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (SpecError, DataError, BankError, CheckpointError) as error:
@@ -371,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, _Terminated) as stop:
         print(
             "cm-run: stopped; every finished chunk is saved. Rerun the same command to resume "
-            "(add --restart to start over).",
+            "(add --restart to start over). Batch API batches keep running: the rerun collects them, "
+            "`cm-run cancel SPEC` cancels them.",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if isinstance(stop, _Terminated) else EXIT_INTERRUPTED

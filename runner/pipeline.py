@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from runner import apply
 from runner._fitted_store import load_fitted, save_fitted
 from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
-from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, spec_digest, write_atomic
+from runner.checkpoint import BATCH_DIR, TRIAL_FILE, Checkpoint, Manifest, spec_digest, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
 from runner.engines._lazy import LazyEngine
@@ -142,7 +143,7 @@ async def estimate_phase(
         checkpoint,
         manifest,
         progress,
-        spec.output.chunks_in_flight,
+        _in_flight(spec, engine),
     )
     estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
     estimate.write_parquet(checkpoint.directory / ESTIMATE_FILE)
@@ -166,6 +167,11 @@ async def estimate_phase(
         ),
         samples=samples,
     )
+
+
+def _in_flight(spec: JobSpec, engine: Engine) -> int:
+    """Chunks worked on at once: a whole phase for an engine that answers phases (the Batch API)."""
+    return sys.maxsize if getattr(engine, "wants_whole_phase", False) else spec.output.chunks_in_flight
 
 
 async def _run_chunks(
@@ -469,7 +475,7 @@ async def run_job(
 
     owned = engine is None
     # loaded on the first request: a finished job, or one whose bank needs no answers, loads no model
-    engine = engine or LazyEngine(make_engine(spec.engine))
+    engine = engine or LazyEngine(make_engine(spec.engine, checkpoint.directory / BATCH_DIR))
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
     memory = PeakMemory().__enter__()
     if owned:
@@ -503,7 +509,7 @@ async def run_job(
             checkpoint,
             manifest,
             progress,
-            spec.output.chunks_in_flight,
+            _in_flight(spec, engine),
         )
         elapsed = time.perf_counter() - started
         run["annotate_seconds"] = round(elapsed, 2)

@@ -199,6 +199,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         if dtype := run.get("engine_dtype"):
             loaded += f", {dtype['dtype']} ({dtype['reason']})"
         lines.append(f"{run['items_per_second']:.1f} items/s annotating; {loaded}")
+    engine = run.get("engine") or {}
+    if engine.get("estimated_cost_usd") is not None:
+        tokens = f"{engine['prompt_tokens']:,} prompt + {engine['completion_tokens']:,} completion tokens"
+        cost = f"about ${engine['estimated_cost_usd']:,.4f}"
+        if engine.get("mode") == "batch":
+            cost += f" at the batch price ({engine['batch_discount']:g} x; online ${engine['online_cost_usd']:,.4f})"
+        lines.append(f"API: {engine['requests']:,} requests, {tokens}, {cost}")
     return lines
 
 

@@ -190,6 +190,30 @@ class OpenAIEngineSpec(_Strict):
         ),
     )
     prices: Prices | None = None
+    batch: bool = Field(
+        default=False,
+        description=(
+            "Send every call through the Batch API (POST /v1/files + /v1/batches) at batch_discount x prices: "
+            "each phase (estimate; first calls; second calls) waits for its batches, up to "
+            "batch_completion_window each. Resumable: a rerun polls the batches it created and never submits "
+            "an answered line again."
+        ),
+    )
+    batch_completion_window: Literal["24h"] = Field(
+        default="24h", description="How long the API may take over a batch (OpenAI accepts 24h only)."
+    )
+    batch_poll_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="Seconds between two looks at the running batches (one progress line each)."
+    )
+    batch_max_requests: Annotated[int, Field(gt=0, le=50_000)] = Field(
+        default=50_000, description="Lines per batch file at most (OpenAI's limit is 50,000)."
+    )
+    batch_max_bytes: Annotated[int, Field(gt=0, le=200_000_000)] = Field(
+        default=200_000_000, description="Bytes per batch file at most (OpenAI's limit is 200 MB)."
+    )
+    batch_discount: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5, description="Batch price as a share of prices, for the cost estimate (OpenAI: half)."
+    )
 
 
 EngineSpec = Annotated[VLLMEngineSpec | OpenAIEngineSpec, Field(discriminator="kind")]

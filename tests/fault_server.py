@@ -156,17 +156,20 @@ class FaultServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def __aenter__(self) -> Self:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/stats", self._stats)
-        app.router.add_post("/stats/reset", self._reset)
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        self._add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
+
+    def _add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
+        app.router.add_post("/stats/reset", self._reset)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._runner is not None:
@@ -212,7 +215,7 @@ class FaultServer:
         try:
             body = orjson.loads(await request.read())
             user_text = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
-            allowed = _allowed_labels(body)
+            _allowed_labels(body)  # a request whose labels cannot be read is a 400 here, as before
         except (orjson.JSONDecodeError, KeyError, StopIteration, TypeError) as error:
             counters.statuses["400"] += 1
             return _error(400, f"bad request: {error!r}", "invalid_request_error")
@@ -243,26 +246,32 @@ class FaultServer:
         if fault == "malformed":
             counters.statuses["malformed"] += 1
             return web.Response(status=200, body=b'{"id": "x", "choices": [{"mess', content_type="application/json")
-        answer = WRONG_LABEL if fault == "wrong" else expected_answer(user_text, allowed)
-        is_json = (body.get("response_format") or {}).get("type") == "json_schema"
-        content = orjson.dumps({"label": answer}).decode() if is_json else answer
-        prompt_chars = sum(len(m.get("content") or "") for m in body["messages"])
         counters.statuses["200"] += 1
         counters.answered += 1
         counters.answered_texts[user_text] += 1
-        payload = {
-            "id": f"chatcmpl-{counters.requests}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model", "fault-model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {
-                "prompt_tokens": prompt_chars // 4 + 1,
-                "completion_tokens": len(content) // 4 + 1,
-                "total_tokens": prompt_chars // 4 + len(content) // 4 + 2,
-            },
-        }
+        payload = chat_completion(body, f"chatcmpl-{counters.requests}", wrong=fault == "wrong")
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+def chat_completion(body: dict[str, Any], completion_id: str, wrong: bool = False) -> dict[str, Any]:
+    """The deterministic answer to a chat completions request body, with its usage (chars/4)."""
+    user_text = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    answer = WRONG_LABEL if wrong else expected_answer(user_text, _allowed_labels(body))
+    is_json = (body.get("response_format") or {}).get("type") == "json_schema"
+    content = orjson.dumps({"label": answer}).decode() if is_json else answer
+    prompt_chars = sum(len(m.get("content") or "") for m in body["messages"])
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "fault-model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_chars // 4 + 1,
+            "completion_tokens": len(content) // 4 + 1,
+            "total_tokens": prompt_chars // 4 + len(content) // 4 + 2,
+        },
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -306,9 +315,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def serving_process(*options: str) -> Iterator[str]:
+def serving_process(*options: str, module: str = "tests.fault_server") -> Iterator[str]:
     """The server as its own process, started with these command-line options; yields its base URL."""
-    command = [sys.executable, "-m", "tests.fault_server", *options]
+    command = [sys.executable, "-m", module, *options]
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

@@ -119,14 +119,16 @@ def parse_answer(payload: bytes, constraint: ConstraintMode, constrained: bool) 
         reason = choice.get("finish_reason") or choice["message"].get("refusal") or "unknown"
         raise PermanentError("no_content", f"the answer has no content (finish_reason {reason!r})")
     usage = data.get("usage") or {}
-    text = content
-    if constraint == "json_schema" and constrained:
-        text = _label_from_json(content)
     return Answer(
-        text=text,
+        text=label_text(content, constraint, constrained),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
     )
+
+
+def label_text(content: str, constraint: ConstraintMode, constrained: bool) -> str:
+    """The answer as the label parser wants it: a json_schema answer unwrapped, any other as it came."""
+    return _label_from_json(content) if constraint == "json_schema" and constrained else content
 
 
 def _label_from_json(content: str) -> str:
