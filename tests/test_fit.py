@@ -1,0 +1,427 @@
+"""Fitting CM on the user split (runner.fit) and applying the fit to items (runner.apply).
+
+The expected settings (k and temperature, the likelihood weight, tau, the questions) are worked
+out here by hand or by brute force over the grids on tiny banks, not read back from the code.
+"""
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from runner import apply
+from runner.bank import Sample, UserSplitInfo, estimate_bank
+from runner.fit import (
+    NEIGHBOUR_GRID,
+    TEMPERATURE_GRID,
+    WEIGHT_GRID,
+    FitDraft,
+    FittedCM,
+    _earned_weight,
+    finish_fit,
+    prepare_fit,
+)
+from runner.probe import fit_probe
+from runner.spec import CMSpec
+
+LABELS = ["pets", "weather", "music"]
+SPLIT = UserSplitInfo(path="u", fraction=None, seed=0, stratified=True, n_samples=0)
+
+
+def toy_embed(texts):
+    """Bag of words over a tiny vocabulary, L2-normalised: texts sharing words are neighbours."""
+    vocab = ["cat", "dog", "rain", "sun", "song", "band", "loud"]
+    vectors = np.array([[text.split().count(word) + 1e-3 for word in vocab] for text in texts], dtype=float)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def bank_from(samples):
+    pairs = [(s.answer, s.truth) for s in samples]
+    return estimate_bank(
+        pairs, LABELS, dataset="toy", model="m", strategy="zero_shot", user_split=SPLIT, samples=samples
+    )
+
+
+# The model answers "music" for loud pets and for every song; weather is answered right.
+SAMPLES = [
+    Sample(id="1", text="cat dog", answer="pets", truth="pets"),
+    Sample(id="2", text="dog cat cat", answer="pets", truth="pets"),
+    Sample(id="3", text="loud dog", answer="music", truth="pets"),
+    Sample(id="4", text="loud cat dog", answer="music", truth="pets"),
+    Sample(id="5", text="rain sun", answer="weather", truth="weather"),
+    Sample(id="6", text="sun rain rain", answer="weather", truth="weather"),
+    Sample(id="7", text="song band", answer="music", truth="music"),
+    Sample(id="8", text="band song song", answer="music", truth="music"),
+    Sample(id="9", text="loud band", answer="music", truth="music"),
+]
+TRUTHS = np.array([LABELS.index(s.truth) for s in SAMPLES])
+
+
+def fit(samples, cm: CMSpec, embed=None, choose=lambda question, truth: question.most_probable) -> FittedCM:
+    """Fit on ``samples``, answering each held-out question with ``choose(question, its truth)``."""
+    draft = draft_of(samples, cm, embed)
+    return finish_fit(draft, [choose(q, samples[q.sample].truth) for q in draft.questions])
+
+
+def draft_of(samples, cm: CMSpec, embed=None) -> FitDraft:
+    return prepare_fit(bank_from(samples), cm, embed([s.text for s in samples]) if embed else None)
+
+
+def refine_texts(fitted: FittedCM, embed, texts, answers):
+    """Each text's refinement, its neighbourhood embedded as the pipeline does."""
+    contexts = apply.neighbourhoods(fitted, embed(texts))
+    return [apply.refine(fitted, c, a).refinement for c, a in zip(contexts, answers, strict=True)]
+
+
+# --- worked out by hand, independently of runner.fit and runner.posterior -------------------
+
+
+def votes_by_hand(vectors, truths, k, temperature):
+    """Leave-one-out neighbour vote weights: each sample's k nearest others, weighted exp(s / T)."""
+    weights = np.zeros((len(vectors), len(LABELS)))
+    for i in range(len(vectors)):
+        others = sorted((j for j in range(len(vectors)) if j != i), key=lambda j: -(vectors[i] @ vectors[j]))
+        near = others[:k]
+        closest = vectors[i] @ vectors[near[0]]
+        for j in near:
+            weights[i, truths[j]] += math.exp((vectors[i] @ vectors[j] - closest) / temperature)
+    return weights
+
+
+def best_neighbourhood_by_hand(vectors, truths):
+    """The (k, T) whose leave-one-out vote is right most often, the first in grid order on ties."""
+    right = {
+        (k, t): int(np.sum(votes_by_hand(vectors, truths, k, t).argmax(axis=1) == truths))
+        for k in NEIGHBOUR_GRID
+        for t in TEMPERATURE_GRID
+    }
+    return max(right, key=right.get), right
+
+
+def counts_posterior_by_hand(samples, i, weight, alpha=0.1, beta=1.0):
+    """p(Y | Y' = sample i's answer) from every other sample's counts: likelihood^w x class prior."""
+    others = samples[:i] + samples[i + 1 :]
+    answer = samples[i].answer
+    joint = []
+    for label in LABELS:
+        with_truth = sum(o.truth == label for o in others)
+        answered = sum(o.truth == label and o.answer == answer for o in others)
+        likelihood = (answered + alpha) / (with_truth + len(LABELS) * alpha)
+        prior = (with_truth + beta) / (len(others) + len(LABELS) * beta)
+        joint.append(likelihood**weight * prior)
+    return np.array(joint) / sum(joint)
+
+
+def conformity_by_hand(posterior, truth):
+    """The posterior mass of the labels ranked (most probable first, label order on ties) down to the truth."""
+    ranked = sorted(range(len(posterior)), key=lambda j: -posterior[j])
+    return sum(posterior[j] for j in ranked[: ranked.index(truth) + 1])
+
+
+def conformal_quantile_by_hand(scores, coverage):
+    rank = math.ceil((len(scores) + 1) * coverage)
+    return 1.0 if rank > len(scores) else sorted(scores)[rank - 1]
+
+
+# --- the variants --------------------------------------------------------------------------
+
+
+def test_paper_variant_is_the_binary_row_and_asks_among_the_held_out_rows_with_several_labels():
+    draft = draft_of(SAMPLES, CMSpec())
+    # row "music" of M holds pets (2 samples) and music (3); without any one of those five it still
+    # holds both, so each is asked among them (label order, as the second call lists a paper row).
+    # Rows "pets" and "weather" hold one label each: nothing to ask.
+    answered_music = [i for i, s in enumerate(SAMPLES) if s.answer == "music"]
+    assert [q.sample for q in draft.questions] == answered_music
+    assert all(q.candidates == ("pets", "music") for q in draft.questions)
+    fitted = finish_fit(draft, [SAMPLES[q.sample].truth for q in draft.questions])
+    assert fitted.variant == "paper"
+    refined = apply.refine(fitted, None, "music").refinement
+    assert refined.candidates == ("pets", "music") and refined.needs_second_call
+
+
+def test_counts_variant_keeps_the_likely_truths_and_decides_when_one_suffices():
+    # answer music: truths music (3) and pets (2): music alone has more than half the mass
+    decided = apply.refine(fit(SAMPLES, CMSpec(variant="counts", tau=0.5)), None, "music").refinement
+    assert decided.candidates == ("music",) and decided.decided == "music" and not decided.needs_second_call
+    wide = apply.refine(fit(SAMPLES, CMSpec(variant="counts", tau=0.95)), None, "music").refinement
+    assert wide.candidates[:2] == ("music", "pets") and wide.needs_second_call
+    never_cm = CMSpec(variant="counts", tau=0.95, second_call="never")
+    never = apply.refine(fit(SAMPLES, never_cm), None, "music").refinement
+    assert never.decided == "music" and not never.needs_second_call
+
+
+def test_neighbour_prior_recovers_pets_the_model_calls_music():
+    fitted = fit(SAMPLES, CMSpec(variant="neighbour_prior", tau=0.5, neighbours=3), toy_embed)
+    [refined] = refine_texts(fitted, toy_embed, ["loud dog cat"], ["music"])
+    assert refined.neighbour_vote == "pets" and refined.decided == "pets"
+
+
+def test_instance_variant_uses_local_confusions():
+    cm = CMSpec(variant="instance", tau=0.5, neighbours=3, instance_neighbours=3, blend=0.5)
+    fitted = fit(SAMPLES, cm, toy_embed)
+    near_pets, near_music = refine_texts(fitted, toy_embed, ["loud dog", "song band loud"], ["music", "music"])
+    assert near_pets.decided == "pets"
+    assert near_music.decided == "music"
+
+
+# The 9 scores come in runs of equal values (the samples come in pairs); these coverages (ranks
+# ceil(10 * coverage) = 5, 6, 8) are chosen so that a rank one off either way, or ceil(9 * coverage),
+# picks another value at one of them at least.
+@pytest.mark.parametrize("coverage", [0.45, 0.55, 0.75])
+def test_tau_is_the_conformal_quantile_of_held_out_conformity_scores(coverage):
+    cm = CMSpec(variant="counts", coverage=coverage, likelihood_weight=1.0)
+    scores = [
+        conformity_by_hand(counts_posterior_by_hand(SAMPLES, i, weight=1.0), TRUTHS[i]) for i in range(len(SAMPLES))
+    ]
+    expected = conformal_quantile_by_hand(scores, coverage)
+    draft = draft_of(SAMPLES, cm)
+    assert draft.tau == pytest.approx(expected)
+    covered = np.mean([truth in chosen for truth, chosen in zip(TRUTHS, draft.held_out_sets, strict=True)])
+    assert covered >= coverage  # the held-out sets hold the truth at least as often as asked
+
+
+def test_a_coverage_the_held_out_scores_cannot_certify_keeps_every_label():
+    # ceil(10 * 1.0) = 10 > 9 scores: no held-out score is a tau with that guarantee
+    assert draft_of(SAMPLES, CMSpec(variant="counts", coverage=1.0, likelihood_weight=1.0)).tau == 1.0
+    loose = draft_of(SAMPLES, CMSpec(variant="counts", coverage=0.5, likelihood_weight=1.0)).tau
+    assert loose < 1.0
+
+
+def test_neighbour_variants_need_samples_and_their_embeddings():
+    no_samples = estimate_bank(
+        [(s.answer, s.truth) for s in SAMPLES], LABELS, dataset="toy", model="m", strategy="z", user_split=SPLIT
+    )
+    with pytest.raises(ValueError, match="needs a bank with its user samples"):
+        prepare_fit(no_samples, CMSpec(variant="neighbour_prior"), toy_embed([s.text for s in SAMPLES]))
+    with pytest.raises(ValueError, match="needs the user samples' embeddings"):
+        prepare_fit(bank_from(SAMPLES), CMSpec(variant="instance"))
+
+
+CORPUS = [("cat loud dog", "pets"), ("rain sun sun", "weather"), ("song loud", "music")]
+ANSWERS = {s.text: s.answer for s in SAMPLES} | {
+    "cat loud dog": "music",
+    "rain sun sun": "weather",
+    "song loud": "music",
+}
+
+
+def neighbour_job(toy_job, cm: str, samples=SAMPLES):
+    return toy_job([(s.text, s.truth) for s in samples], CORPUS, name="np", labels=LABELS, extra=f"cm: {cm}")
+
+
+@pytest.mark.parametrize("prior", ["neighbours", "probe"])
+async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_and_what_it_chose(tmp_path, toy_job, prior):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    spec = neighbour_job(toy_job, f"{{variant: neighbour_prior, prior: {prior}, second_call: never}}")
+    result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_neighbour"].to_list() == ["pets", "weather", "music"]
+    assert table["y_hat"].to_list() == ["pets", "weather", "music"]
+    assert result.metrics["accuracy_baseline"] == pytest.approx(2 / 3)
+    assert result.metrics["accuracy_cm"] == 1.0 and result.metrics["accuracy_neighbour_vote"] == 1.0
+
+    # what the user split chose is reported: worked out here from the bank's samples
+    samples = result.bank.samples
+    vectors = toy_embed([s.text for s in samples])
+    truths = np.array([LABELS.index(s.truth) for s in samples])
+    (k, temperature), _ = best_neighbourhood_by_hand(vectors, truths)
+    if prior == "probe":
+        probe = fit_probe(vectors, truths, len(LABELS))
+        held_out_prior, strength = probe.held_out, probe.strength
+    else:
+        weights = votes_by_hand(vectors, truths, k, temperature)
+        held_out_prior, strength = 0.95 * weights / weights.sum(axis=1, keepdims=True) + 0.05 / 3, None
+    wrong = int(np.sum(held_out_prior.argmax(axis=1) != truths))
+    # the answer can win at most the samples the prior gets wrong; with one, wins - losses <= 1 = sqrt(1):
+    # never more than one standard error, so the answer gets no weight and the posterior is the prior
+    assert wrong <= 1
+    scores = [conformity_by_hand(row, truth) for row, truth in zip(held_out_prior, truths, strict=True)]
+    chosen = result.metrics["cm_settings"]
+    assert chosen["prior"] == prior and (chosen["neighbours"], chosen["neighbour_temperature"]) == (k, temperature)
+    assert chosen["likelihood_weight"] == 0.0
+    assert chosen["tau"] == pytest.approx(min(1.0, conformal_quantile_by_hand(scores, 0.9)))
+    assert chosen.get("probe_strength") == strength
+
+
+def test_likelihood_weight_zero_is_the_neighbour_vote_and_unset_is_chosen_on_held_out_samples():
+    vote_only = fit(SAMPLES, CMSpec(variant="neighbour_prior", likelihood_weight=0.0, tau=0.5), toy_embed)
+    texts, answers = ["loud dog cat", "song band", "rain"], ["music", "pets", "music"]
+    for refined in refine_texts(vote_only, toy_embed, texts, answers):
+        assert refined.decided == refined.neighbour_vote  # the model's answer is ignored at w = 0
+
+    # unset, on the counts variant (class prior): the weight whose held-out argmax is right most often
+    # (the smallest on ties), kept if it beats w = 0 by more than one standard error
+    def right_at(weight):
+        return np.array(
+            [counts_posterior_by_hand(SAMPLES, i, weight).argmax() == TRUTHS[i] for i in range(len(SAMPLES))]
+        )
+
+    best = max(WEIGHT_GRID, key=lambda w: (right_at(w).sum(), -w))
+    wins, losses = int(np.sum(right_at(best) & ~right_at(0.0))), int(np.sum(~right_at(best) & right_at(0.0)))
+    expected = best if wins - losses > math.sqrt(wins + losses) else 0.0
+    assert expected > 0  # this bank's answers are worth weighing: the test below can tell 0 from a choice
+    assert draft_of(SAMPLES, CMSpec(variant="counts", tau=0.5)).weight == expected
+
+
+def pets_arc_with_a_mislabelled_sample(query_angle: float):
+    """A pets arc with one "music" sample in its middle, a music cluster far away, and a query:
+    user samples on the unit circle (named by their angle) and the embedder that places them."""
+    angles = {"p0": 0, "p10": 10, "p20": 20, "p30": 30, "m15": 15, "m90": 90, "m100": 100, "m110": 110}
+
+    def embed_at_angle(texts):
+        radians = np.deg2rad([query_angle if text == "query" else angles[text] for text in texts])
+        return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+    samples = [Sample(id=t, text=t, answer="pets", truth="pets" if t[0] == "p" else "music") for t in angles]
+    return samples, embed_at_angle
+
+
+def test_unset_neighbourhood_is_the_one_whose_vote_is_best_on_held_out_samples():
+    # the single nearest sample misleads half the pets, a vote of three does not
+    samples, embed_at_angle = pets_arc_with_a_mislabelled_sample(query_angle=17)
+    truths = np.array([LABELS.index(s.truth) for s in samples])
+    best, right = best_neighbourhood_by_hand(embed_at_angle([s.text for s in samples]), truths)
+    assert right[(1, 0.01)] == 5 and right[(3, 0.05)] == 7  # 1-NN gets 5 of 8 held-out samples right, 3 votes 7
+    fixed = dict(variant="neighbour_prior", tau=0.5, likelihood_weight=0.0)
+    tuned = fit(samples, CMSpec(**fixed), embed_at_angle)
+    assert (tuned.neighbours, tuned.temperature) == best
+    one = fit(samples, CMSpec(**fixed, neighbours=1, neighbour_temperature=0.01), embed_at_angle)
+    assert refine_texts(one, embed_at_angle, ["query"], ["pets"])[0].decided == "music"
+    assert refine_texts(tuned, embed_at_angle, ["query"], ["pets"])[0].decided == "pets"
+
+
+def held_out(n_prior_right, n_prior_wrong, answer_fixes, answer_breaks):
+    """Two labels, truth 0 everywhere: priors right or wrong, and answers that fix or break them."""
+    right, wrong = [0.6, 0.4], [0.4, 0.6]
+    priors = np.array([right] * n_prior_right + [wrong] * n_prior_wrong)
+    rows = np.full_like(priors, 0.5)  # an answer that says nothing
+    rows[n_prior_right : n_prior_right + answer_fixes] = [0.9, 0.1]
+    rows[:answer_breaks] = [0.1, 0.9]
+    return rows, priors, np.zeros(len(priors), dtype=np.int64)
+
+
+def test_the_models_answer_gets_weight_only_when_it_clearly_beats_the_prior():
+    # an answer row (0.9, 0.1) overturns a prior (0.4, 0.6) once 9^w > 1.5, w > 0.18: every weight from
+    # 0.25 up fixes the same 30 samples, and the smallest is kept; 30 wins, no loss: 30 > sqrt(30)
+    assert _earned_weight(*held_out(60, 40, answer_fixes=30, answer_breaks=0)) == 0.25
+    # 3 fixed and 1 broken out of 100: better on the user split, but 3 - 1 = 2 is not more than sqrt(4)
+    assert _earned_weight(*held_out(60, 40, answer_fixes=3, answer_breaks=1)) == 0.0
+
+
+async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, toy_job):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    cm = "{variant: neighbour_prior, tau: 0.5, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
+    engine = ScriptedEngine(ANSWERS, n_labels=3)
+    result = await run_job(neighbour_job(toy_job, cm), engine=engine, embed=toy_embed)
+    asked = sorted(request.messages[-1].content for request in engine.requests)
+    # the estimate asks every user sample; the corpus, nobody. One user sample is asked again, among
+    # its held-out set: "loud band"'s three nearest others are "loud dog", "song band" (equally close)
+    # and "loud cat dog", so pets and music each hold under half its mass at tau 0.5
+    assert asked == sorted([s.text for s in SAMPLES] + ["loud band"])
+    [question] = [r for r in engine.requests if len(r.choices) < 3]
+    assert question.messages[-1].content == "loud band" and len(question.choices) == 2
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_prime"].to_list() == [None, None, None] and table["calls"].to_list() == [0, 0, 0]
+    assert table["y_hat"].to_list() == table["y_neighbour"].to_list() == ["pets", "weather", "music"]
+    assert result.metrics["accuracy_baseline"] is None and result.metrics["accuracy_cm"] == 1.0
+    assert result.metrics["calls_per_item"] == 0
+
+
+async def test_a_skipped_first_answer_still_lets_the_model_choose_within_an_ambiguous_set(tmp_path, toy_job):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    # tau 0.98: the neighbours' label and one more, so every item's set holds two labels
+    cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
+    engine = ScriptedEngine(ANSWERS, dict(CORPUS), n_labels=3)
+    result = await run_job(neighbour_job(toy_job, cm), engine=engine, embed=toy_embed)
+    corpus_requests = [r for r in engine.requests if r.messages[-1].content in dict(CORPUS)]
+    assert len(corpus_requests) == 3 and all(len(r.choices) == 2 for r in corpus_requests)  # second calls only
+    # every user sample is asked twice: its first answer for the bank, then (its held-out set holding two
+    # labels at tau 0.98 too) a choice within that set, which the confidence is calibrated on
+    user_requests = [r for r in engine.requests if r.messages[-1].content not in dict(CORPUS)]
+    assert sorted(len(r.choices) for r in user_requests) == [2] * len(SAMPLES) + [3] * len(SAMPLES)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["calls"].to_list() == [1, 1, 1] and table["y_hat"].to_list() == [y for _, y in CORPUS]
+    assert result.metrics["second_call_rate"] == 1.0 and result.metrics["candidate_set_size"]["mean"] == 2
+
+
+def test_only_a_weighted_answer_is_needed():
+    cm = dict(variant="neighbour_prior", tau=0.5, neighbours=3, neighbour_temperature=0.05)
+    assert fit(SAMPLES, CMSpec(**cm, likelihood_weight=0.0), toy_embed).needs_answer  # first_call: always
+    skip = fit(SAMPLES, CMSpec(**cm, likelihood_weight=0.0, first_call="when_weighted"), toy_embed)
+    assert not skip.needs_answer
+    assert refine_texts(skip, toy_embed, ["loud dog cat"], [None])[0].decided == "pets"
+    assert fit(SAMPLES, CMSpec(**cm, likelihood_weight=0.5, first_call="when_weighted"), toy_embed).needs_answer
+    assert fit(SAMPLES, CMSpec()).needs_answer
+
+
+def test_the_probe_prior_follows_regions_where_the_nearest_sample_misleads():
+    # the query's nearest sample is the mislabelled one, but no straight boundary cuts it out of the arc
+    samples, embed_at_angle = pets_arc_with_a_mislabelled_sample(query_angle=16)
+    cm = dict(variant="neighbour_prior", tau=0.5, likelihood_weight=0.0, neighbours=1, neighbour_temperature=0.01)
+    probe = fit(samples, CMSpec(**cm, prior="probe"), embed_at_angle)
+    [refined] = refine_texts(probe, embed_at_angle, ["query"], ["pets"])
+    assert refined.neighbour_vote == "music"  # recorded beside the answer, whichever prior decides
+    assert refined.decided == "pets"
+    assert probe.probe is not None and probe.probe.held_out.shape == (8, len(LABELS))
+
+
+def test_second_call_auto_asks_again_only_if_the_trial_on_user_samples_says_it_pays():
+    cm = dict(variant="neighbour_prior", tau=0.98, neighbours=3, likelihood_weight=0.0, second_call="auto")
+    draft = draft_of(SAMPLES, CMSpec(**cm), toy_embed)
+    questions = draft.questions
+    assert questions and all(len(q.candidates) > 1 for q in questions)
+    assert draft.asks_second_call is None  # undecided until the model has answered the questions
+    with pytest.raises(ValueError, match=f"{len(questions)} questions, 0 choices"):
+        finish_fit(draft, [])
+    truths = [SAMPLES[q.sample].truth for q in questions]
+    # right wherever the most probable label is wrong: one win ("loud band"), within one standard error
+    fitted = finish_fit(draft, truths)
+    assert fitted.trial_outcome == {"asked": len(truths), "wins": 1, "losses": 0}
+    assert fitted.asks_second_call is False and fitted.settings["second_call"] == "never"
+
+
+async def test_a_job_with_second_call_auto_asks_user_samples_once_and_follows_their_verdict(tmp_path, toy_job):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    # loud music among the pets: the neighbours get these wrong, a model choosing within C does not
+    loud_music = ["loud dog dog band", "loud cat cat band", "dog cat loud band"]
+    samples = [*SAMPLES, *(Sample(id=text, text=text, answer="pets", truth="music") for text in loud_music)]
+    first = ANSWERS | {s.text: s.answer for s in samples}
+    right_within_c = {s.text: s.truth for s in samples} | dict(CORPUS)
+    cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, second_call: auto}"
+    spec = neighbour_job(toy_job, cm, samples)
+    result = await run_job(spec, engine=ScriptedEngine(first, right_within_c, n_labels=3), embed=toy_embed)
+    trial = orjson.loads((tmp_path / "out/second_call_trial.json").read_bytes())
+    texts = {s.id: s.text for s in result.bank.samples}
+    assert trial["choices"] == [right_within_c[texts[asked["id"]]] for asked in trial["asked"]]
+    chosen = result.metrics["cm_settings"]
+    assert chosen["second_call"] == "when_ambiguous" and chosen["second_call_trial"]["losses"] == 0
+    assert chosen["second_call_trial"]["wins"] >= 2
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["y_hat"].to_list() == [y for _, y in CORPUS] and table["calls"].to_list() == [2, 2, 2]
+    # a rerun reads the trial back: no request, no model started, the same verdict
+    rerun = ScriptedEngine(first, right_within_c, n_labels=3)
+    again = await run_job(spec, engine=rerun, embed=toy_embed)
+    assert rerun.requests == [] and again.metrics["cm_settings"] == chosen
+    # a model that always picks the wrong label within C is not asked again about the corpus
+    wrong_within_c = {text: next(y for y in LABELS if y != truth) for text, truth in right_within_c.items()}
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "out-wrong")})})
+    wrong = await run_job(spec, engine=ScriptedEngine(first, wrong_within_c, n_labels=3), embed=toy_embed)
+    assert wrong.metrics["cm_settings"]["second_call"] == "never" and wrong.metrics["calls_per_item"] == 1
