@@ -14,7 +14,7 @@ import numpy as np
 
 from runner import posterior as post
 from runner.bank import Refinement
-from runner.fit import FittedCM, instance_row, paper_candidates
+from runner.fit import FitDraft, FittedCM, instance_row, paper_candidates
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,11 @@ class Refined:
     scores: np.ndarray  # per label: posterior probability, or the bank row's share (paper, plain)
 
 
-def neighbourhoods(fitted: FittedCM, vectors: np.ndarray) -> list[Neighbourhood | None]:
-    """One neighbourhood per embedded item (None for variants that do not look at X)."""
+def neighbourhoods(fitted: FittedCM | FitDraft, vectors: np.ndarray) -> list[Neighbourhood | None]:
+    """One neighbourhood per embedded item (None for variants that do not look at X).
+
+    A draft suffices: the neighbourhood and the probe are chosen before the model is asked anything.
+    """
     if not fitted.uses_neighbours:
         return [None] * len(vectors)
     assert fitted.user_vectors is not None

@@ -54,8 +54,25 @@ class Question:
     most_probable: str  # the answer without a second call
 
 
+class _KnownBeforeAsking:
+    """What a draft already settles, so a job can start first calls while the model is asked among held-out sets."""
+
+    variant: Variant
+    cm: CMSpec
+    weight: float
+
+    @property
+    def uses_neighbours(self) -> bool:
+        return self.variant in ("neighbour_prior", "instance")
+
+    @property
+    def needs_answer(self) -> bool:
+        """False when the first answer Y' cannot change the result: the job then skips that call."""
+        return self.variant in ("plain", "paper") or self.cm.first_call == "always" or self.weight > 0
+
+
 @dataclass(frozen=True)
-class FittedCM:
+class FittedCM(_KnownBeforeAsking):
     """What the user split chose, frozen: applied to corpus chunks by ``runner.apply``."""
 
     variant: Variant
@@ -76,15 +93,6 @@ class FittedCM:
     acceptance: trust.Acceptance | None
     held_out_confidence: np.ndarray = field(repr=False)  # per held-out sample, for the risk-coverage plot
     held_out_right: np.ndarray = field(repr=False)
-
-    @property
-    def uses_neighbours(self) -> bool:
-        return self.variant in ("neighbour_prior", "instance")
-
-    @property
-    def needs_answer(self) -> bool:
-        """False when the first answer Y' cannot change the result: the job then skips that call."""
-        return self.variant in ("plain", "paper") or self.cm.first_call == "always" or self.weight > 0
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -132,7 +140,7 @@ class FittedCM:
 
 
 @dataclass(frozen=True)
-class FitDraft:
+class FitDraft(_KnownBeforeAsking):
     """Everything fitted before the model is asked among held-out sets (``questions``)."""
 
     variant: Variant

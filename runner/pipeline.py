@@ -30,7 +30,7 @@ from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
-from runner.fit import FittedCM, Question, finish_fit, prepare_fit
+from runner.fit import FitDraft, FittedCM, Question, finish_fit, prepare_fit
 from runner.labels import LabelSet
 from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, trust_metrics
 from runner.review import (
@@ -113,6 +113,7 @@ async def _estimate_chunk(
     answers = await strategy.classify(engine, _prompt_texts(rows, max_chars), [labels.labels] * rows.height)
     return rows.with_columns(
         pl.Series("y_prime", [a.label for a in answers], dtype=pl.String),
+        pl.Series("y_prime_probability", [a.probability for a in answers], dtype=pl.Float64),
         pl.Series("raw_answer", [a.raw for a in answers], dtype=pl.String),
         pl.Series("error", [a.error for a in answers], dtype=pl.String),
         pl.Series("error_kind", [a.error_kind for a in answers], dtype=pl.String),
@@ -242,27 +243,34 @@ async def annotate_rows(
     engine: Engine,
     strategy: Strategy,
     labels: LabelSet,
-    fitted: FittedCM | None,
+    fitted: FittedCM | Awaitable[FittedCM] | None,
     max_chars: int | None = None,
     embed: Embedder | None = None,
     previous: pl.DataFrame | None = None,
+    *,
+    draft: FitDraft | None = None,
 ) -> pl.DataFrame:
     """CM on a chunk: Y' from all labels, C from the fitted CM, Y_hat = G(X, C) when |C| > 1; its confidence.
 
     Without a fitted CM (CM off and no acceptance asked for) Y_hat is Y' and has no confidence.
+    ``fitted`` may still be on its way (the model being asked among held-out sets): given its
+    ``draft``, first calls go out meanwhile, and each row waits for the fit only to refine.
     With ``previous`` (these rows as an earlier fit annotated them) the chunk is re-scored: first
     answers are reused, and a second call is made only where the new candidate set is ambiguous
     and differs from the one the earlier answer was chosen in.
     """
+    known = draft if draft is not None else fitted if isinstance(fitted, FittedCM) else None
+    if fitted is not None and known is None:
+        raise ValueError("a fit still on its way needs its draft")
     texts = _prompt_texts(rows, max_chars)
     contexts: Sequence[apply.Neighbourhood | None] = [None] * len(texts)
-    if fitted is not None and fitted.uses_neighbours:
+    if known is not None and known.uses_neighbours:
         assert embed is not None
         # embedding is CPU work: off the event loop, so other chunks' requests keep their timeouts
-        contexts = apply.neighbourhoods(fitted, await asyncio.to_thread(embed, texts))
+        contexts = apply.neighbourhoods(known, await asyncio.to_thread(embed, texts))
     earlier = previous.to_dicts() if previous is not None else [None] * len(texts)
 
-    skip_first = fitted is not None and not fitted.needs_answer  # Y' cannot change C (cm.first_call)
+    skip_first = known is not None and not known.needs_answer  # Y' cannot change C (cm.first_call)
 
     async def one(text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None) -> dict[str, Any]:
         if skip_first:
@@ -279,6 +287,7 @@ async def annotate_rows(
             first = (await strategy.classify(engine, [text], [labels.labels]))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
+            "y_prime_probability": first.probability,
             "candidates": [],
             "y_hat": None,
             "confidence": None if fitted is None else 0.0,  # no label: certainly not right
@@ -293,16 +302,18 @@ async def annotate_rows(
             "y_neighbour": None,
         }
         if before is not None:  # what was spent on this row before counts as spent
-            record.update({key: before[key] for key in ("calls", "prompt_tokens", "completion_tokens")})
+            kept = ("calls", "prompt_tokens", "completion_tokens", "y_prime_probability")
+            record.update({key: before[key] for key in kept})
         if first.label is None and not skip_first:
             return record  # the call failed or its answer did not parse: recorded in error, error_kind
         if fitted is None:  # CM off: the answer is its own, single candidate
             record.update(candidates=[first.label], y_hat=first.label)
             return record
-        refined = apply.refine(fitted, context, first.label)
+        final = fitted if isinstance(fitted, FittedCM) else await fitted
+        refined = apply.refine(final, context, first.label)
         refinement = refined.refinement
         record.update(
-            candidates=_most_probable_first(fitted, refined),
+            candidates=_most_probable_first(final, refined),
             fallback=refinement.fallback,
             y_neighbour=refinement.neighbour_vote,
         )
@@ -320,8 +331,8 @@ async def annotate_rows(
                 error=second.error,
                 error_kind=second.error_kind,
             )
-        confidence = apply.confidence(fitted, apply.score(fitted, refined, y_hat))
-        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(fitted, confidence, y_hat))
+        confidence = apply.confidence(final, apply.score(final, refined, y_hat))
+        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat))
         return record
 
     records = await asyncio.gather(
@@ -373,7 +384,15 @@ async def _ask_questions(
     return choices
 
 
-async def _fit_phase(
+@dataclass
+class _Fit:
+    """The job's fitted CM: settled before the model is asked anything (``draft``), final when asked (``final``)."""
+
+    draft: FitDraft | FittedCM
+    final: asyncio.Future[FittedCM]
+
+
+async def _start_fit(
     spec: JobSpec,
     bank: MemoryBank,
     engine: Engine,
@@ -381,19 +400,31 @@ async def _fit_phase(
     checkpoint: Checkpoint,
     embed: Embedder | None,
     key: str,
-) -> FittedCM:
-    """The fitted CM of this job: read back when this spec, bank and review fitted it before, else fitted and saved."""
+) -> _Fit:
+    """The fitted CM of this job: read back when this spec, bank and review fitted it before, else fitted.
+
+    The draft is fitted here; asking the model among the held-out sets, and what follows from the
+    answers, runs as a task, so the corpus's first calls go out meanwhile (for the Batch API, in
+    the same batch as the questions: one phase, not two).
+    """
+    loop = asyncio.get_running_loop()
     if (fitted := load_fitted(checkpoint.directory, key)) is not None:
-        return fitted
+        done: asyncio.Future[FittedCM] = loop.create_future()
+        done.set_result(fitted)
+        return _Fit(fitted, done)
     vectors = None
     if spec.cm.enabled and spec.cm.variant in ("neighbour_prior", "instance"):
         assert embed is not None and bank.samples is not None
         vectors = await asyncio.to_thread(embed, [sample.text for sample in bank.samples])
     draft = await asyncio.to_thread(prepare_fit, bank, spec.cm, vectors)
-    choices = await _ask_questions(draft.questions, bank, engine, strategy, checkpoint.directory / TRIAL_FILE)
-    fitted = finish_fit(draft, choices)
-    save_fitted(checkpoint.directory, key, fitted)
-    return fitted
+
+    async def finish() -> FittedCM:
+        choices = await _ask_questions(draft.questions, bank, engine, strategy, checkpoint.directory / TRIAL_FILE)
+        fitted = await asyncio.to_thread(finish_fit, draft, choices)
+        save_fitted(checkpoint.directory, key, fitted)
+        return fitted
+
+    return _Fit(draft, asyncio.ensure_future(finish()))
 
 
 async def _rescore(
@@ -487,13 +518,13 @@ async def run_job(
 
         embed = embed or _embedder(spec)
         reviewed = read_reviewed(checkpoint.directory)
-        fitted = None
+        fit = None
         if bank is not None:
             key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
-            fitted = await _fit_phase(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
+            fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
             if manifest.fit_key not in (None, key):  # reviewed rows came back: the corpus is scored anew
                 run["rows_rescored"] = await _rescore(
-                    spec, inputs, fitted, engine, strategy, checkpoint, manifest, embed, reviewed
+                    spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed
                 )
             manifest.fit_key = key
             checkpoint.save(manifest)
@@ -503,7 +534,16 @@ async def run_job(
             inputs.corpus.chunks(spec.output.chunk_size),
             inputs.corpus.height,
             lambda rows: _annotated(
-                annotate_rows(rows, engine, strategy, inputs.labels, fitted, spec.dataset.max_text_chars, embed),
+                annotate_rows(
+                    rows,
+                    engine,
+                    strategy,
+                    inputs.labels,
+                    fit.final if fit else None,
+                    spec.dataset.max_text_chars,
+                    embed,
+                    draft=fit.draft if fit else None,
+                ),
                 reviewed,
             ),
             checkpoint,
@@ -511,6 +551,7 @@ async def run_job(
             progress,
             _in_flight(spec, engine),
         )
+        fitted = await fit.final if fit else None  # a corpus with no row to refine never waited for it
         elapsed = time.perf_counter() - started
         run["annotate_seconds"] = round(elapsed, 2)
         run["items_annotated_this_run"] = annotated_now

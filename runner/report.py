@@ -21,6 +21,8 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "text": pl.String(),
     "gold": pl.String(),
     "y_prime": pl.String(),
+    # the model's own probability of y_prime (vLLM in this process; null from APIs): the naive confidence
+    "y_prime_probability": pl.Float64(),
     "candidates": pl.List(pl.String()),
     "y_hat": pl.String(),
     # P(y_hat is right), calibrated on held-out user samples; null only without a user split (CM off, no cm.accept)

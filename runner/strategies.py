@@ -13,6 +13,7 @@ engine sees each step's requests at once.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -45,6 +46,7 @@ class Answer:
     # "engine": the call failed and may succeed later; "rejected": it cannot (e.g. too long for the
     # context); "unparsed": the model's answer fit no allowed label
     error_kind: str | None = None
+    probability: float | None = None  # the model's own probability of its final answer, where the engine says
 
 
 class Strategy(Protocol):
@@ -78,7 +80,8 @@ def _parse(labels: LabelSet, completion: Completion, allowed: Sequence[str], spe
     if label is None:
         error = f"answer {completion.text!r} is not one of the {len(allowed)} allowed labels"
         return _with_cost(Answer(None, completion.text, 0, error=error, error_kind="unparsed"), spent)
-    return _with_cost(Answer(label, completion.text, 0), spent)
+    probability = math.exp(completion.logprob) if completion.logprob is not None else None
+    return _with_cost(Answer(label, completion.text, 0, probability=probability), spent)
 
 
 class _Prompting:

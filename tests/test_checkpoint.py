@@ -41,8 +41,11 @@ async def test_interrupted_annotate_resumes_and_matches_an_uninterrupted_run(job
         engine=engine(),
     )
 
+    # one chunk at a time, so the crash point is a count: the estimate; the questions, asked while chunk 0's
+    # first calls go out (4), then its 2 second calls (c1, c2); chunk 1's 4 first and 3 second calls; chunk 2 dies
+    one_at_a_time = spec.model_copy(update={"output": spec.output.model_copy(update={"chunks_in_flight": 1})})
     with pytest.raises(RuntimeError, match="engine died"):
-        await run_job(spec, engine=engine(crash_after=N_USER + N_QUESTIONS + 14))  # estimate, two chunks
+        await run_job(one_at_a_time, engine=engine(crash_after=N_USER + N_QUESTIONS + 4 + 2 + 4 + 3))
     manifest = orjson.loads((tmp_path / "out/manifest.json").read_bytes())
     assert manifest["finished_shards"]["annotate"] == [0, 1] and not manifest["complete"]
 

@@ -41,6 +41,7 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None
     retryable: bool = True  # False when asking again cannot help (e.g. the prompt is longer than the context)
+    logprob: float | None = None  # the model's log probability of the text it answered, where the engine knows it
 
 
 @runtime_checkable

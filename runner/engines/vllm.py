@@ -50,6 +50,7 @@ class VLLMEngine:
         self.model_id = spec.model
         self.load_seconds: float | None = None
         self.dtype: DtypeChoice | None = None  # set on start: what vLLM computes in, and why
+        self.model_path: str | None = None  # set on start: the folder (or hub id) vLLM loaded
         self._engine: Any = None
         self._tokenizer: Any = None
         self._rejections: tuple[type[Exception], ...] = (ValueError,)
@@ -73,7 +74,7 @@ class VLLMEngine:
             raise EngineError(
                 "engine.kind 'vllm' needs vLLM: pip install 'cm-runner[cpu]' (CPU) or 'cm-runner[gpu]' (GPU)"
             ) from error
-        model_path = resolve_model(self.spec.model)
+        model_path = self.model_path = resolve_model(self.spec.model)
         started = time.perf_counter()
         on_cpu = current_platform.is_cpu()
         self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None)
@@ -119,6 +120,9 @@ class VLLMEngine:
             max_tokens=request.max_tokens,
             seed=request.seed,
             structured_outputs=structured,
+            # the chosen tokens' own log probabilities (vLLM's raw logprobs: before the choice mask), so an
+            # answer carries the model's probability of it, the confidence a user would try first
+            logprobs=0 if request.choices else None,
         )
 
     async def _one(self, request: ChoiceRequest) -> Completion:
@@ -139,6 +143,7 @@ class VLLMEngine:
             text=generated.text,
             prompt_tokens=len(final.prompt_token_ids or ()),
             completion_tokens=len(generated.token_ids),
+            logprob=generated.cumulative_logprob,
         )
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:

@@ -52,3 +52,25 @@ async def test_a_prompt_past_the_context_is_an_error_row_not_a_crash(engine):
     ok, failed = await engine.complete([ask("play music"), too_long])
     assert ok.error is None and ok.text in SCENARIOS.shown
     assert failed.text is None and "rejected by vLLM" in failed.error
+
+
+async def test_an_answer_carries_the_models_own_probability_of_it(engine):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    request = ask("wake me up at seven")
+    (completion,) = await engine.complete([request])
+    assert completion.logprob is not None and completion.logprob < 0
+    # worked out apart: the same prompt through transformers, the answer's tokens' log probabilities summed
+    prompt = render_prompt(engine._tokenizer, request.messages)
+    tokenizer = engine._tokenizer
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
+    steps = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    expected = sum(float(steps[i, token]) for i, token in enumerate(answer_ids))
+    assert math.isclose(completion.logprob, expected, abs_tol=0.15)  # vLLM may compute in bfloat16
