@@ -116,6 +116,17 @@ def online(tmp_path_factory, data) -> Iterator[tuple[Path, dict]]:
         yield spec, served(url)
 
 
+def held_out_questions(spec: Path) -> int:
+    """User samples whose row of M, without that sample, still holds several truths: paper CM asks among it."""
+    bank = orjson.loads((spec.with_suffix("") / "memory_bank.json").read_bytes())
+    pairs = {(c["answer"], c["truth"]): c["count"] for c in bank["confusions"]}
+    return sum(
+        1
+        for s in bank["samples"]
+        if sum(n - (truth == s["truth"]) > 0 for (answer, truth), n in pairs.items() if answer == s["answer"]) > 1
+    )
+
+
 def test_a_batch_run_labels_every_row_as_the_online_engine_does_at_half_the_price(reference, online):
     spec, counts, done = reference
     online_spec, online_counts = online
@@ -127,15 +138,8 @@ def test_a_batch_run_labels_every_row_as_the_online_engine_does_at_half_the_pric
     # the same calls: the estimate's 36; a question per user sample whose row of M, without that sample, still
     # holds several truths (what paper CM would ask among; the confidence is calibrated on the answers); 48 first
     # calls; a second call per row whose candidate set has several labels
-    bank = orjson.loads((spec.with_suffix("") / "memory_bank.json").read_bytes())
-    pairs = {(c["answer"], c["truth"]): c["count"] for c in bank["confusions"]}
-    questions = sum(
-        1
-        for s in bank["samples"]
-        if sum(n - (truth == s["truth"]) > 0 for (answer, truth), n in pairs.items() if answer == s["answer"]) > 1
-    )
     second = int((corpus["candidates"].list.len() > 1).sum())
-    needed = 36 + questions + 48 + second
+    needed = 36 + held_out_questions(spec) + 48 + second
     assert counts["lines_submitted"] == online_counts["answered"] == needed
     assert counts["batches_created"] == 3 and counts["custom_ids_submitted_more_than_once"] == 0
     batch, direct = engine_stats(spec), engine_stats(online_spec)
@@ -234,12 +238,9 @@ def test_failed_lines_go_into_new_batches_until_max_retries(data, tmp_path):
     stats = engine_stats(spec)
     assert stats["row_errors"] == {"http_400": 1, "http_500": 1}
     assert stats["attempt_errors"] == {"http_500": 4}  # the flaky line once, the broken one three times
-    # every line once, plus the flaky line again and the broken one twice more
-    assert (
-        counts["lines_submitted"]
-        == stats["lines_submitted"]
-        == 36 + 23 + int((table["candidates"].list.len() > 1).sum()) + 1 + 2
-    )
+    # every line once (the held-out questions among them), plus the flaky line again and the broken one twice more
+    second = int((table["candidates"].list.len() > 1).sum())
+    assert counts["lines_submitted"] == stats["lines_submitted"] == 36 + held_out_questions(spec) + 23 + second + 1 + 2
 
 
 def test_an_expired_batch_keeps_its_answered_lines_and_resubmits_only_the_rest(reference, data, tmp_path):

@@ -63,14 +63,26 @@ async def test_an_answer_carries_the_models_own_probability_of_it(engine):
     request = ask("wake me up at seven")
     (completion,) = await engine.complete([request])
     assert completion.logprob is not None and completion.logprob < 0
-    # worked out apart: the same prompt through transformers, the answer's tokens' log probabilities summed
-    prompt = render_prompt(engine._tokenizer, request.messages)
+    # Worked out apart with transformers: vLLM reports log probabilities after the choice constraint has masked
+    # the logits, so at each step the next token's probability is taken among the tokens that keep the text a
+    # prefix of some label, and the steps' log probabilities are summed until the label is complete.
     tokenizer = engine._tokenizer
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
-    steps = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
-    expected = sum(float(steps[i, token]) for i, token in enumerate(answer_ids))
-    assert math.isclose(completion.logprob, expected, abs_tol=0.15)  # vLLM may compute in bfloat16
+    pieces = {token: tokenizer.decode([token]) for token in range(len(tokenizer))}
+    ids = tokenizer(render_prompt(tokenizer, request.messages), add_special_tokens=False)["input_ids"]
+    spelled, expected = "", 0.0
+    while spelled != completion.text:
+        allowed = [
+            t for t, piece in pieces.items() if piece and any(c.startswith(spelled + piece) for c in request.choices)
+        ]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        steps = torch.log_softmax(logits[allowed], dim=-1)
+        chosen = max(
+            (i for i, t in enumerate(allowed) if completion.text.startswith(spelled + pieces[t])),
+            key=lambda i: float(steps[i]),
+        )
+        expected += float(steps[chosen])
+        spelled += pieces[allowed[chosen]]
+        ids.append(allowed[chosen])
+    assert math.isclose(completion.logprob, expected, abs_tol=0.15), (completion.logprob, expected)  # bf16 vs fp32
