@@ -54,8 +54,8 @@ class AdaptiveLimiter:
             await waiter  # release() hands the slot over: in_flight already counts us
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release()
-            else:
+                self.release()  # the slot was handed to us: pass it on
+            elif waiter in self._waiters:  # else _wake already popped it, saw it cancelled, and moved on
                 self._waiters.remove(waiter)
             raise
 

@@ -255,3 +255,17 @@ async def test_a_retry_is_let_in_before_first_attempts_that_queued_earlier():
     limiter.release()
     await asyncio.gather(*waiting)
     assert order == ["retry", "new 0", "new 1", "new 2"]  # its chunk is not held open behind newer rows
+
+
+async def test_a_waiter_cancelled_after_release_passed_it_over_leaves_the_limiter_whole():
+    limiter = AdaptiveLimiter(1)
+    await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)  # queued
+    waiter.cancel()  # its future is cancelled now; the task learns it on its next step
+    limiter.release()  # ... and release() pops it first, finding it done
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.in_flight == 0 and not limiter._waiters
+    await asyncio.wait_for(limiter.acquire(), timeout=1)  # the slot is free for the next one
+    assert limiter.in_flight == 1
