@@ -8,6 +8,7 @@ first calls of some items with second calls of others instead of waiting at a ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -365,10 +366,12 @@ async def run_job(
     # loaded on the first request: a finished job, or one whose bank needs no answers, loads no model
     engine = engine or LazyEngine(make_engine(spec.engine))
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
-    memory = PeakMemory().__enter__()
-    if owned:
-        await engine.__aenter__()
+    stack = contextlib.AsyncExitStack()
     try:
+        memory = stack.enter_context(PeakMemory())
+        if owned:
+            stack.push_async_exit(engine.__aexit__)  # before entering: an engine that failed half-started is closed
+            await engine.__aenter__()
         started = time.perf_counter()
         bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
@@ -395,9 +398,7 @@ async def run_job(
         if hasattr(engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
             run["engine"] = engine.stats()
     finally:
-        if owned:
-            await engine.__aexit__(None, None, None)
-        memory.__exit__(None, None, None)
+        await stack.aclose()
 
     annotations_path = checkpoint.directory / ANNOTATIONS_FILE
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)

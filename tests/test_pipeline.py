@@ -145,3 +145,27 @@ async def test_a_changed_spec_refuses_to_resume(job):
     with pytest.raises(CheckpointError, match=r"generation.max_tokens: 32 -> 5.*--restart"):
         await run_job(changed, engine=make_engine())
     await run_job(changed, engine=make_engine(), restart=True)
+
+
+async def test_an_engine_that_fails_to_start_is_closed_and_leaves_no_sampler_running(job, monkeypatch):
+    import threading
+
+    import runner.pipeline
+    from runner.engines._lazy import LazyEngine
+    from runner.engines.base import EngineError
+
+    closed: list[bool] = []
+
+    class HalfStarting(LazyEngine):
+        async def __aenter__(self):
+            raise EngineError("half started")
+
+        async def __aexit__(self, *exc_info):
+            closed.append(True)
+
+    monkeypatch.setattr(runner.pipeline, "LazyEngine", HalfStarting)
+    spec, _ = job
+    with pytest.raises(EngineError, match="half started"):
+        await run_job(spec)
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "peak-memory"]
