@@ -17,7 +17,10 @@ import orjson
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runner._durable import atomic_path, write_atomic
 from runner.spec import JobSpec
+
+__all__ = ["atomic_path", "write_atomic"]  # re-exported: callers import the one durable write from here
 
 MANIFEST_NAME = "manifest.json"
 TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
@@ -52,16 +55,6 @@ _NOT_MATERIAL = {
 
 class CheckpointError(ValueError):
     """An output directory that cannot be resumed into; the message says why and what to do."""
-
-
-def write_atomic(path: Path, body: bytes) -> None:
-    """Write a whole file or nothing: a crash leaves the old file or none, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -230,9 +223,8 @@ class Checkpoint:
     def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
         """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
         path = self.shard_path(phase, number)
-        tmp = path.with_name(f".{path.name}.tmp")
-        rows.write_parquet(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            rows.write_parquet(tmp)
         manifest.finished_shards[phase] = sorted({*manifest.finished_shards.get(phase, []), number})
         self.save(manifest)
 

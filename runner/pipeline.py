@@ -22,7 +22,7 @@ import polars as pl
 
 from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
-from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, write_atomic
+from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, atomic_path, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, make_engine
 from runner.engines._lazy import LazyEngine
@@ -129,7 +129,8 @@ async def estimate_phase(
         spec.output.chunks_in_flight,
     )
     estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
-    estimate.write_parquet(checkpoint.directory / ESTIMATE_FILE)
+    with atomic_path(checkpoint.directory / ESTIMATE_FILE) as tmp:
+        estimate.write_parquet(tmp)
     split = spec.user_split
     samples = [
         Sample(id=row["id"], text=row["text"], answer=row["y_prime"], truth=row["label"])
@@ -403,11 +404,12 @@ async def run_job(
     annotations_path = checkpoint.directory / ANNOTATIONS_FILE
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
     shard_paths = [checkpoint.shard_path("annotate", n) for n in range(n_chunks)]
-    if shard_paths:  # streamed shard to file: the corpus is never whole in memory
-        # bounded row groups: polars' default ones hold hundreds of thousands of rows, each buffered whole
-        pl.scan_parquet(shard_paths).sink_parquet(annotations_path, row_group_size=ROW_GROUP_ROWS)
-    else:
-        pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(annotations_path)
+    with atomic_path(annotations_path) as tmp:
+        if shard_paths:  # streamed shard to file: the corpus is never whole in memory
+            # bounded row groups: polars' default ones hold hundreds of thousands of rows, each buffered whole
+            pl.scan_parquet(shard_paths).sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+        else:
+            pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(tmp)
     metrics = {
         "job": spec.name,
         "dataset": spec.dataset.name,

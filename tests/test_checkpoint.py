@@ -196,3 +196,36 @@ async def test_settings_the_variant_does_not_read_do_not_block_resume(job, tmp_p
     read = spec.model_copy(update={"cm": spec.cm.model_copy(update={"empty_row": "abstain"})})
     with pytest.raises(CheckpointError, match=r"cm\.empty_row: 'keep_initial' -> 'abstain'"):
         await run_job(read, engine=engine())
+
+
+async def test_every_file_the_job_writes_is_fsynced_before_its_rename_and_its_directory_after(
+    job, tmp_path, monkeypatch
+):
+    import os
+
+    synced: list[str] = []
+    renamed: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    def recording_replace(source, target):
+        renamed.append((str(source), str(target)))
+        synced.append(f"renamed {target}")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    spec, engine = job
+    await run_job(spec, engine=engine())
+
+    out = tmp_path / "out"
+    written = {str(p) for p in out.rglob("*") if p.is_file()}
+    # manifest, bank, estimate.parquet, annotations.parquet, metrics.json and every shard
+    assert len(written) == 5 + -(-N_USER // 4) + -(-N_CORPUS // 4)
+    assert {target for _, target in renamed} == written
+    for source, target in renamed:
+        at = synced.index(f"renamed {target}", synced.index(source))  # the temp file synced, then renamed
+        assert str(os.path.dirname(target)) in synced[at + 1 :]  # ... then its directory
