@@ -24,7 +24,7 @@ from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
 from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, atomic_path, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
-from runner.engines import Engine, make_engine
+from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
 from runner.labels import LabelSet
@@ -40,6 +40,8 @@ ESTIMATE_FILE = "estimate.parquet"
 ANNOTATIONS_FILE = "annotations.parquet"
 METRICS_FILE = "metrics.json"
 ROW_GROUP_ROWS = 16_384
+# Passes over the user split: the engine already retried each row; one more pass catches a brief outage.
+ESTIMATE_PASSES = 2
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(phase, done, total) after each chunk."""
@@ -118,19 +120,36 @@ async def estimate_phase(
     rows = inputs.user.rows
     step = spec.output.chunk_size
     chunks = list(enumerate(rows.slice(start, step) for start in range(0, rows.height, step)))
-    await _run_chunks(
-        "estimate",
-        chunks,
-        rows.height,
-        lambda chunk: _estimate_chunk(chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars),
-        checkpoint,
-        manifest,
-        progress,
-        spec.output.chunks_in_flight,
-    )
-    estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
+    for attempt in range(ESTIMATE_PASSES):  # a later pass asks again only the rows the engine failed on
+        await _run_chunks(
+            "estimate",
+            chunks,
+            rows.height,
+            lambda chunk: _estimate_chunk(chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars),
+            checkpoint,
+            manifest,
+            progress if attempt == 0 else None,
+            spec.output.chunks_in_flight,
+        )
+        estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
+        n_failed = estimate.filter(pl.col("error_kind") == "engine").height
+        if not n_failed:
+            break
     with atomic_path(checkpoint.directory / ESTIMATE_FILE) as tmp:
         estimate.write_parquet(tmp)
+    if n_failed:
+        # A bank short of these rows would be saved and reused by every rerun: stop, keep the answered shards.
+        raise EngineError(f"{n_failed} of {rows.height} user samples could not be answered; rerun to retry them")
+    # Rows the server refused for good (a text too long) were never answered: they are no sample of the model.
+    rejected = estimate.filter(pl.col("error_kind") == "rejected")
+    if rejected.height:
+        logger.warning(
+            "%d of %d user samples were refused by the engine and left out of the bank (first: %s)",
+            rejected.height,
+            rows.height,
+            rejected["error"][0],
+        )
+    estimate = estimate.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "rejected"))
     split = spec.user_split
     samples = [
         Sample(id=row["id"], text=row["text"], answer=row["y_prime"], truth=row["label"])
@@ -147,7 +166,7 @@ async def estimate_phase(
             fraction=split.fraction,
             seed=split.seed,
             stratified=split.stratified,
-            n_samples=rows.height,
+            n_samples=estimate.height,
         ),
         samples=samples,
     )

@@ -229,3 +229,65 @@ async def test_every_file_the_job_writes_is_fsynced_before_its_rename_and_its_di
     for source, target in renamed:
         at = synced.index(f"renamed {target}", synced.index(source))  # the temp file synced, then renamed
         assert str(os.path.dirname(target)) in synced[at + 1 :]  # ... then its directory
+
+
+async def test_estimate_rows_that_failed_once_are_retried_within_the_run(job, tmp_path):
+    spec, engine = job
+    flaky = engine(failing={"u2", "u7"})
+    complete = flaky.complete
+
+    async def fails_once(requests):
+        answers = await complete(requests)
+        if len(flaky.requests) >= N_USER:  # a transient fault: once every user sample was asked, all are answered
+            flaky.failing = set()
+        return answers
+
+    flaky.complete = fails_once
+    await run_job(spec, engine=flaky)
+    bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
+    # the scripted model answers 'b' for u0, u3, u6, u9 (truth a) and 'a' for the rest (truths b, c, b, c ...)
+    expected = {("b", "a"): 4, ("a", "b"): 3, ("a", "c"): 3}
+    assert {(c["answer"], c["truth"]): c["count"] for c in bank["confusions"]} == expected
+    assert bank["n_unparsed"] == 0 and bank["user_split"]["n_samples"] == N_USER
+
+
+async def test_estimate_rows_that_keep_failing_stop_the_job_without_a_bank(job, tmp_path):
+    from runner.engines.base import EngineError
+
+    spec, engine = job
+    with pytest.raises(EngineError, match=r"^2 of 10 user samples could not be answered; rerun to retry them"):
+        await run_job(spec, engine=engine(failing={"u2", "u7"}))
+    assert not (tmp_path / "out/memory_bank.json").exists()
+    assert orjson.loads((tmp_path / "out/manifest.json").read_bytes())["bank_digest"] is None
+
+    rerun_engine = engine()
+    await run_job(spec, engine=rerun_engine)
+    estimated = [r.messages[-1].content for r in rerun_engine.requests if r.messages[-1].content.startswith("u")]
+    assert sorted(estimated) == ["u2", "u7"]  # only the rows that failed are asked again
+    bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
+    assert sum(c["count"] for c in bank["confusions"]) == N_USER and bank["n_unparsed"] == 0
+
+
+async def test_n_unparsed_counts_answers_that_match_no_label_not_rejected_rows(job, tmp_path):
+    from runner.engines.base import Completion
+
+    spec, engine = job
+    scripted = engine()
+    scripted.first = {**scripted.first, "u4": "zzz"}
+    complete = scripted.complete
+
+    async def rejecting(requests):
+        answers = await complete(requests)
+        return [
+            Completion(text=None, error="http_400: too long", retryable=False)
+            if r.messages[-1].content == "u5"
+            else a
+            for r, a in zip(requests, answers, strict=True)
+        ]
+
+    scripted.complete = rejecting
+    await run_job(spec, engine=scripted)
+    bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
+    assert bank["n_unparsed"] == 1  # u4's answer; u5 was never answered
+    assert sum(c["count"] for c in bank["confusions"]) == N_USER - 2
+    assert bank["user_split"]["n_samples"] == N_USER - 1  # u4 was answered, u5 not
