@@ -279,9 +279,7 @@ async def test_n_unparsed_counts_answers_that_match_no_label_not_rejected_rows(j
     async def rejecting(requests):
         answers = await complete(requests)
         return [
-            Completion(text=None, error="http_400: too long", retryable=False)
-            if r.messages[-1].content == "u5"
-            else a
+            Completion(text=None, error="http_400: too long", retryable=False) if r.messages[-1].content == "u5" else a
             for r, a in zip(requests, answers, strict=True)
         ]
 
