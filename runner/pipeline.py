@@ -22,7 +22,7 @@ import polars as pl
 
 from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
-from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, atomic_path, write_atomic
+from runner.checkpoint import TRIAL_FILE, Checkpoint, Manifest, atomic_path, job_files, write_atomic
 from runner.data import Corpus, UserSplit, load_user_split
 from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
@@ -373,8 +373,7 @@ async def run_job(
     neighbour-based CM variants use.
     """
     inputs = load_inputs(spec, data_dir)
-    checkpoint = Checkpoint(Path(spec.output.dir), spec)
-    manifest = checkpoint.open(restart=restart)
+    checkpoint = Checkpoint(Path(spec.output.dir), spec, job_files(spec, data_dir))
     examples = None
     if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
         examples = ExamplePool.from_rows(
@@ -388,6 +387,8 @@ async def run_job(
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
     stack = contextlib.AsyncExitStack()
     try:
+        stack.enter_context(checkpoint.locked())
+        manifest = checkpoint.open(restart=restart)
         memory = stack.enter_context(PeakMemory())
         if owned:
             stack.push_async_exit(engine.__aexit__)  # before entering: an engine that failed half-started is closed

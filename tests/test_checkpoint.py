@@ -222,7 +222,7 @@ async def test_every_file_the_job_writes_is_fsynced_before_its_rename_and_its_di
     await run_job(spec, engine=engine())
 
     out = tmp_path / "out"
-    written = {str(p) for p in out.rglob("*") if p.is_file()}
+    written = {str(p) for p in out.rglob("*") if p.is_file() and p.name != ".cm-run.lock"}  # a lock holds no output
     # manifest, bank, estimate.parquet, annotations.parquet, metrics.json and every shard
     assert len(written) == 5 + -(-N_USER // 4) + -(-N_CORPUS // 4)
     assert {target for _, target in renamed} == written
@@ -289,3 +289,76 @@ async def test_n_unparsed_counts_answers_that_match_no_label_not_rejected_rows(j
     assert bank["n_unparsed"] == 1  # u4's answer; u5 was never answered
     assert sum(c["count"] for c in bank["confusions"]) == N_USER - 2
     assert bank["user_split"]["n_samples"] == N_USER - 1  # u4 was answered, u5 not
+
+
+def test_a_cm_setting_no_table_names_is_material_for_every_variant(job):
+    from runner.checkpoint import material_spec
+    from runner.spec import CMSpec, JobSpec
+
+    class NewerCM(CMSpec):
+        some_new_setting: int = 3
+
+    class NewerJob(JobSpec):
+        cm: NewerCM
+
+    spec, _ = job
+    for variant in ("paper", "counts", "neighbour_prior", "instance"):
+        newer = NewerJob.model_validate({**spec.model_dump(), "cm": {**spec.cm.model_dump(), "variant": variant}})
+        assert material_spec(newer)["cm.some_new_setting"] == 3, variant
+    off = NewerJob.model_validate({**spec.model_dump(), "cm": {**spec.cm.model_dump(), "enabled": False}})
+    assert "cm.some_new_setting" not in material_spec(off)  # CM off reads no cm setting
+
+
+@pytest.mark.parametrize("name", ["user", "corpus"])
+async def test_a_changed_file_at_the_same_path_refuses_to_resume(job, tmp_path, name):
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    path = tmp_path / f"data/{name}.jsonl"
+    path.touch()  # a new mtime, the same bytes: the same job
+    rerun = engine()
+    await run_job(spec, engine=rerun)
+    assert rerun.requests == []
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same size, same rows, new order
+    key = "user_split.path" if name == "user" else "corpus.path"
+    with pytest.raises(CheckpointError, match=rf"content of {key}: '{path.stat().st_size} bytes, sha256 .*--restart"):
+        await run_job(spec, engine=engine())
+    await run_job(spec, engine=engine(), restart=True)
+
+
+async def test_an_unchanged_file_is_not_hashed_again_on_resume(job, monkeypatch):
+    import hashlib
+
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    hashed = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(
+        hashlib, "file_digest", lambda handle, name: hashed.append(handle.name) or file_digest(handle, name)
+    )
+    await run_job(spec, engine=engine())
+    assert hashed == []  # size and mtime as recorded: the sha256 recorded stands
+
+
+async def test_a_second_run_on_a_locked_output_dir_is_refused_naming_the_holder(job, tmp_path):
+    import asyncio
+    import os
+
+    spec, engine = job
+    holder = engine()
+    asked, release = asyncio.Event(), asyncio.Event()
+    complete = holder.complete
+
+    async def held(requests):
+        asked.set()
+        await release.wait()
+        return await complete(requests)
+
+    holder.complete = held
+    first = asyncio.ensure_future(run_job(spec, engine=holder))
+    await asyncio.wait_for(asked.wait(), timeout=10)
+    with pytest.raises(CheckpointError, match=rf"another cm-run \(pid {os.getpid()}\) is writing"):
+        await run_job(spec, engine=engine())
+    release.set()
+    await first  # the first run was not disturbed, and once it ended the directory is free again
+    await run_job(spec, engine=engine())

@@ -72,3 +72,26 @@ def test_bank_update_and_merge_from_the_command_line(tmp_path, capsys):
     )
     assert load_bank(tmp_path / "m.json").n_samples == 4
     assert "1 corrections added" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_second_cm_run_on_a_locked_output_dir_exits_2_naming_the_holder(toy_job, tmp_path, capsys):
+    toy_job([("u1", "a"), ("u2", "b")], [("c1", "a")])
+    (tmp_path / "out").mkdir()
+    hold = (
+        "import fcntl, os, sys, time\n"
+        "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush()\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "out/.cm-run.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert main([str(tmp_path / "job.yaml")]) == EXIT_INPUT
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    err = capsys.readouterr().err
+    assert f"another cm-run (pid {holder.pid}) is writing to this output directory" in err
+    assert not (tmp_path / "out/manifest.json").exists()  # refused before anything was written
