@@ -171,11 +171,15 @@ async def test_a_429_storm_slows_the_whole_dispatcher_and_loses_nothing():
 
 async def test_stats_estimate_the_cost_from_the_configured_prices(server):
     prices = Prices(prompt_per_million=1.0, completion_per_million=2.0)
+    requests = [ask("one"), ask("two")]
     async with engine_for(server, prices=prices.model_dump()) as engine:
-        await engine.complete([ask("one"), ask("two")])
+        await engine.complete(requests)
         stats = engine.stats()
-    expected = (stats["prompt_tokens"] * 1.0 + stats["completion_tokens"] * 2.0) / 1e6
-    assert stats["estimated_cost_usd"] == pytest.approx(expected)
+    # the fault server reports usage as prompt characters // 4 + 1 and answer characters // 4 + 1
+    prompt = sum(sum(len(m.content) for m in r.messages) // 4 + 1 for r in requests)
+    completion = sum(len(expected_answer(r.messages[-1].content, LABELS)) // 4 + 1 for r in requests)
+    assert (stats["prompt_tokens"], stats["completion_tokens"]) == (prompt, completion)
+    assert stats["estimated_cost_usd"] == pytest.approx((prompt * 1.0 + completion * 2.0) / 1e6)
 
 
 def test_retry_after_is_read_in_milliseconds_seconds_or_as_a_date():
