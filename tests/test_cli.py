@@ -45,6 +45,7 @@ def test_schemas_check_reports_stale_files(tmp_path, capsys):
     assert "job-spec.schema.json is out of date" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"]])
 def test_console_script_is_installed(args):
     done = subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ import pytest
 
 from runner import load_bank
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 
