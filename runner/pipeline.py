@@ -370,10 +370,30 @@ async def run_job(
     """Estimate, annotate and evaluate; resumable.
 
     Pass ``engine`` to reuse a started one, ``embed`` to replace the sentence model that
+    neighbour-based CM variants use. The output directory is locked from the first read to the
+    last write: a second run on it fails at once, naming this one.
+    """
+    with Checkpoint(Path(spec.output.dir), spec).locked():
+        return await _run_job(spec, data_dir=data_dir, restart=restart, engine=engine, progress=progress, embed=embed)
+
+
+async def _run_job(
+    spec: JobSpec,
+    *,
+    data_dir: str | Path | None = None,
+    restart: bool = False,
+    engine: Engine | None = None,
+    progress: Progress | None = None,
+    embed: Embedder | None = None,
+) -> JobResult:
+    """Estimate, annotate and evaluate; resumable.
+
+    Pass ``engine`` to reuse a started one, ``embed`` to replace the sentence model that
     neighbour-based CM variants use.
     """
     inputs = load_inputs(spec, data_dir)
     checkpoint = Checkpoint(Path(spec.output.dir), spec, job_files(spec, data_dir))
+    manifest = checkpoint.open(restart=restart)
     examples = None
     if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
         examples = ExamplePool.from_rows(
@@ -387,8 +407,6 @@ async def run_job(
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
     stack = contextlib.AsyncExitStack()
     try:
-        stack.enter_context(checkpoint.locked())
-        manifest = checkpoint.open(restart=restart)
         memory = stack.enter_context(PeakMemory())
         if owned:
             stack.push_async_exit(engine.__aexit__)  # before entering: an engine that failed half-started is closed
