@@ -19,6 +19,8 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runner._durable import write_atomic
+
 BANK_FORMAT_VERSION = 1
 EmptyRowPolicy = Literal["keep_initial", "abstain"]
 
@@ -229,9 +231,7 @@ def save_bank(bank: MemoryBank, path: str | Path) -> None:
     """Write the bank as indented JSON, atomically (a crash never leaves half a file)."""
     path = Path(path)
     body = orjson.dumps(bank.model_dump(), option=orjson.OPT_INDENT_2) + b"\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(body)
-    tmp.replace(path)
+    write_atomic(path, body)
 
 
 def load_bank(path: str | Path, *, labels: Sequence[str] | None = None) -> MemoryBank:

@@ -1,15 +1,19 @@
 """Checkpoints: parquet shards written atomically and a manifest saying which are finished.
 
-An output directory belongs to one job. The manifest records the spec that made it (so a
-rerun of the same command resumes and a changed spec is refused, naming what changed) and
-the finished shards (so a rerun redoes only what is missing).
+An output directory belongs to one job. The manifest records the spec that made it and the
+content of the files it read (so a rerun of the same command resumes, and a changed spec or a
+changed file at the same path is refused, naming what changed) and the finished shards (so a
+rerun redoes only what is missing). While a job runs, it holds an OS lock on the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,17 +22,22 @@ import orjson
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runner._durable import atomic_path, write_atomic
 from runner.spec import JobSpec
 
+__all__ = ["atomic_path", "write_atomic"]  # re-exported: callers import the one durable write from here
+
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".cm-run.lock"  # holds the pid of the cm-run writing here; locked with flock while it runs
 TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
 BATCH_DIR = "batch"  # an engine's own resumable state (the Batch API's batches and answered lines)
 PHASES = ("estimate", "annotate")
 SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
 MANIFEST_FORMAT_VERSION = 2
 
-# Keys that change where or how fast a job runs, not what it produces.
-_NOT_MATERIAL = {
+# Every spec key decides the output unless named here: keys that change where or how fast a job
+# runs, not what it produces. A key a newer cm-runner adds is material until it is listed here.
+_IMMATERIAL = {
     "name",
     "data_dir",
     "output.dir",
@@ -68,16 +77,6 @@ class CheckpointError(ValueError):
     """An output directory that cannot be resumed into; the message says why and what to do."""
 
 
-def write_atomic(path: Path, body: bytes) -> None:
-    """Write a whole file or nothing: a crash leaves the old file or none, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -89,29 +88,36 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# The cm settings each variant reads; the others cannot change its output, so changing them (or
-# their defaults, in a newer cm-runner) does not stop a run from resuming.
-_COUNTS_SETTINGS = {"cm.coverage", "cm.tau", "cm.second_call", "cm.first_call", "cm.alpha", "cm.likelihood_weight"}
-_NEIGHBOUR_SETTINGS = _COUNTS_SETTINGS | {"cm.neighbours", "cm.neighbour_temperature", "cm.prior"}
-_CM_SETTINGS_READ = {
-    "paper": {"cm.empty_row"},
-    "counts": _COUNTS_SETTINGS,
-    "neighbour_prior": _NEIGHBOUR_SETTINGS,
-    "instance": _NEIGHBOUR_SETTINGS | {"cm.instance_neighbours", "cm.blend"},
+# The cm settings a variant does not read: changing them cannot change its output, so they do not
+# stop a run from resuming. A cm setting not named here is read by every variant.
+_COUNTS_ONLY = {"cm.coverage", "cm.tau", "cm.second_call", "cm.first_call", "cm.alpha", "cm.likelihood_weight"}
+_NEIGHBOURS_ONLY = {"cm.neighbours", "cm.neighbour_temperature", "cm.prior"}
+_INSTANCE_ONLY = {"cm.instance_neighbours", "cm.blend"}
+_CM_NOT_READ = {
+    "paper": _COUNTS_ONLY | _NEIGHBOURS_ONLY | _INSTANCE_ONLY,
+    "counts": {"cm.empty_row"} | _NEIGHBOURS_ONLY | _INSTANCE_ONLY,
+    "neighbour_prior": {"cm.empty_row"} | _INSTANCE_ONLY,
+    "instance": {"cm.empty_row"},
 }
-_CM_ALWAYS_READ = {"cm.enabled", "cm.variant", "cm.bank", "cm.accept", "cm.accept.target_accuracy"}
-_CM_ALWAYS_READ |= {"cm.accept.confidence_level"}
+# With CM off only these are read: they say that it is off, and whether the user split still calibrates a confidence.
+_CM_READ_WHEN_OFF = {"cm.enabled", "cm.variant", "cm.bank", "cm.accept", "cm.accept.target_accuracy"}
+_CM_READ_WHEN_OFF |= {"cm.accept.confidence_level"}
+
+
+def _immaterial(key: str, spec: JobSpec) -> bool:
+    if key in _IMMATERIAL:
+        return True
+    if not key.startswith("cm."):
+        return False
+    if not spec.cm.enabled:
+        return key not in _CM_READ_WHEN_OFF
+    return key in _CM_NOT_READ[spec.cm.variant]
 
 
 def material_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec's keys that decide the output, flattened ('engine.model': ...)."""
     flat = _flatten(spec.model_dump(mode="json"))
-    read = _CM_ALWAYS_READ | (_CM_SETTINGS_READ[spec.cm.variant] if spec.cm.enabled else set())
-    return {
-        key: value
-        for key, value in sorted(flat.items())
-        if key not in _NOT_MATERIAL and (not key.startswith("cm.") or key in read)
-    }
+    return {key: value for key, value in sorted(flat.items()) if not _immaterial(key, spec)}
 
 
 def _default_of(key: str) -> Any:
@@ -139,9 +145,12 @@ def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]
 
     A key only the previous run recorded no longer counts (an older cm-runner's, or a setting
     this variant does not read); a key a newer cm-runner added counts only away from its default.
+    A file's content an older cm-runner did not record cannot be compared: it is taken as it is now.
     """
     changed = []
     for key in sorted(current):
+        if key not in previous and key.startswith(CONTENT_PREFIX):
+            continue
         if key not in previous and current[key] == _default_of(key):
             continue
         if previous.get(key) != current[key]:
@@ -150,7 +159,50 @@ def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]
 
 
 def spec_digest(spec: JobSpec) -> str:
-    return hashlib.sha256(orjson.dumps(material_spec(spec), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return _digest(material_spec(spec))
+
+
+def _digest(material: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+CONTENT_PREFIX = "content of "
+
+
+class FileStamp(BaseModel):
+    """A file the job read, identified by content; size and mtime only say when to hash it again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+    @property
+    def content(self) -> str:
+        return f"{self.size} bytes, sha256 {self.sha256[:16]}"
+
+
+def file_stamp(path: Path, known: FileStamp | None = None) -> FileStamp:
+    """``path``'s size and sha256, streamed; ``known`` is reused when path, size and mtime are unchanged."""
+    stat = path.stat()
+    if known is not None and (known.path, known.size, known.mtime_ns) == (str(path), stat.st_size, stat.st_mtime_ns):
+        return known
+    with path.open("rb") as handle:
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return FileStamp(path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=sha256)
+
+
+def job_files(spec: JobSpec, data_dir: str | Path | None = None) -> dict[str, Path]:
+    """The files whose content decides the output, by the spec key that names them."""
+    files = {
+        "user_split.path": spec.resolve_data_path(spec.user_split.path, data_dir),
+        "corpus.path": spec.resolve_data_path(spec.corpus.path, data_dir),
+    }
+    if spec.cm.enabled and spec.cm.bank is not None:
+        files["cm.bank"] = Path(spec.cm.bank)
+    return files
 
 
 class Manifest(BaseModel):
@@ -165,6 +217,9 @@ class Manifest(BaseModel):
     fit_key: str | None = Field(
         default=None, description="The fitted CM the annotation shards were scored with (spec, bank, reviewed rows)."
     )
+    files: dict[str, FileStamp] = Field(
+        default_factory=dict, description="The files the job read, by the spec key naming them."
+    )
     finished_shards: dict[str, list[int]] = Field(
         default_factory=lambda: {phase: [] for phase in PHASES},
         description="Per phase, the chunk numbers whose parquet shard is complete on disk.",
@@ -176,13 +231,13 @@ class Manifest(BaseModel):
 class Checkpoint:
     """The output directory of one job: manifest, bank, shards."""
 
-    def __init__(self, directory: Path, spec: JobSpec):
+    def __init__(self, directory: Path, spec: JobSpec, files: dict[str, Path] | None = None):
         self.directory = directory
         self.spec = spec
+        self.files = files or {}
         self.manifest_path = directory / MANIFEST_NAME
 
-    def open(self, *, restart: bool = False) -> Manifest:
-        """Create the directory, or check it holds this job's earlier run and resume it."""
+    def _make_directory(self) -> None:
         try:
             for name in SHARD_DIRS.values():
                 (self.directory / name).mkdir(parents=True, exist_ok=True)
@@ -190,13 +245,48 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: output directory cannot be created ({error})") from None
         if not os.access(self.directory, os.W_OK):
             raise CheckpointError(f"{self.directory}: output directory is not writable")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory for this process: a second cm-run on it fails at once, naming this one.
+
+        An OS lock (flock), so it is released however the process ends; the file stays.
+        """
+        self._make_directory()
+        handle = (self.directory / LOCK_NAME).open("a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise CheckpointError(
+                    f"{self.directory}: another cm-run (pid {holder}) is writing to this output directory; "
+                    "wait for it to end, or choose another output.dir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
+    def open(self, *, restart: bool = False) -> Manifest:
+        """Create the directory, or check it holds this job's earlier run and resume it."""
+        self._make_directory()
+        previous = self.load() if not restart and self.manifest_path.exists() else None
+        known = previous.files if previous is not None else {}
+        files = {key: file_stamp(path, known.get(key)) for key, path in self.files.items() if path.is_file()}
+        material = material_spec(self.spec) | {f"{CONTENT_PREFIX}{key}": stamp.content for key, stamp in files.items()}
         fresh = Manifest(
             job=self.spec.name,
-            spec_digest=spec_digest(self.spec),
-            spec=material_spec(self.spec),
+            spec_digest=_digest(material),
+            spec=material,
             model=self.spec.engine.model,
+            files=files,
         )
-        if restart or not self.manifest_path.exists():
+        if previous is None:
             if not restart and any(self.directory.iterdir()) and not self._only_our_layout():
                 raise CheckpointError(
                     f"{self.directory}: holds files but no {MANIFEST_NAME}; it is not a cm-run output "
@@ -205,11 +295,10 @@ class Checkpoint:
             self._clear()
             self.save(fresh)
             return fresh
-        previous = self.load()
-        if previous.spec_digest != fresh.spec_digest:
+        if previous.spec_digest != fresh.spec_digest or previous.files != fresh.files:
             changed = changed_keys(previous.spec, fresh.spec)
-            if not changed:  # only new keys at their defaults: the same job, recorded as it reads now
-                previous.spec, previous.spec_digest = fresh.spec, fresh.spec_digest
+            if not changed:  # new keys at their defaults, files touched: the same job, recorded as it reads now
+                previous.spec, previous.spec_digest, previous.files = fresh.spec, fresh.spec_digest, fresh.files
                 self.save(previous)
                 return previous
             details = "; ".join(f"{key}: {previous.spec.get(key)!r} -> {fresh.spec.get(key)!r}" for key in changed[:8])
@@ -220,7 +309,7 @@ class Checkpoint:
         return previous
 
     def _only_our_layout(self) -> bool:
-        return all(p.name in (*SHARD_DIRS.values(), BATCH_DIR) for p in self.directory.iterdir())
+        return all(p.name in (*SHARD_DIRS.values(), BATCH_DIR, LOCK_NAME) for p in self.directory.iterdir())
 
     def _clear(self) -> None:
         for name in SHARD_DIRS.values():
@@ -249,9 +338,8 @@ class Checkpoint:
     def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
         """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
         path = self.shard_path(phase, number)
-        tmp = path.with_name(f".{path.name}.tmp")
-        rows.write_parquet(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            rows.write_parquet(tmp)
         manifest.finished_shards[phase] = sorted({*manifest.finished_shards.get(phase, []), number})
         self.save(manifest)
 

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,7 +111,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
     """Check the spec and data, show one prompt and what the job would ask for; call nothing."""
+    from runner._dry_run import Usage, answer_usage
     from runner.engines._usage import TokenEstimator
+    from runner.engines.base import Message
     from runner.pipeline import load_inputs
     from runner.strategies import ZeroShot
 
@@ -135,11 +138,22 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
     n_user = inputs.user.rows.height if spec.cm.enabled and spec.cm.bank is None else 0
     n_corpus = inputs.corpus.height
     n_second = n_corpus if spec.cm.enabled else 0
-    calls = n_user + n_corpus + n_second
-    text_tokens = (user_chars if n_user else 0) / 4 + corpus_chars / 4 * (2 if n_second else 1)
-    prompt_tokens = round(text_tokens + calls * overhead)
-    completion_tokens = calls * spec.generation.max_tokens
-    print(f"\nrequests (zero_shot): estimate {n_user:,} + annotate {n_corpus:,} first + up to {n_second:,} second")
+    # few-shot examples are user samples, each a user turn and an assistant turn (the label)
+    example = user_chars / max(inputs.user.rows.height, 1) / 4 + estimator.raw([Message("user", "")]) * 2 + 2
+    per_answer = partial(answer_usage, spec.strategy, spec.generation, example=example)
+    usage = Usage(0, 0, 0)
+    if n_user:
+        usage += per_answer(overhead + user_chars / 4 / n_user) * n_user
+    if n_corpus:
+        usage += per_answer(overhead + corpus_chars / 4 / n_corpus) * (n_corpus + n_second)
+    calls, prompt_tokens, completion_tokens = (
+        round(usage.calls),
+        round(usage.prompt_tokens),
+        round(usage.completion_tokens),
+    )
+    per = per_answer(overhead)
+    print(f"\nanswers: estimate {n_user:,} + annotate {n_corpus:,} first + up to {n_second:,} second")
+    print(f"  {spec.strategy.name} makes up to {round(per.calls)} call(s) per answer")
     print(f"  at most {calls:,} requests, about {prompt_tokens:,} prompt tokens (chars/4, an upper bound: second")
     print(f"  calls list fewer labels), at most {completion_tokens:,} completion tokens")
     if spec.engine.kind == "openai":

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runner._durable import write_atomic
 from runner.engines import ChoiceRequest, Completion, Engine, EngineError, make_engine
 from runner.engines._cache import CachingEngine
 from runner.examples import ExamplePool, examples_for_jobs
@@ -338,7 +339,7 @@ def _cell_cost(directory: Path, *, requests: int, hits: int, seconds: float) -> 
     if requests == 0 and path.is_file():
         return orjson.loads(path.read_bytes())
     cost = {"engine_requests": requests, "cache_hits": hits, "seconds": seconds}
-    path.write_bytes(orjson.dumps(cost))
+    write_atomic(path, orjson.dumps(cost))
     return cost
 
 

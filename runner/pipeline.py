@@ -8,6 +8,7 @@ first calls of some items with second calls of others instead of waiting at a ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -25,9 +26,18 @@ from runner import apply
 from runner._fitted_store import load_fitted, save_fitted
 from runner._memory import PeakMemory
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
-from runner.checkpoint import BATCH_DIR, TRIAL_FILE, Checkpoint, Manifest, spec_digest, write_atomic
+from runner.checkpoint import (
+    BATCH_DIR,
+    TRIAL_FILE,
+    Checkpoint,
+    Manifest,
+    atomic_path,
+    job_files,
+    spec_digest,
+    write_atomic,
+)
 from runner.data import Corpus, UserSplit, load_user_split
-from runner.engines import Engine, make_engine
+from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
 from runner.fit import FitDraft, FittedCM, Question, finish_fit, prepare_fit
@@ -51,6 +61,8 @@ ESTIMATE_FILE = "estimate.parquet"
 ANNOTATIONS_FILE = "annotations.parquet"
 METRICS_FILE = "metrics.json"
 ROW_GROUP_ROWS = 16_384
+# Passes over the user split: the engine already retried each row; one more pass catches a brief outage.
+ESTIMATE_PASSES = 2
 
 REVIEW_FILE = "review.parquet"
 RISK_COVERAGE_FILE = "risk_coverage.png"
@@ -136,18 +148,36 @@ async def estimate_phase(
     rows = inputs.user.rows
     step = spec.output.chunk_size
     chunks = list(enumerate(rows.slice(start, step) for start in range(0, rows.height, step)))
-    await _run_chunks(
-        "estimate",
-        chunks,
-        rows.height,
-        lambda chunk: _estimate_chunk(chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars),
-        checkpoint,
-        manifest,
-        progress,
-        _in_flight(spec, engine),
-    )
-    estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
-    estimate.write_parquet(checkpoint.directory / ESTIMATE_FILE)
+    for attempt in range(ESTIMATE_PASSES):  # a later pass asks again only the rows the engine failed on
+        await _run_chunks(
+            "estimate",
+            chunks,
+            rows.height,
+            lambda chunk: _estimate_chunk(chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars),
+            checkpoint,
+            manifest,
+            progress if attempt == 0 else None,
+            _in_flight(spec, engine),
+        )
+        estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
+        n_failed = estimate.filter(pl.col("error_kind") == "engine").height
+        if not n_failed:
+            break
+    with atomic_path(checkpoint.directory / ESTIMATE_FILE) as tmp:
+        estimate.write_parquet(tmp)
+    if n_failed:
+        # A bank short of these rows would be saved and reused by every rerun: stop, keep the answered shards.
+        raise EngineError(f"{n_failed} of {rows.height} user samples could not be answered; rerun to retry them")
+    # Rows the server refused for good (a text too long) were never answered: they are no sample of the model.
+    rejected = estimate.filter(pl.col("error_kind") == "rejected")
+    if rejected.height:
+        logger.warning(
+            "%d of %d user samples were refused by the engine and left out of the bank (first: %s)",
+            rejected.height,
+            rows.height,
+            rejected["error"][0],
+        )
+    estimate = estimate.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "rejected"))
     split = spec.user_split
     samples = [
         Sample(id=row["id"], text=row["text"], answer=row["y_prime"], truth=row["label"])
@@ -164,7 +194,7 @@ async def estimate_phase(
             fraction=split.fraction,
             seed=split.seed,
             stratified=split.stratified,
-            n_samples=rows.height,
+            n_samples=estimate.height,
         ),
         samples=samples,
     )
@@ -492,10 +522,29 @@ async def run_job(
     """Estimate, annotate and evaluate; resumable.
 
     Pass ``engine`` to reuse a started one, ``embed`` to replace the sentence model that
+    neighbour-based CM variants use. The output directory is locked from the first read to the
+    last write: a second run on it fails at once, naming this one.
+    """
+    with Checkpoint(Path(spec.output.dir), spec).locked():
+        return await _run_job(spec, data_dir=data_dir, restart=restart, engine=engine, progress=progress, embed=embed)
+
+
+async def _run_job(
+    spec: JobSpec,
+    *,
+    data_dir: str | Path | None = None,
+    restart: bool = False,
+    engine: Engine | None = None,
+    progress: Progress | None = None,
+    embed: Embedder | None = None,
+) -> JobResult:
+    """Estimate, annotate and evaluate; resumable.
+
+    Pass ``engine`` to reuse a started one, ``embed`` to replace the sentence model that
     neighbour-based CM variants use.
     """
     inputs = load_inputs(spec, data_dir)
-    checkpoint = Checkpoint(Path(spec.output.dir), spec)
+    checkpoint = Checkpoint(Path(spec.output.dir), spec, job_files(spec, data_dir))
     manifest = checkpoint.open(restart=restart)
     examples = None
     if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
@@ -508,17 +557,19 @@ async def run_job(
     # loaded on the first request: a finished job, or one whose bank needs no answers, loads no model
     engine = engine or LazyEngine(make_engine(spec.engine, checkpoint.directory / BATCH_DIR))
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
-    memory = PeakMemory().__enter__()
-    if owned:
-        await engine.__aenter__()
+    stack = contextlib.AsyncExitStack()
+    fit: _Fit | None = None
     try:
+        memory = stack.enter_context(PeakMemory())
+        if owned:
+            stack.push_async_exit(engine.__aexit__)  # before entering: an engine that failed half-started is closed
+            await engine.__aenter__()
         started = time.perf_counter()
         bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 
         embed = embed or _embedder(spec)
         reviewed = read_reviewed(checkpoint.directory)
-        fit = None
         if bank is not None:
             key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
             fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
@@ -562,18 +613,19 @@ async def run_job(
         if hasattr(engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
             run["engine"] = engine.stats()
     finally:
-        if owned:
-            await engine.__aexit__(None, None, None)
-        memory.__exit__(None, None, None)
+        if fit is not None and not fit.final.done():  # stopped while the model was being asked: ask no more
+            fit.final.cancel()
+        await stack.aclose()
 
     annotations_path = checkpoint.directory / ANNOTATIONS_FILE
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
     shard_paths = [checkpoint.shard_path("annotate", n) for n in range(n_chunks)]
-    if shard_paths:  # streamed shard to file: the corpus is never whole in memory
-        # bounded row groups: polars' default ones hold hundreds of thousands of rows, each buffered whole
-        pl.scan_parquet(shard_paths).sink_parquet(annotations_path, row_group_size=ROW_GROUP_ROWS)
-    else:
-        pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(annotations_path)
+    with atomic_path(annotations_path) as tmp:
+        if shard_paths:  # streamed shard to file: the corpus is never whole in memory
+            # bounded row groups: polars' default ones hold hundreds of thousands of rows, each buffered whole
+            pl.scan_parquet(shard_paths).sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+        else:
+            pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(tmp)
     metrics = {
         "job": spec.name,
         "dataset": spec.dataset.name,
@@ -589,8 +641,10 @@ async def run_job(
         "run": {**run, "peak_rss_mb": memory.mb},
     }
     if fitted is not None:
-        write_review(annotations_path, checkpoint.directory / REVIEW_FILE)
-        risk_coverage_plot(annotations_path, fitted, checkpoint.directory / RISK_COVERAGE_FILE)
+        with atomic_path(checkpoint.directory / REVIEW_FILE) as tmp:
+            write_review(annotations_path, tmp)
+        with atomic_path(checkpoint.directory / RISK_COVERAGE_FILE) as tmp:
+            risk_coverage_plot(annotations_path, fitted, tmp)
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     manifest.complete = True
     checkpoint.save(manifest)

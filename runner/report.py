@@ -173,6 +173,10 @@ def _setting(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"  # None: no item to divide by (an empty corpus)
+
+
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """The few lines ``cm-run`` prints at the end of a job."""
 
@@ -187,7 +191,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"coverage {pct(metrics['coverage'])}, candidate set mean size {sizes['mean']:.1f}"
         if sizes["mean"] is not None
         else "no candidate sets",
-        f"calls per item {metrics['calls_per_item']:.2f}, errors {metrics['n_errors']}, "
+        f"calls per item {_fixed(metrics['calls_per_item'])}, errors {metrics['n_errors']}, "
         f"empty-row fallbacks {metrics['n_empty_row_fallback']}",
     ]
     if settings := metrics.get("cm_settings"):

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from runner import trust
+from runner._durable import atomic_path
 from runner.bank import MemoryBank, Sample, update_bank
 from runner.data import DataError, scan_table
 from runner.fit import FittedCM
@@ -88,7 +89,8 @@ def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     if target.is_file():
         earlier = pl.read_parquet(target).filter(~pl.col("id").is_in(fresh["id"].implode()))
         fresh = pl.concat([earlier, fresh])
-    fresh.write_parquet(target)
+    with atomic_path(target) as tmp:
+        fresh.write_parquet(tmp)
     return fresh.height
 
 
@@ -158,5 +160,5 @@ def risk_coverage_plot(annotations: Path, fitted: FittedCM, path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")
     return path

@@ -4,12 +4,14 @@ It answers ``POST /v1/chat/completions`` with a label chosen deterministically f
 request (so tests can check every output), after a fixed latency, and injects the faults a
 real API shows: 429 with Retry-After from a server-enforced requests-per-minute limit, random
 or scripted 500/503/429, responses slower than the client's timeout, malformed JSON, dropped
-connections, wrong labels, 400 and 401.
+connections, wrong labels, 400, 401, 403 and 429 ``insufficient_quota``; and a server that
+rejects every request carrying a field it does not support (``reject_field``), as Azure does
+vLLM's ``structured_outputs``.
 
 Scripted faults ride in the user text, so they hit exactly the rows a test chooses whatever
 the order of dispatch: ``[[503*2]]`` fails the first two attempts for that text with a 503
 and then answers; ``[[500]]`` fails every attempt. Kinds: 400, 401, 429, 500, 503, slow,
-drop, malformed, wrong.
+drop, malformed, wrong, 403, quota.
 
 In process (tests)::
 
@@ -47,7 +49,7 @@ from urllib.request import urlopen
 import orjson
 from aiohttp import web
 
-FAULT_KINDS = ("400", "401", "429", "500", "503", "slow", "drop", "malformed", "wrong")
+FAULT_KINDS = ("400", "401", "403", "429", "quota", "500", "503", "slow", "drop", "malformed", "wrong")
 _SCRIPTED = re.compile(r"\[\[(\w+)(?:\*(\d+))?\]\]")
 _LABEL_LINE = re.compile(r"^- (.+)$", re.MULTILINE)
 WRONG_LABEL = "certainly-not-a-label"
@@ -77,6 +79,8 @@ class FaultConfig:
     api_key: str | None = None
     """When set, requests without ``Authorization: Bearer <api_key>`` get a 401."""
     seed: int = 0
+    reject_field: str | None = None
+    """When set, every request whose body has this key gets a 400 naming it (may be changed while serving)."""
 
 
 @dataclass
@@ -219,12 +223,26 @@ class FaultServer:
         except (orjson.JSONDecodeError, KeyError, StopIteration, TypeError) as error:
             counters.statuses["400"] += 1
             return _error(400, f"bad request: {error!r}", "invalid_request_error")
+        if config.reject_field is not None and config.reject_field in body:
+            counters.statuses["400"] += 1
+            message = f"Unrecognized request argument supplied: {config.reject_field}"
+            return _error(400, message, "invalid_request_error")
         fault = self._fault_for(user_text)
         if fault is not None:
             counters.faults[fault] += 1
         if fault == "401":
             counters.statuses["401"] += 1
             return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        if fault == "403":
+            counters.statuses["403"] += 1
+            return _error(403, "You are not allowed to sample from this model.", "invalid_request_error")
+        if fault == "quota":
+            counters.statuses["429"] += 1
+            message = "You exceeded your current quota, please check your plan and billing details."
+            body = orjson.dumps(
+                {"error": {"message": message, "type": "insufficient_quota", "code": "insufficient_quota"}}
+            )
+            return web.Response(status=429, body=body, content_type="application/json")
         if fault == "429":
             counters.statuses["429"] += 1
             retry_after = config.fault_retry_after
@@ -287,6 +305,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity", type=int, default=None, help="requests worked on at once; the rest queue")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reject-field", default=None, help="answer 400 to every request with this body key")
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop by itself after this long")
     parser.add_argument("--uvloop", action="store_true", help="serve on uvloop (if installed)")
     return parser
@@ -308,6 +327,7 @@ async def _serve(args: argparse.Namespace) -> None:
         capacity=args.capacity,
         api_key=args.api_key,
         seed=args.seed,
+        reject_field=args.reject_field,
     )
     async with FaultServer(config, port=args.port) as server:
         print(f"listening on {server.base_url}", flush=True)

@@ -206,3 +206,174 @@ async def test_settings_the_variant_does_not_read_do_not_block_resume(job, tmp_p
     read = spec.model_copy(update={"cm": spec.cm.model_copy(update={"empty_row": "abstain"})})
     with pytest.raises(CheckpointError, match=r"cm\.empty_row: 'keep_initial' -> 'abstain'"):
         await run_job(read, engine=engine())
+
+
+async def test_every_file_the_job_writes_is_fsynced_before_its_rename_and_its_directory_after(
+    job, tmp_path, monkeypatch
+):
+    import os
+
+    synced: list[str] = []
+    renamed: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    def recording_replace(source, target):
+        renamed.append((str(source), str(target)))
+        synced.append(f"renamed {target}")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    spec, engine = job
+    await run_job(spec, engine=engine())
+
+    out = tmp_path / "out"
+    written = {str(p) for p in out.rglob("*") if p.is_file() and p.name != ".cm-run.lock"}  # a lock holds no output
+    # manifest, bank, estimate.parquet, annotations.parquet, metrics.json; the fitted CM (pickle and JSON), the
+    # held-out questions' answers, review.parquet, risk_coverage.png; and every shard
+    assert len(written) == 10 + -(-N_USER // 4) + -(-N_CORPUS // 4)
+    assert {target for _, target in renamed} == written
+    for source, target in renamed:
+        at = synced.index(f"renamed {target}", synced.index(source))  # the temp file synced, then renamed
+        assert str(os.path.dirname(target)) in synced[at + 1 :]  # ... then its directory
+
+
+async def test_estimate_rows_that_failed_once_are_retried_within_the_run(job, tmp_path):
+    spec, engine = job
+    flaky = engine(failing={"u2", "u7"})
+    complete = flaky.complete
+
+    async def fails_once(requests):
+        answers = await complete(requests)
+        if len(flaky.requests) >= N_USER:  # a transient fault: once every user sample was asked, all are answered
+            flaky.failing = set()
+        return answers
+
+    flaky.complete = fails_once
+    await run_job(spec, engine=flaky)
+    bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
+    # the scripted model answers 'b' for u0, u3, u6, u9 (truth a) and 'a' for the rest (truths b, c, b, c ...)
+    expected = {("b", "a"): 4, ("a", "b"): 3, ("a", "c"): 3}
+    assert {(c["answer"], c["truth"]): c["count"] for c in bank["confusions"]} == expected
+    assert bank["n_unparsed"] == 0 and bank["user_split"]["n_samples"] == N_USER
+
+
+async def test_estimate_rows_that_keep_failing_stop_the_job_without_a_bank(job, tmp_path):
+    from runner.engines.base import EngineError
+
+    spec, engine = job
+    with pytest.raises(EngineError, match=r"^2 of 10 user samples could not be answered; rerun to retry them"):
+        await run_job(spec, engine=engine(failing={"u2", "u7"}))
+    assert not (tmp_path / "out/memory_bank.json").exists()
+    assert orjson.loads((tmp_path / "out/manifest.json").read_bytes())["bank_digest"] is None
+
+    rerun_engine = engine()
+    await run_job(spec, engine=rerun_engine)
+    estimated = [
+        r.messages[-1].content
+        for r in rerun_engine.requests
+        if r.messages[-1].content.startswith("u") and len(r.choices) == len(LABELS)  # not the held-out questions
+    ]
+    assert sorted(estimated) == ["u2", "u7"]  # only the rows that failed are asked again
+    bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
+    assert sum(c["count"] for c in bank["confusions"]) == N_USER and bank["n_unparsed"] == 0
+
+
+async def test_n_unparsed_counts_answers_that_match_no_label_not_rejected_rows(job, tmp_path):
+    from runner.engines.base import Completion
+
+    spec, engine = job
+    scripted = engine()
+    scripted.first = {**scripted.first, "u4": "zzz"}
+    complete = scripted.complete
+
+    async def rejecting(requests):
+        answers = await complete(requests)
+        return [
+            Completion(text=None, error="http_400: too long", retryable=False) if r.messages[-1].content == "u5" else a
+            for r, a in zip(requests, answers, strict=True)
+        ]
+
+    scripted.complete = rejecting
+    await run_job(spec, engine=scripted)
+    bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
+    assert bank["n_unparsed"] == 1  # u4's answer; u5 was never answered
+    assert sum(c["count"] for c in bank["confusions"]) == N_USER - 2
+    assert bank["user_split"]["n_samples"] == N_USER - 1  # u4 was answered, u5 not
+
+
+def test_a_cm_setting_no_table_names_is_material_for_every_variant(job):
+    from runner.checkpoint import material_spec
+    from runner.spec import CMSpec, JobSpec
+
+    class NewerCM(CMSpec):
+        some_new_setting: int = 3
+
+    class NewerJob(JobSpec):
+        cm: NewerCM
+
+    spec, _ = job
+    for variant in ("paper", "counts", "neighbour_prior", "instance"):
+        newer = NewerJob.model_validate({**spec.model_dump(), "cm": {**spec.cm.model_dump(), "variant": variant}})
+        assert material_spec(newer)["cm.some_new_setting"] == 3, variant
+    off = NewerJob.model_validate({**spec.model_dump(), "cm": {**spec.cm.model_dump(), "enabled": False}})
+    assert "cm.some_new_setting" not in material_spec(off)  # CM off reads no cm setting
+
+
+@pytest.mark.parametrize("name", ["user", "corpus"])
+async def test_a_changed_file_at_the_same_path_refuses_to_resume(job, tmp_path, name):
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    path = tmp_path / f"data/{name}.jsonl"
+    path.touch()  # a new mtime, the same bytes: the same job
+    rerun = engine()
+    await run_job(spec, engine=rerun)
+    assert rerun.requests == []
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same size, same rows, new order
+    key = "user_split.path" if name == "user" else "corpus.path"
+    with pytest.raises(CheckpointError, match=rf"content of {key}: '{path.stat().st_size} bytes, sha256 .*--restart"):
+        await run_job(spec, engine=engine())
+    await run_job(spec, engine=engine(), restart=True)
+
+
+async def test_an_unchanged_file_is_not_hashed_again_on_resume(job, monkeypatch):
+    import hashlib
+
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    hashed = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(
+        hashlib, "file_digest", lambda handle, name: hashed.append(handle.name) or file_digest(handle, name)
+    )
+    await run_job(spec, engine=engine())
+    assert hashed == []  # size and mtime as recorded: the sha256 recorded stands
+
+
+async def test_a_second_run_on_a_locked_output_dir_is_refused_naming_the_holder(job, tmp_path):
+    import asyncio
+    import os
+
+    spec, engine = job
+    holder = engine()
+    asked, release = asyncio.Event(), asyncio.Event()
+    complete = holder.complete
+
+    async def held(requests):
+        asked.set()
+        await release.wait()
+        return await complete(requests)
+
+    holder.complete = held
+    first = asyncio.ensure_future(run_job(spec, engine=holder))
+    await asyncio.wait_for(asked.wait(), timeout=10)
+    with pytest.raises(CheckpointError, match=rf"another cm-run \(pid {os.getpid()}\) is writing"):
+        await run_job(spec, engine=engine())
+    release.set()
+    await first  # the first run was not disturbed, and once it ended the directory is free again
+    await run_job(spec, engine=engine())

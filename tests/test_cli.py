@@ -45,6 +45,7 @@ def test_schemas_check_reports_stale_files(tmp_path, capsys):
     assert "job-spec.schema.json is out of date" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"]])
 def test_console_script_is_installed(args):
     done = subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, check=True)
@@ -72,3 +73,66 @@ def test_bank_update_and_merge_from_the_command_line(tmp_path, capsys):
     )
     assert load_bank(tmp_path / "m.json").n_samples == 4
     assert "1 corrections added" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_second_cm_run_on_a_locked_output_dir_exits_2_naming_the_holder(toy_job, tmp_path, capsys):
+    toy_job([("u1", "a"), ("u2", "b")], [("c1", "a")])
+    (tmp_path / "out").mkdir()
+    hold = (
+        "import fcntl, os, sys, time\n"
+        "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush()\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "out/.cm-run.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert main([str(tmp_path / "job.yaml")]) == EXIT_INPUT
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    err = capsys.readouterr().err
+    assert f"another cm-run (pid {holder.pid}) is writing to this output directory" in err
+    assert not (tmp_path / "out/manifest.json").exists()  # refused before anything was written
+
+
+def _dry_run_totals(toy_job, tmp_path, capsys, strategy: str) -> tuple[int, int, int]:
+    import re
+
+    user = [(f"user text number {i:02d} " + "x" * 20, "ab"[i % 2]) for i in range(6)]  # 40 characters each
+    toy_job(user, [(f"corpus text {i}", "a") for i in range(5)], extra=f"strategy: {strategy}")
+    assert main([str(tmp_path / "job.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "estimate 6 + annotate 5 first + up to 5 second" in out  # 16 answers
+    found = re.search(
+        r"at most ([\d,]+) requests, about ([\d,]+) prompt tokens.*?at most ([\d,]+) completion", out, re.S
+    )
+    assert found, out
+    calls, prompt, completion = (int(group.replace(",", "")) for group in found.groups())
+    assert not (tmp_path / "out").exists()
+    return calls, prompt, completion
+
+
+@pytest.mark.parametrize(
+    ("strategy", "calls_per_answer", "completion_per_answer"),
+    [
+        ("{name: zero_shot}", 1, 32),  # one label answer of up to generation.max_tokens (32)
+        ("{name: self_consistency, n_samples: 3}", 3, 3 * 32),
+        ("{name: chain_of_thought, reasoning_max_tokens: 96}", 2, 96 + 32),  # reasoning, then the answer
+        ("{name: self_refine, max_rounds: 2, reasoning_max_tokens: 96}", 5, 32 + 2 * (96 + 32)),  # draft + 2 rounds
+        ("{name: self_consistency, n_samples: 3, sample_with: chain_of_thought}", 6, 3 * (96 + 32)),
+    ],
+)
+def test_dry_run_prices_each_strategy_by_its_calls(
+    toy_job, tmp_path, capsys, strategy, calls_per_answer, completion_per_answer
+):
+    calls, _, completion = _dry_run_totals(toy_job, tmp_path, capsys, strategy)
+    assert calls == 16 * calls_per_answer and completion == 16 * completion_per_answer
+
+
+def test_dry_run_counts_few_shot_examples_in_every_prompt(toy_job, tmp_path, capsys):
+    _, zero_shot, _ = _dry_run_totals(toy_job, tmp_path, capsys, "{name: zero_shot}")
+    _, few_shot, _ = _dry_run_totals(toy_job, tmp_path, capsys, "{name: few_shot, k: 4}")
+    assert few_shot - zero_shot >= 16 * 4 * 40 / 4  # four 40-character user samples (10 tokens each) per answer

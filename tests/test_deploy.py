@@ -89,6 +89,7 @@ def test_rayjob_runs_a_replica_spec_and_its_runtime_env_parses():
     assert spec.engine.kind == "vllm" and spec.engine.replicas == workers and spec.engine.num_gpus_per_replica == 1
 
 
+@pytest.mark.slow
 def test_the_rayjob_entrypoint_runs_here_up_to_reading_the_data(tmp_path):
     # The same command the head node runs, on this checkout instead of the image's /app: the CLI,
     # the spec and its base resolve; with no datasets in --data-dir it stops before any engine.

@@ -189,12 +189,19 @@ def test_strategy_labels_tell_settings_apart():
     assert strategy_label(StrategySpec(name="self_refine", max_rounds=2)) == "self_refine (rounds<=2)"
 
 
-def test_shipped_grids_are_valid():
-    shipped = sorted((Path(__file__).resolve().parents[1] / "jobs/eval").glob("*.yml"))
-    assert shipped
-    for path in shipped:
-        grid = load_grid(path)
-        assert isinstance(grid, GridSpec) and all(Path(d).is_file() for d in grid.datasets), path
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "jobs/eval").glob("*.yml")), ids=str)
+def test_shipped_grids_load_as_written(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())  # read independently of load_grid; absent keys take the documented defaults
+    grid = load_grid(path)
+    assert grid.datasets == [str((path.parent / d).resolve()) for d in raw["datasets"]]
+    assert all(Path(d).is_file() for d in grid.datasets)
+    assert [s.name for s in grid.strategies] == [s["name"] for s in raw.get("strategies", [{"name": "zero_shot"}])]
+    assert grid.budgets == raw.get("budgets", [0.01, 0.05]) and grid.seeds == raw.get("seeds", [0, 1])
+    assert [e.model for e in grid.engines] == [
+        e.get("model", "smollm2-135m-instruct") for e in raw.get("engines", [{}])
+    ]
 
 
 def test_report_only_reads_finished_cells_and_refuses_unfinished_ones(datasets, write, monkeypatch, capsys):

@@ -8,7 +8,6 @@ import pytest
 
 from runner import load_bank, run_job
 from runner.checkpoint import CheckpointError
-from runner.report import compute_metrics
 from tests.scripted_engine import ScriptedEngine
 
 USER = [  # (text, truth, the model's first answer)
@@ -63,19 +62,21 @@ async def test_cm_flow_end_to_end(job, tmp_path):
     assert metrics == result.metrics
 
 
-async def test_metrics_equal_what_a_reader_recomputes(job, tmp_path):
-    spec, make_engine = job
-    await run_job(spec, engine=make_engine())
+async def test_metrics_count_rows_without_an_answer_as_wrong(job, tmp_path):
+    spec, _ = job
+    first = {t: a for t, _, a in USER} | {t: a for t, _, a, _ in CORPUS}
+    second = {t: s for t, _, _, s in CORPUS if s}
+    await run_job(spec, engine=ScriptedEngine(first, second, n_labels=4, failing={"c4"}))
     metrics = orjson.loads((tmp_path / "out/metrics.json").read_bytes())
+    # By hand from CORPUS: y' right on c3 only; y_hat right on c1, c2, c3; gold in C for c1, c2, c3;
+    # c4's call failed (y', y_hat null, no candidates): wrong, not left out. Calls 2 + 1 + 1 + 1 (the failed one).
+    assert metrics["accuracy_baseline"] == 1 / 4 and metrics["accuracy_cm"] == 3 / 4
+    assert metrics["coverage"] == 3 / 4 and metrics["calls_per_item"] == 5 / 4 and metrics["n_errors"] == 1
+    # the reader's recipe: rows with gold, a null answer counted as wrong
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
-    recomputed = {
-        "accuracy_baseline": (table["y_prime"] == table["gold"]).mean(),
-        "accuracy_cm": (table["y_hat"] == table["gold"]).mean(),
-        "coverage": table.select(pl.col("candidates").list.contains(pl.col("gold")).mean()).item(),
-        "calls_per_item": table["calls"].mean(),
-    }
-    assert {k: metrics[k] for k in recomputed} == recomputed
-    assert compute_metrics(table).items() <= metrics.items()
+    scored = table.filter(pl.col("gold").is_not_null())
+    assert scored.select((pl.col("y_hat") == pl.col("gold")).fill_null(False).mean()).item() == 3 / 4
+    assert (table["y_hat"] == table["gold"]).mean() == 1.0  # the naive recipe skips the null row: overstated
 
 
 async def test_a_slow_row_does_not_hold_up_the_chunks_behind_it(job, tmp_path):
@@ -157,3 +158,27 @@ async def test_a_changed_spec_refuses_to_resume(job):
     with pytest.raises(CheckpointError, match=r"generation.max_tokens: 32 -> 5.*--restart"):
         await run_job(changed, engine=make_engine())
     await run_job(changed, engine=make_engine(), restart=True)
+
+
+async def test_an_engine_that_fails_to_start_is_closed_and_leaves_no_sampler_running(job, monkeypatch):
+    import threading
+
+    import runner.pipeline
+    from runner.engines._lazy import LazyEngine
+    from runner.engines.base import EngineError
+
+    closed: list[bool] = []
+
+    class HalfStarting(LazyEngine):
+        async def __aenter__(self):
+            raise EngineError("half started")
+
+        async def __aexit__(self, *exc_info):
+            closed.append(True)
+
+    monkeypatch.setattr(runner.pipeline, "LazyEngine", HalfStarting)
+    spec, _ = job
+    with pytest.raises(EngineError, match="half started"):
+        await run_job(spec)
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "peak-memory"]

@@ -84,3 +84,13 @@ def test_summary_shows_the_cm_settings_the_user_split_chose():
     settings = {"variant": "neighbour_prior", "likelihood_weight": 0.0, "tau": 0.67512, "prior": "probe"}
     lines = summary_lines({**compute_metrics(TABLE), "n_user": 4, "cm_settings": settings})
     assert "cm variant neighbour_prior, likelihood_weight 0, tau 0.675, prior probe" in lines
+
+
+def test_summary_of_an_empty_corpus_says_so_instead_of_failing():
+    metrics = {**compute_metrics(annotations([])), "n_user": 4}
+    assert summary_lines(metrics)[:4] == [
+        "annotated 0 items (0 with gold labels), memory bank from 4 user samples",
+        "accuracy  baseline (y'): n/a   CM (y_hat): n/a",
+        "no candidate sets",
+        "calls per item n/a, errors 0, empty-row fallbacks 0",
+    ]

@@ -21,6 +21,7 @@ import pytest
 
 from tests.fault_server import serving_process
 
+pytestmark = pytest.mark.slow  # kills cm-run processes
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-resume"
 

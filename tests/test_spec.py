@@ -116,5 +116,13 @@ def test_relative_path_without_data_dir_is_an_error(write, monkeypatch):
         spec.resolve_data_path("train.jsonl")
 
 
-def test_spec_is_a_typed_model():
-    assert set(JobSpec.model_fields) >= {"dataset", "user_split", "corpus", "strategy", "engine", "output"}
+def test_a_spec_reads_back_as_written_with_numbers_typed(write):
+    body = MINIMAL.replace("{path: train.jsonl}", "{path: train.jsonl, fraction: 0.01, seed: 7}")
+    body += "generation: {temperature: 0, max_tokens: 16}\nengine: {kind: openai, model: gpt-4o-mini}\n"
+    spec = load_spec(write("job.yaml", body))
+    dumped = spec.model_dump(mode="json")
+    assert dumped["user_split"] == {"path": "train.jsonl", "fraction": 0.01, "seed": 7, "stratified": True}
+    assert dumped["generation"] == {"temperature": 0.0, "max_tokens": 16, "seed": 0}
+    assert type(spec.generation.temperature) is float  # YAML's 0 is an int; the spec says a float
+    assert dumped["engine"]["kind"] == "openai" and dumped["engine"]["base_url"] is None
+    assert JobSpec.model_validate(dumped) == spec  # what a manifest records loads back to the same spec

@@ -7,13 +7,15 @@
 - ``TokenBudget``: tokens per minute, a bucket debited with an estimate before each call and
   corrected with the usage the server returns.
 - ``RateLimitPressure``: tells a 429 storm from the odd 429 (which only delays its own row).
+- ``CircuitBreaker``: tells a server that refuses every request from one that refuses some rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
+from typing import Literal
 
 from asyncio_throttle import Throttler
 
@@ -54,8 +56,8 @@ class AdaptiveLimiter:
             await waiter  # release() hands the slot over: in_flight already counts us
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release()
-            else:
+                self.release()  # the slot was handed to us: pass it on
+            elif waiter in self._waiters:  # else _wake already popped it, saw it cancelled, and moved on
                 self._waiters.remove(waiter)
             raise
 
@@ -170,3 +172,74 @@ class PauseGate:
     async def wait(self) -> None:
         while (delay := self.resume_at - time.monotonic()) > 0:
             await asyncio.sleep(delay)
+
+
+Verdict = Literal["row", "rerun", "server"]
+
+
+class CircuitBreaker:
+    """Tells a server that refuses every request from one that refuses a few rows.
+
+    A permanent error (a 400) is normally that row's own: recorded, never asked again. But a server
+    that refuses a setting refuses every row alike, and recording that would write the whole corpus
+    as rejected, which no rerun redoes. So a refusal is held until there is a verdict (in a healthy
+    job the next answer, milliseconds later):
+
+    - ``row``: an answer came after it, so the server answers others: the refusal was the row's;
+    - ``server``: the same kind of refusal made up the first ``first`` responses, or ``share`` of a
+      full window of recent ones: the job stops;
+    - ``rerun``: every open row is held, so no answer is coming to judge by: the row is kept as a
+      failure a rerun asks again.
+    """
+
+    def __init__(self, first: int = 5, window: int = 20, share: float = 0.9):
+        self.first = first
+        self.share = share
+        self.answered = False
+        self.tripped = False
+        self.open_rows = 0
+        self._before_answer: Counter[str] = Counter()
+        self._recent: deque[str | None] = deque(maxlen=window)
+        self._held: list[asyncio.Future[Verdict]] = []
+
+    def enter(self) -> None:
+        self.open_rows += 1
+
+    def leave(self) -> None:
+        self.open_rows -= 1
+        self._settle_if_idle()
+
+    def answer(self) -> None:
+        self.answered = True
+        self._recent.append(None)
+        self._settle("row")
+
+    async def refusal(self, kind: str) -> Verdict:
+        """The verdict on a row the server refused with ``kind`` (``http_400``), once there is one."""
+        self._recent.append(kind)
+        if not self.answered:
+            self._before_answer[kind] += 1
+        window_full = len(self._recent) == self._recent.maxlen
+        if (
+            self.tripped
+            or (not self.answered and self._before_answer[kind] >= self.first)
+            or (window_full and self._recent.count(kind) >= self.share * len(self._recent))
+        ):
+            self.tripped = True
+            self._settle("server")
+            return "server"
+        held: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._held.append(held)
+        self._settle_if_idle()
+        return await held
+
+    def _settle(self, verdict: Verdict) -> None:
+        held, self._held = self._held, []
+        for future in held:
+            if not future.done():
+                future.set_result(verdict)
+
+    def _settle_if_idle(self) -> None:
+        waiting = sum(1 for future in self._held if not future.done())
+        if waiting and waiting >= self.open_rows:
+            self._settle("rerun")

@@ -59,7 +59,9 @@ def resolve_constraint(mode: str, base_url: str) -> ConstraintMode:
     if mode != "auto":
         return mode  # type: ignore[return-value]
     host = urlparse(base_url).hostname or ""
-    return "json_schema" if host == "api.openai.com" or host.endswith(".openai.com") else "vllm_choice"
+    # Azure OpenAI (*.openai.azure.com) refuses vLLM's structured_outputs with a 400 on every request
+    official = host == "api.openai.com" or host.endswith((".openai.com", ".openai.azure.com"))
+    return "json_schema" if official else "vllm_choice"
 
 
 def request_body(model: str, request: ChoiceRequest, constraint: ConstraintMode) -> dict[str, Any]:
@@ -175,10 +177,25 @@ def error_message(payload: bytes) -> str:
     return str(message).strip()[:_MAX_MESSAGE_CHARS]
 
 
+def _error_code(payload: bytes) -> str | None:
+    """The ``code`` (else ``type``) of an OpenAI-style error body."""
+    try:
+        error = orjson.loads(payload).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code") or error.get("type")
+    return code if isinstance(code, str) else None
+
+
 def classify_status(status: int, headers: Mapping[str, str], payload: bytes) -> Exception:
     """The exception a non-200 response becomes: retryable, that row's error, or fatal for the job."""
     message = error_message(payload)
     kind = f"http_{status}"
+    if status == 429 and _error_code(payload) == "insufficient_quota":
+        # no wait makes a spent quota come back: retrying would only burn the retries of every row
+        return FatalError("insufficient_quota", message)
     if status in _RETRYABLE_STATUSES or status >= 500:
         return RetryableError(kind, message, retry_after_seconds(headers))
     if status in (401, 403):

@@ -7,7 +7,8 @@ attempt passes a dispatcher-wide pause gate, an adaptive concurrency limit, the
 requests-per-minute pacer and the tokens-per-minute budget; failed attempts are retried by
 tenacity with exponential backoff and jitter, honouring Retry-After. A row whose retries run
 out comes back as ``Completion(error=...)``; only a failure no row can get past (a refused
-key, an unknown model, a server never reached) stops the job, as ``EngineError``.
+key, a spent quota, an unknown model, a server never reached, a server refusing every request
+alike: see ``CircuitBreaker``) stops the job, as ``EngineError``; finished chunks are kept.
 
 The API key is read from the environment variable the spec names and goes only into the
 Authorization header: never into a spec, an error message, a log or an output file.
@@ -29,7 +30,14 @@ import aiohttp
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from runner.engines._limits import AdaptiveLimiter, PauseGate, RateLimitPressure, RequestPacer, TokenBudget
+from runner.engines._limits import (
+    AdaptiveLimiter,
+    CircuitBreaker,
+    PauseGate,
+    RateLimitPressure,
+    RequestPacer,
+    TokenBudget,
+)
 from runner.engines._usage import EngineStats, TokenEstimator
 from runner.engines._wire import (
     OPENAI_BASE_URL,
@@ -69,6 +77,7 @@ class OpenAIEngine:
         self._budget = TokenBudget(spec.tokens_per_minute) if spec.tokens_per_minute else None
         self._pressure = RateLimitPressure()
         self._gate = PauseGate()
+        self._breaker = CircuitBreaker()
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, spec.max_retries)),
             wait=self._wait,
@@ -133,13 +142,35 @@ class OpenAIEngine:
             hint = {
                 "http_401": f"the server refused the API key in ${self.spec.api_key_env}",
                 "http_403": f"the key in ${self.spec.api_key_env} may not use model {self.model_id!r}",
+                "insufficient_quota": "the account's quota is spent (add credit, then rerun the same command)",
                 "http_404": f"no model {self.model_id!r} at {self.base_url} (check engine.model and engine.base_url)",
                 "connection": "the server never answered (check engine.base_url and that it is running)",
-            }.get(error.kind, "the server refused every request")
-            self._fatal = EngineError(f"{hint} ({error.kind}: {self._redact(str(error))})")
+            }.get(error.kind, "the job stops")
+            self._fatal = EngineError(
+                f"{hint} ({error.kind}: {self._redact(str(error))}); finished chunks are kept: "
+                "rerun the same command to resume"
+            )
         return self._fatal
 
+    def _refused_by_server(self, error: PermanentError) -> EngineError:
+        hint = ""
+        if error.kind == "http_400" and self.constraint != "none":
+            hint = (
+                f" If the server does not support answers constrained by {self.constraint}, set "
+                "engine.structured_output (json_schema, or none)."
+            )
+        return self._stop(
+            FatalError(error.kind, f"the server refused every request alike: {error}; none was recorded.{hint}")
+        )
+
     async def _row(self, request: ChoiceRequest) -> Completion:
+        self._breaker.enter()
+        try:
+            return await self._judged_row(request)
+        finally:
+            self._breaker.leave()
+
+    async def _judged_row(self, request: ChoiceRequest) -> Completion:
         body = orjson.dumps(request_body(self.model_id, request, self.constraint))
         self.stats_counters.calls += 1
         attempts = 1
@@ -161,9 +192,14 @@ class OpenAIEngine:
         except FatalError as error:
             raise self._stop(error) from None
         except PermanentError as error:
+            verdict = await self._breaker.refusal(error.kind)
+            if verdict == "server":
+                raise self._refused_by_server(error) from None
             message = str(error)
             kind = error.kind
-            retryable = False  # the server will refuse this row the same way next run
+            # "row": the server will refuse this row the same way next run; "rerun": nothing was answered to
+            # tell the row's fault from the server's, so a rerun asks again
+            retryable = verdict == "rerun"
         except RetryableError as error:
             if error.kind == "connection" and not self._answered_once:
                 raise self._stop(FatalError("connection", f"cannot reach {self.base_url}: {error}")) from None
@@ -221,6 +257,7 @@ class OpenAIEngine:
         self._answered_once = True
         self._answer_times.append(time.monotonic())
         self._answered_lately()
+        self._breaker.answer()
         self._limiter.grow()
         self._estimator.learn(raw_estimate, answer.prompt_tokens)
         if self._budget is not None and answer.prompt_tokens:

@@ -34,12 +34,16 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
 
 
 def _rejection_errors() -> tuple[type[Exception], ...]:
-    """What vLLM raises for a request it will not run (0.32: VLLMValidationError; older: ValueError)."""
+    """What vLLM raises for a request it will not run (0.32: VLLMValidationError; older: ValueError).
+
+    Only these are a row's error: any other exception (a ValueError inside vLLM 0.32 included) is
+    a bug, and recording it as a rejected row would hide it behind rows no rerun asks again.
+    """
     try:
         from vllm.exceptions import VLLMValidationError
     except ImportError:
         return (ValueError,)
-    return (ValueError, VLLMValidationError)
+    return (VLLMValidationError,)
 
 
 class VLLMEngine:

@@ -171,11 +171,15 @@ async def test_a_429_storm_slows_the_whole_dispatcher_and_loses_nothing():
 
 async def test_stats_estimate_the_cost_from_the_configured_prices(server):
     prices = Prices(prompt_per_million=1.0, completion_per_million=2.0)
+    requests = [ask("one"), ask("two")]
     async with engine_for(server, prices=prices.model_dump()) as engine:
-        await engine.complete([ask("one"), ask("two")])
+        await engine.complete(requests)
         stats = engine.stats()
-    expected = (stats["prompt_tokens"] * 1.0 + stats["completion_tokens"] * 2.0) / 1e6
-    assert stats["estimated_cost_usd"] == pytest.approx(expected)
+    # the fault server reports usage as prompt characters // 4 + 1 and answer characters // 4 + 1
+    prompt = sum(sum(len(m.content) for m in r.messages) // 4 + 1 for r in requests)
+    completion = sum(len(expected_answer(r.messages[-1].content, LABELS)) // 4 + 1 for r in requests)
+    assert (stats["prompt_tokens"], stats["completion_tokens"]) == (prompt, completion)
+    assert stats["estimated_cost_usd"] == pytest.approx((prompt * 1.0 + completion * 2.0) / 1e6)
 
 
 def test_retry_after_is_read_in_milliseconds_seconds_or_as_a_date():
@@ -274,3 +278,98 @@ async def test_timeouts_at_a_saturated_server_lower_the_concurrency_instead_of_p
     # no more in flight than the server answers within the timeout: 2 / 0.1 s x 1 s = 20
     assert stats["lowest_concurrency_limit"] <= 20
     assert stats["retries"] < stats["calls"]
+
+
+async def test_a_waiter_cancelled_after_release_passed_it_over_leaves_the_limiter_whole():
+    limiter = AdaptiveLimiter(1)
+    await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)  # queued
+    waiter.cancel()  # its future is cancelled now; the task learns it on its next step
+    limiter.release()  # ... and release() pops it first, finding it done
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.in_flight == 0 and not limiter._waiters
+    await asyncio.wait_for(limiter.acquire(), timeout=1)  # the slot is free for the next one
+    assert limiter.in_flight == 1
+
+
+async def test_a_server_refusing_a_setting_on_every_request_stops_within_seconds_with_its_message():
+    # Azure-like: every request carrying vLLM's structured_outputs is a 400
+    config = FaultConfig(latency=0.005, reject_field="structured_outputs")
+    async with FaultServer(config) as server, engine_for(server, max_concurrency=4) as engine:
+        started = time.monotonic()
+        with pytest.raises(EngineError) as raised:
+            await engine.complete([ask(f"row {i}") for i in range(500)])
+        elapsed = time.monotonic() - started
+    message = str(raised.value)
+    assert "Unrecognized request argument supplied: structured_outputs" in message
+    assert "engine.structured_output" in message and "rerun" in message
+    assert elapsed < 5 and server.counters.requests <= 10  # five alike, and the four in flight then
+    assert server.counters.answered == 0
+
+
+async def test_a_server_that_starts_refusing_everything_mid_job_stops_it(server):
+    async with engine_for(server, max_concurrency=4) as engine:
+        answered = await engine.complete([ask(f"early {i}") for i in range(30)])
+        assert all(c.error is None for c in answered)
+        server.config.reject_field = "structured_outputs"
+        with pytest.raises(EngineError, match="refused every request alike"):
+            await engine.complete([ask(f"late {i}") for i in range(500)])
+    assert server.counters.statuses["400"] <= 30  # a window's worth, not 500
+
+
+async def test_refusals_with_no_answer_to_judge_them_by_are_kept_for_a_rerun(server):
+    # Two rows, both refused, nothing answered: the row's fault or the server's cannot be told yet.
+    async with engine_for(server) as engine:
+        first = await engine.complete([ask("too long [[400]]"), ask("also too long [[400]]")])
+        assert all(c.text is None and c.retryable for c in first)
+        # Once the server answers others, a refusal is the row's own and is not asked again.
+        later = await engine.complete([ask("long again [[400]]"), ask("fine")])
+    assert later[0].text is None and not later[0].retryable and later[0].error.startswith("http_400")
+    assert later[1].text == expected_answer("fine", LABELS)
+
+
+async def test_a_spent_quota_stops_the_job_without_retrying(server):
+    async with engine_for(server, max_retries=5) as engine:
+        with pytest.raises(EngineError, match=r"quota is spent.*insufficient_quota.*rerun the same command"):
+            await engine.complete([ask("no money [[quota]]")])
+    assert server.counters.faults["quota"] == 1
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+async def test_a_key_refused_mid_job_stops_it_as_resumable_without_retrying(server, status):
+    async with engine_for(server, max_retries=5) as engine:
+        fine = await engine.complete([ask(f"fine {i}") for i in range(5)])
+        assert all(c.error is None for c in fine)
+        with pytest.raises(EngineError, match=rf"http_{status}.*rerun the same command to resume"):
+            await engine.complete([ask(f"refused [[{status}]]")])
+    assert server.counters.faults[status] == 1
+
+
+def test_azure_openai_hosts_get_json_schema_answers():
+    spec = OpenAIEngineSpec(kind="openai", model="gpt-4o-mini", base_url="https://x.openai.azure.com/openai/v1")
+    assert OpenAIEngine(spec, environ={"OPENAI_API_KEY": KEY}).constraint == "json_schema"
+
+
+async def test_a_job_against_a_server_refusing_everything_stops_and_records_no_row_as_rejected(toy_job, tmp_path):
+    import polars as pl
+
+    from runner import run_job
+
+    corpus = [(f"corpus row {i}", LABELS[i % 6]) for i in range(40)]
+    async with FaultServer(FaultConfig(latency=0.005, reject_field="structured_outputs")) as server:
+        engine = f"{{kind: openai, model: m, base_url: '{server.base_url}', structured_output: vllm_choice}}"
+        spec = toy_job(
+            corpus[:6],
+            corpus,
+            output="chunk_size: 2, chunks_in_flight: 1",
+            extra=f"engine: {engine}\ncm: {{enabled: false, accept: null}}",  # no estimate: the corpus is refused
+        )
+        with pytest.raises(EngineError, match="refused every request alike"):
+            await run_job(spec)
+    shards = sorted((tmp_path / "out/annotations").glob("*.parquet"))
+    written = pl.concat([pl.read_parquet(shard) for shard in shards])
+    # one chunk at a time: the first two chunks came back with nothing answered to judge their refusals by
+    assert written.height == 4 and written["error_kind"].to_list() == ["engine"] * 4  # asked again by a rerun
+    assert server.counters.requests == 6  # the fifth refusal alike stopped it; its chunk-mate was in flight

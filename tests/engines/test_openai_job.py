@@ -19,6 +19,7 @@ import pytest
 
 from tests.fault_server import expected_answer, served, serving_process
 
+pytestmark = pytest.mark.slow  # cm-run and the fault server as subprocesses
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-test-SECRET123"
 KEY_ENV = "CM_TEST_OPENAI_KEY"

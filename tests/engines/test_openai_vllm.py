@@ -27,7 +27,7 @@ from runner.labels import LabelSet
 from runner.prompts import classification_messages
 from runner.spec import OpenAIEngineSpec
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"

