@@ -28,8 +28,8 @@ from runner import load_spec
 from runner import posterior as post
 from runner.data import Corpus, load_user_split
 from runner.embeddings import embed
+from runner.fit import NEIGHBOUR_GRID, TEMPERATURE_GRID
 from runner.probe import fit_probe
-from runner.refiners import NEIGHBOUR_GRID, TEMPERATURE_GRID
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,13 +1,15 @@
 """CM variants against the plain strategy and the plain neighbour vote, on the paper's datasets.
 
 One real job per dataset (the paper's CM, which also records every first answer Y' and the
-bank with its user samples); then each posterior variant is applied to those same first
-answers through the pipeline's own refiners, answering without a second call
-(``cm.second_call: never``: one LLM call per item), so every number in a row is measured on the
-same items with the same model answers. With ``--second-calls K`` each posterior variant (with K
+bank with its user samples); then each posterior variant is fitted on that bank and applied to
+those same first answers with the job's own ``runner.fit.fit_cm`` and ``runner.apply.refine``,
+answering without a second call (``cm.second_call: never``: one LLM call per item, and no
+held-out questions to ask while fitting), so every number in a row is measured on the same items
+with the same model answers. With ``--second-calls K`` each posterior variant (with K
 neighbours, and the prior ``--second-calls-prior``) also runs as a real job on the paper job's
 bank, asking the model again among its candidate set when that holds more than one label
-(``cm.second_call: when_ambiguous``; the first answer only if it earned a weight); one
+(``cm.second_call: when_ambiguous``; the first answer only if it earned a weight; fitting
+also asks the model among the user samples' ambiguous held-out sets, as such a job does); one
 engine, behind the grid's request cache, serves all of a dataset's jobs, so the first calls are
 paid once.
 
@@ -30,12 +32,12 @@ import numpy as np
 import orjson
 import polars as pl
 
-from runner import load_bank, load_spec, run_job
+from runner import apply, load_bank, load_spec, run_job
 from runner.bank import MemoryBank, Sample
 from runner.embeddings import embed
 from runner.engines import make_engine
 from runner.engines._cache import CachingEngine
-from runner.refiners import PosteriorRefiner
+from runner.fit import fit_cm
 from runner.spec import CMSpec, JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,20 +128,19 @@ output: {{dir: {job_dir}}}
     vote_right = right[VOTE_K.get(name, 5)]
     row["vote"] = float(vote_right.mean())
 
-    def reuse(texts):  # the refiners embed the user samples and the items: both are computed above
-        if len(texts) == len(bank.samples) and texts[0] == bank.samples[0].text:
-            return user_vectors
-        return item_vectors
-
-    # the neighbour vote with k and temperature chosen on the user split, the model's answer unused (w = 0)
-    tuned = PosteriorRefiner(bank, CMSpec(variant="neighbour_prior", likelihood_weight=0.0, tau=0.5), reuse)
-    tuned_votes = [tuned.refine(c, labels[0]).neighbour_vote for c in tuned.prepare(table["text"].to_list())]
+    # the neighbour vote with k and temperature chosen on the user split, the model's answer unused (w = 0);
+    # second_call never: nothing to ask the model while fitting
+    vote_only = CMSpec(variant="neighbour_prior", likelihood_weight=0.0, tau=0.5, second_call="never")
+    tuned = fit_cm(bank, vote_only, user_vectors)
+    tuned_votes = [context.vote for context in apply.neighbourhoods(tuned, item_vectors)]
     row["tuned_vote"] = float(np.mean([v == g for v, g in zip(tuned_votes, gold, strict=True)]))
     row["tuned_vote_neighbourhood"] = [tuned.neighbours, tuned.temperature]
     if "probe" in args.priors:  # the probe alone, likewise: what the model's answer adds on top of it
-        alone = CMSpec(variant="neighbour_prior", prior="probe", likelihood_weight=0.0, tau=0.5, second_call="never")
-        probe = PosteriorRefiner(bank, alone, reuse)
-        probe_votes = [probe.refine(c, labels[0]).decided for c in probe.prepare(table["text"].to_list())]
+        probe = fit_cm(bank, vote_only.model_copy(update={"prior": "probe"}), user_vectors)
+        probe_votes = [
+            apply.refine(probe, context, labels[0]).refinement.decided
+            for context in apply.neighbourhoods(probe, item_vectors)
+        ]
         probe_right = np.array([v == g for v, g in zip(probe_votes, gold, strict=True)])
         row["probe_vote"] = float(probe_right.mean())
         row["probe_vote_wins"] = int((probe_right & ~vote_right).sum())
@@ -148,15 +149,15 @@ output: {{dir: {job_dir}}}
     for variant, prior, k in measured(args):
         neighbours = None if k == "auto" else int(k)
         cm = CMSpec(variant=variant, prior=prior, second_call="never", coverage=args.coverage, neighbours=neighbours)
-        refiner = PosteriorRefiner(bank, cm, reuse)
-        contexts = refiner.prepare(table["text"].to_list())
+        fitted = fit_cm(bank, cm, user_vectors if variant != "counts" else None)
+        contexts = apply.neighbourhoods(fitted, item_vectors)
         decided, covered, sizes = [], [], []
         for context, answer, truth in zip(contexts, answered, gold, strict=True):
             if answer is None:
                 decided.append(None)
                 covered.append(False)
                 continue
-            refinement = refiner.refine(context, answer)
+            refinement = apply.refine(fitted, context, answer).refinement
             decided.append(refinement.decided)
             covered.append(truth in refinement.candidates)
             sizes.append(len(refinement.candidates))
@@ -166,12 +167,12 @@ output: {{dir: {job_dir}}}
         # paired with the vote on the same items: right where the vote is wrong, and the reverse
         row[f"{key}_wins"] = int((hits & ~vote_right).sum())
         row[f"{key}_losses"] = int((~hits & vote_right).sum())
-        row[f"{key}_neighbourhood"] = [refiner.neighbours, refiner.temperature] if refiner.uses_neighbours else None
+        row[f"{key}_neighbourhood"] = [fitted.neighbours, fitted.temperature] if fitted.uses_neighbours else None
         row[f"{key}_coverage"] = float(np.mean(covered))
         row[f"{key}_set"] = float(np.mean(sizes)) if sizes else None
-        row[f"{key}_tau"] = refiner.tau
-        row[f"{key}_weight"] = refiner.weight
-        row[f"{key}_probe_strength"] = refiner.probe.strength if refiner.probe else None
+        row[f"{key}_tau"] = fitted.tau
+        row[f"{key}_weight"] = fitted.weight
+        row[f"{key}_probe_strength"] = fitted.probe.strength if fitted.probe else None
     async with engine:
         if args.second_calls:
             await with_second_calls(spec, engine, out, bank_dir / "memory_bank.json", args, row)
