@@ -1,5 +1,6 @@
-# One command each: `make run` (install + the main job), `make demo` (install + a few-minute job),
-# `make test` (install + the test suite; .ci/run calls exactly this).
+# One command each: `make demo` (install + a job of a few minutes), `make run` (install + the main job
+# with the recommended configuration, then the paper's CM on the same items, each printing its summary),
+# `make test` (install + lint + the test suite; .ci/run calls exactly this).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export CM_DATA_DIR ?= $(abspath ../shared/datasets)
@@ -18,6 +19,7 @@ install:
 
 run: install
 	$(PYTHON) -m runner.cli jobs/massive.yaml
+	$(PYTHON) -m runner.cli jobs/massive-paper.yaml
 
 demo: install
 	$(PYTHON) -m runner.cli jobs/demo.yaml
