@@ -22,7 +22,7 @@ FITTED_SUMMARY = "fitted_cm.json"
 def save_fitted(directory: Path, key: str, fitted: FittedCM) -> None:
     write_atomic(directory / FITTED_FILE, pickle.dumps({"key": key, "fitted": fitted}, protocol=5))
     summary = {"key": key, "labels": fitted.labels, "settings": fitted.settings, "trust": fitted.trust_settings}
-    summary["calibration"] = {"scores": fitted.calibration.scores, "probabilities": fitted.calibration.probabilities}
+    summary["calibration"] = {"slope": fitted.calibration.slope, "intercept": fitted.calibration.intercept}
     write_atomic(directory / FITTED_SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
 
 

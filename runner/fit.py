@@ -16,7 +16,7 @@ Each user sample is scored without itself (leave-one-out counts and neighbours; 
    model is asked to choose among, as it would be for a corpus item (``FitDraft.questions``);
 5. with ``cm.second_call: auto``, whether second calls pay: the model's choices must beat the
    posterior's most probable label by more than one standard error;
-6. the confidence: isotonic calibration of each held-out sample's score (the posterior
+6. the confidence: sigmoid (Platt) calibration of each held-out sample's score (the posterior
    probability of the label CM gives it; for the paper's CM the bank's count share of that
    label in row Y'; without CM the share of Y' among the samples that answered Y');
 7. the acceptance threshold (``cm.accept``): the lowest confidence whose accepted held-out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.stats import beta
-from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
 
 from runner.posterior import mass_candidates
 from runner.trust import (
@@ -51,17 +51,26 @@ def test_the_threshold_is_the_lowest_whose_accepted_rows_pass_the_bound():
     assert nothing.threshold is None and nothing.accepted_share == 0.0 and nothing.accuracy is None
 
 
-def test_isotonic_calibration_is_sklearns_fit_as_a_few_numbers():
+def test_sigmoid_calibration_is_sklearns_logistic_fit_as_two_numbers():
     rng = np.random.default_rng(0)
-    scores = rng.uniform(size=400)
+    scores = rng.uniform(0.01, 0.99, size=400)
     right = rng.uniform(size=400) < scores**2  # overconfident raw scores: P(right) = score^2
     calibration = fit_calibration(scores, right)
-    reference = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, right.astype(float))
-    grid = np.linspace(-0.5, 1.5, 201)
-    assert calibration.apply(grid) == pytest.approx(reference.predict(grid))
-    assert np.all(np.diff(calibration.apply(grid)) >= 0)
+    logits = np.log(scores / (1 - scores)).reshape(-1, 1)
+    reference = LogisticRegression(C=1e6, max_iter=1000).fit(logits, right)
+    assert calibration.apply(scores) == pytest.approx(reference.predict_proba(logits)[:, 1])
+    grid = np.linspace(0.0, 1.0, 101)
+    assert np.all(np.diff(calibration.apply(grid)) > 0)  # strictly increasing: every score its own confidence
     calibrated = calibration.apply(scores)
     assert expected_calibration_error(calibrated, right) < expected_calibration_error(scores, right)
+
+
+def test_calibration_with_one_outcome_is_its_rate():
+    always = fit_calibration(np.array([0.2, 0.9]), np.array([True, True]))
+    assert always.apply(np.array([0.1]))[0] == pytest.approx(1.0, abs=1e-5)  # a rate of 1, kept off the edge
+    assert fit_calibration(np.array([]), np.array([], dtype=bool)).apply(np.array([0.5]))[0] == pytest.approx(
+        0, abs=1e-5
+    )
 
 
 def test_expected_calibration_error_by_hand():
