@@ -9,6 +9,10 @@ accuracy: the share the user split let through, the accuracy of those rows on go
 the expected calibration error of ``confidence``.
 
     python tests/bench/bench_trust.py --data-dir ../shared/datasets --seeds 0 1 --n 1000
+    python tests/bench/bench_trust.py --data-dir ../shared/datasets --baseline --datasets massive-en-US banking77
+
+``--baseline`` runs plain jobs with the embedded model instead (LLM calls: the user split and the
+items) and compares thresholding the model's own probability of its answer with cm-run's confidence.
 """
 
 from __future__ import annotations
@@ -108,6 +112,59 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_baseline(name: str, args: argparse.Namespace) -> list[dict]:
+    """What a user tries first: the model's own probability of its answer, thresholded on the user split.
+
+    A plain job (``cm.enabled: false``) through ``run_job`` with the embedded model: the estimate
+    gives the user samples' answers and their probabilities (``y_prime_probability``), the corpus
+    its answers. Beside it, the same job's own ``confidence`` column (calibrated answer precision).
+    """
+    import asyncio
+    import pickle
+
+    import polars as pl
+
+    from runner import run_job
+
+    rows = []
+    for seed in args.seeds:
+        out = Path(tempfile.mkdtemp(prefix=f"trust-{name}-{seed}-"))
+        job = out / "job.yaml"
+        job.write_text(
+            f"base: {REPO / 'jobs/_base' / f'{name}.yaml'}\nname: trust-baseline\n"
+            f"user_split: {{fraction: {args.fraction}, seed: {seed}}}\ncorpus: {{limit: {args.n}, limit_seed: 0}}\n"
+            f"strategy: {{name: {args.strategy}}}\ncm: {{enabled: false}}\noutput: {{dir: {out / 'out'}}}\n"
+        )
+        started = time.perf_counter()
+        asyncio.run(run_job(load_spec(job), data_dir=args.data_dir))
+        seconds = time.perf_counter() - started
+        user = pl.read_parquet(out / "out/estimate.parquet")
+        user_right = (user["y_prime"] == user["label"]).fill_null(False).to_numpy()
+        user_probability = user["y_prime_probability"].fill_null(0.0).to_numpy()
+        corpus = pl.read_parquet(out / "out/annotations.parquet")
+        right = (corpus["y_hat"] == corpus["gold"]).fill_null(False).to_numpy()
+        probability = corpus["y_prime_probability"].fill_null(0.0).to_numpy()
+        confidence = corpus["confidence"].to_numpy()
+        fitted = pickle.loads((out / "out/fitted_cm.pkl").read_bytes())["fitted"]
+        row = {"dataset": name, "seed": seed, "strategy": args.strategy, "n_user": user.height}
+        row |= {"n_test": corpus.height, "accuracy": float(right.mean()), "seconds": round(seconds)}
+        row["ece_probability"] = trust.expected_calibration_error(probability, right)
+        row["ece_confidence"] = trust.expected_calibration_error(confidence, right)
+        for target in TARGETS:
+            for kind, user_scores, scores in (
+                ("probability", user_probability, probability),
+                ("confidence", fitted.held_out_confidence, confidence),
+            ):
+                truth = user_right if kind == "probability" else fitted.held_out_right
+                chosen = trust.choose_threshold(user_scores, truth, target, 0.95)
+                accepted = scores >= chosen.threshold if chosen.threshold is not None else np.zeros(len(right), bool)
+                row[f"{kind}_share@{target}"] = float(accepted.mean())
+                row[f"{kind}_acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
+        rows.append(row)
+        print(orjson.dumps(row).decode(), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
@@ -116,7 +173,36 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="test items per dataset (a seeded sample)")
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="instead: plain jobs with the embedded model, the model's own probability against cm-run's confidence",
+    )
+    parser.add_argument("--strategy", default="zero_shot", help="--baseline: the prompt strategy")
     args = parser.parse_args()
+    if args.baseline:
+        rows = [row for name in args.datasets for row in run_baseline(name, args)]
+        print(
+            "\n| dataset | seed | accuracy | ECE p / conf | " + " | ".join(f"p / conf @{t:.2f}" for t in TARGETS) + " |"
+        )
+        print("|" + "---|" * (4 + len(TARGETS)))
+        for row in rows:
+            cells = []
+            for t in TARGETS:
+                pair = []
+                for kind in ("probability", "confidence"):
+                    acc = row[f"{kind}_acc@{t}"]
+                    pair.append(
+                        f"{100 * row[f'{kind}_share@{t}']:.0f}% ({'-' if acc is None else f'{100 * acc:.1f}%'})"
+                    )
+                cells.append(" / ".join(pair))
+            print(
+                f"| {row['dataset']} | {row['seed']} | {100 * row['accuracy']:.1f}% | "
+                f"{row['ece_probability']:.3f} / {row['ece_confidence']:.3f} | " + " | ".join(cells) + " |"
+            )
+        if args.out:
+            args.out.write_text("".join(orjson.dumps(row).decode() + "\n" for row in rows))
+        return
     rows = [row for name in args.datasets for row in run_dataset(name, args)]
     header = "| dataset | seed | n user / test | accuracy | ECE | " + " | ".join(
         f"accepted / acc. @{t:.2f}" for t in TARGETS
