@@ -132,9 +132,7 @@ class FittedCM(_KnownBeforeAsking):
                 "threshold": acceptance.threshold,
                 "user_split_accepted_share": acceptance.accepted_share,
                 "user_split_accepted_accuracy": acceptance.accuracy,
-                "user_split_accepted_interval": (
-                    [acceptance.lower_bound, acceptance.upper_bound] if acceptance.lower_bound is not None else None
-                ),
+                "user_split_accepted_lower_bound": acceptance.lower_bound,
             }
         return report
 

@@ -73,17 +73,19 @@ class Acceptance:
     threshold: float | None  # None: no threshold reaches the target, nothing is accepted
     accepted_share: float  # of the held-out user samples
     accuracy: float | None  # of the accepted held-out samples
-    lower_bound: float | None  # Clopper-Pearson, at confidence_level
-    upper_bound: float | None
+    lower_bound: float | None  # one-sided Clopper-Pearson, at confidence_level
     n: int  # held-out samples the threshold was chosen on
 
 
-def clopper_pearson(right: int, n: int, level: float) -> tuple[float, float]:
-    """The exact two-sided binomial interval (scipy), as (low, high)."""
+def clopper_pearson(right: int, n: int, level: float) -> float:
+    """The exact one-sided lower confidence bound on a binomial proportion (scipy's Clopper-Pearson).
+
+    One-sided, as the claim is: the accepted rows are right at least this often, with
+    probability ``level``.
+    """
     from scipy.stats import binomtest
 
-    interval = binomtest(right, n).proportion_ci(confidence_level=level, method="exact")
-    return float(interval.low), float(interval.high)
+    return float(binomtest(right, n, alternative="greater").proportion_ci(confidence_level=level, method="exact").low)
 
 
 def choose_threshold(
@@ -98,17 +100,17 @@ def choose_threshold(
     confidences = np.asarray(confidences, dtype=float)
     right = np.asarray(right, dtype=bool)
     n = len(confidences)
-    best: tuple[float, int, int, float, float] | None = None
+    best: tuple[float, int, int, float] | None = None
     for threshold in np.unique(confidences)[::-1]:  # highest first: each step accepts more rows
         accepted = confidences >= threshold
         n_accepted, n_right = int(accepted.sum()), int(right[accepted].sum())
-        low, high = clopper_pearson(n_right, n_accepted, confidence_level)
+        low = clopper_pearson(n_right, n_accepted, confidence_level)
         if low >= target_accuracy:
-            best = (float(threshold), n_accepted, n_right, low, high)
+            best = (float(threshold), n_accepted, n_right, low)
     if best is None:
-        return Acceptance(target_accuracy, confidence_level, None, 0.0, None, None, None, n)
-    threshold, n_accepted, n_right, low, high = best
-    return Acceptance(target_accuracy, confidence_level, threshold, n_accepted / n, n_right / n_accepted, low, high, n)
+        return Acceptance(target_accuracy, confidence_level, None, 0.0, None, None, n)
+    threshold, n_accepted, n_right, low = best
+    return Acceptance(target_accuracy, confidence_level, threshold, n_accepted / n, n_right / n_accepted, low, n)
 
 
 def expected_calibration_error(confidences: FloatArray, right: BoolArray, bins: int = 10) -> float | None:

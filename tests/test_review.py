@@ -33,15 +33,15 @@ async def test_rows_answered_where_the_model_is_reliable_are_accepted_and_the_re
     result = await run_job(spec, engine=engine())
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
     # Held out, answers a (40) and c (10) are always right and answer b (30) is right 2 times in 3: the
-    # calibrated confidence ranks a and c above b, and accepting a and c is 50 right of 50, whose 95%
-    # Clopper-Pearson lower bound is beta.ppf(0.025, 50, 1) = 0.929 >= 0.9; adding b's rows would give
-    # 70 of 80 (lower bound 0.77). So exactly the rows answered a or c are accepted.
+    # calibrated confidence ranks a and c above b, and accepting a and c is 50 right of 50, whose one-sided
+    # 95% Clopper-Pearson lower bound is 0.05^(1/50) = 0.942 >= 0.9; adding b's rows would give 70 of 80
+    # (lower bound 0.81). So exactly the rows answered a or c are accepted.
     assert table["accepted"].to_list() == [a != "b" for _, _, a in CORPUS]
     assert table["source"].unique().to_list() == ["model"]
     trust = result.metrics["trust"]
     assert trust["user_split_accepted_share"] == pytest.approx(50 / 80)
     assert trust["user_split_accepted_accuracy"] == 1.0
-    assert trust["user_split_accepted_interval"][0] == pytest.approx(beta.ppf(0.025, 50, 1))
+    assert trust["user_split_accepted_lower_bound"] == pytest.approx(beta.ppf(0.05, 50, 1)) == pytest.approx(0.05**0.02)
     assert trust["accepted_share"] == pytest.approx(13 / 22) and trust["n_review"] == 9
     assert trust["accuracy_accepted"] == 1.0 and trust["accuracy_review"] == pytest.approx(6 / 9)
     review = pl.read_parquet(tmp_path / "out/review.parquet")

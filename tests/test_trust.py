@@ -19,35 +19,33 @@ from runner.trust import (
 )
 
 
-def beta_bounds(k: int, n: int, level: float) -> tuple[float, float]:
-    """Clopper-Pearson from the beta quantiles (the textbook formula, not scipy's binomtest)."""
-    alpha = 1 - level
-    low = 0.0 if k == 0 else beta.ppf(alpha / 2, k, n - k + 1)
-    high = 1.0 if k == n else beta.ppf(1 - alpha / 2, k + 1, n - k)
-    return low, high
+def beta_lower(k: int, n: int, level: float) -> float:
+    """The one-sided Clopper-Pearson lower bound from the beta quantile (the textbook formula, not binomtest)."""
+    return 0.0 if k == 0 else float(beta.ppf(1 - level, k, n - k + 1))
 
 
-def test_clopper_pearson_matches_the_beta_quantiles():
-    for k, n in ((0, 10), (9, 10), (95, 100), (480, 500)):
-        assert clopper_pearson(k, n, 0.95) == pytest.approx(beta_bounds(k, n, 0.95), abs=1e-9)
+def test_clopper_pearson_matches_the_beta_quantile():
+    for k, n in ((0, 10), (9, 10), (95, 100), (480, 500), (10, 10)):
+        assert clopper_pearson(k, n, 0.95) == pytest.approx(beta_lower(k, n, 0.95), abs=1e-9)
+    assert clopper_pearson(10, 10, 0.95) == pytest.approx(0.05 ** (1 / 10))  # all right: alpha^(1/n)
 
 
 def test_the_threshold_is_the_lowest_whose_accepted_rows_pass_the_bound():
     # 100 samples at confidence 0.99, all right; 100 at 0.9, 90 right; 100 at 0.5, 50 right.
     confidences = np.repeat([0.99, 0.9, 0.5], 100)
     right = np.concatenate([np.ones(100), np.arange(100) < 90, np.arange(100) < 50]).astype(bool)
-    # Worked apart: accepting >= 0.99 gives 100/100, lower bound 0.9638; >= 0.9 gives 190/200,
-    # lower bound 0.9100; >= 0.5 gives 240/300 = 0.8, lower bound below 0.76.
-    assert beta_bounds(100, 100, 0.95)[0] == pytest.approx(0.9638, abs=1e-4)
-    assert beta_bounds(190, 200, 0.95)[0] == pytest.approx(0.9100, abs=1e-4)
-    assert beta_bounds(240, 300, 0.95)[0] < 0.76
+    # Worked apart: accepting >= 0.99 gives 100/100, lower bound 0.05^(1/100) = 0.9705; >= 0.9 gives
+    # 190/200, lower bound 0.9167; >= 0.5 gives 240/300 = 0.8, lower bound below 0.77.
+    assert beta_lower(100, 100, 0.95) == pytest.approx(0.9705, abs=1e-4)
+    assert beta_lower(190, 200, 0.95) == pytest.approx(0.9167, abs=1e-4)
+    assert beta_lower(240, 300, 0.95) < 0.77
     at_95 = choose_threshold(confidences, right, 0.95, 0.95)
     assert at_95.threshold == 0.99 and at_95.accepted_share == pytest.approx(1 / 3) and at_95.accuracy == 1.0
-    assert at_95.lower_bound == pytest.approx(beta_bounds(100, 100, 0.95)[0])
+    assert at_95.lower_bound == pytest.approx(beta_lower(100, 100, 0.95))
     at_90 = choose_threshold(confidences, right, 0.90, 0.95)
     assert at_90.threshold == 0.9 and at_90.accepted_share == pytest.approx(2 / 3) and at_90.accuracy == 0.95
-    assert at_90.lower_bound == pytest.approx(beta_bounds(190, 200, 0.95)[0])
-    nothing = choose_threshold(confidences, right, 0.99, 0.95)  # 100/100 gives only 0.9638
+    assert at_90.lower_bound == pytest.approx(beta_lower(190, 200, 0.95))
+    nothing = choose_threshold(confidences, right, 0.98, 0.95)  # 100/100 gives only 0.9705
     assert nothing.threshold is None and nothing.accepted_share == 0.0 and nothing.accuracy is None
 
 
