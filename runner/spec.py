@@ -235,7 +235,8 @@ class AcceptSpec(_Strict):
         default=0.95,
         description=(
             "How sure the user split must make us: the lowest confidence threshold is chosen whose accepted "
-            "held-out user samples have a one-sided Clopper-Pearson lower bound at this level of at least target_accuracy."
+            "held-out user samples have a one-sided Clopper-Pearson lower bound at this level of at least "
+            "target_accuracy."
         ),
     )
 
