@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from runner.bank import BankError, load_bank
 from runner.checkpoint import CheckpointError
 from runner.data import DataError
-from runner.engines.base import EngineError
+from runner.engines.base import EngineDied, EngineError
 from runner.spec import JobSpec, SpecError, load_spec
 
 EXIT_INPUT = 2
@@ -327,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DataError, BankError, CheckpointError) as error:
         print(f"cm-run: error: {error}", file=sys.stderr)
         return EXIT_INPUT
+    except EngineDied as error:
+        print(
+            f"cm-run: engine died: {error}. Every finished row is saved; rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_ENGINE
     except EngineError as error:
         print(f"cm-run: engine error: {error}", file=sys.stderr)
         return EXIT_ENGINE
