@@ -31,6 +31,7 @@ _NOT_MATERIAL = {
     "data_dir",
     "output.dir",
     "output.chunks_in_flight",
+    "output.checkpoint_seconds",
     "engine.max_concurrency",
     "engine.gpu_memory_utilization",
     # Greedy answers were the same with 1 and 2 replicas and on a two-node cluster.
@@ -61,6 +62,12 @@ def write_atomic(path: Path, body: bytes) -> None:
         handle.write(body)
         handle.flush()
         os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _write_parquet_atomic(path: Path, rows: pl.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows.write_parquet(tmp)
     tmp.replace(path)
 
 
@@ -227,14 +234,24 @@ class Checkpoint:
     def shard_path(self, phase: str, number: int) -> Path:
         return self.directory / SHARD_DIRS[phase] / f"part-{number:05d}.parquet"
 
+    def partial_path(self, phase: str, number: int) -> Path:
+        return self.directory / SHARD_DIRS[phase] / f"partial-{number:05d}.parquet"
+
     def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
         """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
-        path = self.shard_path(phase, number)
-        tmp = path.with_name(f".{path.name}.tmp")
-        rows.write_parquet(tmp)
-        tmp.replace(path)
+        _write_parquet_atomic(self.shard_path(phase, number), rows)
         manifest.finished_shards[phase] = sorted({*manifest.finished_shards.get(phase, []), number})
         self.save(manifest)
+        self.partial_path(phase, number).unlink(missing_ok=True)
+
+    def write_partial(self, phase: str, number: int, rows: pl.DataFrame) -> None:
+        """Save the finished rows of an unfinished chunk; every row in the file is a whole answer."""
+        _write_parquet_atomic(self.partial_path(phase, number), rows)
+
+    def read_partial(self, phase: str, number: int) -> pl.DataFrame | None:
+        """The rows an interrupted run saved of chunk ``number``, or None."""
+        path = self.partial_path(phase, number)
+        return pl.read_parquet(path) if path.is_file() else None
 
     def finished(self, manifest: Manifest, phase: str) -> set[int]:
         """Shards the manifest records that are also on disk."""

@@ -57,12 +57,13 @@ async def test_interrupted_annotate_resumes_and_matches_an_uninterrupted_run(job
 async def test_interrupted_estimate_resumes_that_phase(job, tmp_path):
     spec, engine = job
     with pytest.raises(RuntimeError):
-        await run_job(spec, engine=engine(crash_after=5))  # one estimate chunk of 4 done
+        await run_job(spec, engine=engine(crash_after=5))  # one estimate chunk of 4 done, and u4 of the next
     assert orjson.loads((tmp_path / "out/manifest.json").read_bytes())["finished_shards"]["estimate"] == [0]
+    assert pl.read_parquet(tmp_path / "out/estimate/partial-00001.parquet")["text"].to_list() == ["u4"]
     resumed_engine = engine()
     await run_job(spec, engine=resumed_engine)
     estimated = [r.messages[-1].content for r in resumed_engine.requests if r.messages[-1].content.startswith("u")]
-    assert estimated == [f"u{i}" for i in range(4, N_USER)]
+    assert estimated == [f"u{i}" for i in range(5, N_USER)]  # the row finished before the crash is not asked again
 
 
 async def test_rows_an_engine_failed_on_are_redone_on_rerun(job, tmp_path):
