@@ -1,5 +1,6 @@
 """Resume: what a rerun keeps, what it redoes, and what it refuses."""
 
+import asyncio
 import hashlib
 
 import orjson
@@ -197,3 +198,51 @@ async def test_settings_the_variant_does_not_read_do_not_block_resume(job, tmp_p
     read = spec.model_copy(update={"cm": spec.cm.model_copy(update={"empty_row": "abstain"})})
     with pytest.raises(CheckpointError, match=r"cm\.empty_row: 'keep_initial' -> 'abstain'"):
         await run_job(read, engine=engine())
+
+
+class _SlowEngine(ScriptedEngine):
+    """Answers one request at a time, ``delay`` seconds each: a chunk takes longer than checkpoint_seconds."""
+
+    def __init__(self, *args, delay: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+        self._one_at_a_time = asyncio.Lock()
+
+    async def complete(self, requests):
+        async with self._one_at_a_time:
+            await asyncio.sleep(self.delay)
+            return await super().complete(requests)
+
+
+async def test_a_chunk_slower_than_checkpoint_seconds_saves_its_finished_rows(toy_job, tmp_path):
+    user = [(f"u{i}", LABELS[i % 3]) for i in range(N_USER)]
+    corpus = [(f"c{i}", LABELS[i % 3]) for i in range(N_CORPUS)]
+    spec = toy_job(user, corpus, name="slow", output="chunk_size: 100, checkpoint_seconds: 0.2")  # one chunk
+    first = {f"{p}{i}": ("b" if i % 3 == 0 else "a") for p in "uc" for i in range(N_CORPUS)}
+    second = {f"c{i}": "c" for i in range(N_CORPUS)}
+    reference_spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "ref")})})
+    await run_job(reference_spec, engine=ScriptedEngine(first, second, n_labels=3))
+
+    running = asyncio.ensure_future(run_job(spec, engine=_SlowEngine(first, second, n_labels=3, delay=0.02)))
+    partial = tmp_path / "out/annotations/partial-00000.parquet"
+    for _ in range(1000):
+        if partial.is_file() or running.done():
+            break
+        await asyncio.sleep(0.01)
+    saved_while_running = set(pl.read_parquet(partial)["text"])  # written by the deadline, not by a stop
+    assert 0 < len(saved_while_running) < N_CORPUS
+    running.cancel()  # as SIGTERM does
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    saved = set(pl.read_parquet(partial)["text"])
+    assert saved >= saved_while_running
+    manifest = orjson.loads((tmp_path / "out/manifest.json").read_bytes())
+    assert manifest["finished_shards"]["annotate"] == []  # the chunk itself is unfinished
+
+    rerun_engine = ScriptedEngine(first, second, n_labels=3)
+    await run_job(spec, engine=rerun_engine)
+    asked = {r.messages[-1].content for r in rerun_engine.requests}
+    assert asked == {f"c{i}" for i in range(N_CORPUS)} - saved  # only the rows the partial shard lacked
+    assert not partial.exists()
+    ours = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert ours.equals(pl.read_parquet(tmp_path / "ref/annotations.parquet"))  # same rows, same order
