@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runner.spec import JobSpec
 
 MANIFEST_NAME = "manifest.json"
+ENGINE_LOG = "engine.log"  # what the engine libraries print, kept out of the terminal (cli --verbose shows it)
 TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
 PHASES = ("estimate", "annotate")
 SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
@@ -209,7 +210,7 @@ class Checkpoint:
         return previous
 
     def _only_our_layout(self) -> bool:
-        return all(p.name in SHARD_DIRS.values() for p in self.directory.iterdir())
+        return all(p.name in (*SHARD_DIRS.values(), ENGINE_LOG) for p in self.directory.iterdir())
 
     def _clear(self) -> None:
         for name in SHARD_DIRS.values():

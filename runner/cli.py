@@ -1,6 +1,6 @@
 """``cm-run``: run a job spec, prepare embedded models, export schemas, inspect banks.
 
-    cm-run jobs/massive.yaml [--data-dir DIR] [--restart] [--quiet]
+    cm-run jobs/massive.yaml [--data-dir DIR] [--restart] [--quiet] [--verbose]
     cm-run eval jobs/eval/smoke.yml [--data-dir DIR] [--restart] [--quiet]
     cm-run prepare-model smollm2-135m-instruct
     cm-run schemas [--check]
@@ -18,12 +18,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner._quiet import engine_output_to
 from runner.bank import BankError, load_bank
-from runner.checkpoint import CheckpointError
+from runner.checkpoint import ENGINE_LOG, CheckpointError
 from runner.data import DataError
 from runner.engines.base import EngineDied, EngineError
 from runner.spec import JobSpec, SpecError, load_spec
@@ -62,7 +63,7 @@ async def _stoppable(job: Coroutine[Any, Any, T]) -> T:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from runner.pipeline import run_job
+    from runner.pipeline import JobResult, run_job
     from runner.report import summary_lines
 
     spec = load_spec(args.spec)
@@ -73,6 +74,15 @@ def _run(args: argparse.Namespace) -> int:
         f"cm-run: {spec.name}: model {spec.engine.model}, strategy {spec.strategy.name}, output {spec.output.dir}",
         file=sys.stderr,
     )
+
+    def go(progress: Callable[[str, int, int], None] | None) -> JobResult:
+        job = run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress)
+        if args.verbose:
+            return asyncio.run(_stoppable(job))
+        log = Path(spec.output.dir) / ENGINE_LOG
+        with engine_output_to(log):
+            return asyncio.run(_stoppable(job))
+
     if show:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -90,16 +100,14 @@ def _run(args: argparse.Namespace) -> int:
             bars.update(tasks[phase], completed=done, rate=f"{per_second:,.1f} rows/s" if done > done_before else "")
 
         with bars:
-            result = asyncio.run(
-                _stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress))
-            )
+            result = go(progress)
     else:
+        from runner._progress import ProgressLog, interval_from_env
 
-        def log(phase: str, done: int, total: int) -> None:
-            if not args.quiet:
-                print(f"cm-run: {phase} {done}/{total}", file=sys.stderr)
+        def say(line: str) -> None:
+            print(f"cm-run: {line}", file=sys.stderr, flush=True)
 
-        result = asyncio.run(_stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=log)))
+        result = go(None if args.quiet else ProgressLog(say, interval_from_env()))
     for line in summary_lines(result.metrics):
         print(line)
     print(f"outputs in {result.output_dir}/ (memory_bank.json, annotations.parquet, metrics.json)")
@@ -267,6 +275,11 @@ def _parser() -> argparse.ArgumentParser:
         help="discard what an earlier run left in the output directory",
     )
     run.add_argument("--quiet", action="store_true", help="print only the summary")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show the engine's own logs and warnings (else kept in <output.dir>/{ENGINE_LOG})",
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",
