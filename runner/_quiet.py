@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,34 @@ class _Theirs(logging.Filter):
         return record.name.split(".")[0] not in OURS
 
 
+# A line naming an exception and its message, as tracebacks end; vLLM's generic wrappers say nothing.
+_CAUSE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Timeout)): (.+)$")
+_GENERIC = ("EngineDeadError", "EngineGenerateError", "Engine core initialization failed", "See root cause above")
+
+
+class EngineLog:
+    """The log file of one run, read from where this run started writing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = path.stat().st_size if path.is_file() else 0
+
+    def cause(self) -> str | None:
+        """The last exception line the engine libraries wrote in this run (its root cause), if any."""
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self.start)
+                text = log.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        for line in reversed(text.splitlines()):
+            line = line.strip()
+            match = _CAUSE.match(line.split("] ", 1)[-1] if line.startswith("(") else line)
+            if match and not any(generic in line for generic in _GENERIC):
+                return f"{match[1]}: {match[2]}"
+        return None
+
+
 def _stderr_fd() -> int | None:
     try:
         return sys.stderr.fileno()
@@ -37,7 +66,7 @@ def _stderr_fd() -> int | None:
 
 
 @contextlib.contextmanager
-def engine_output_to(log_path: Path) -> Iterator[None]:
+def engine_output_to(log_path: Path) -> Iterator[EngineLog | None]:
     """Within the block, file descriptor 2 (inherited by every process vLLM and Ray start) and every
     logger but cm-run's write to ``log_path``; ``sys.stderr`` still reaches the terminal."""
     # vLLM then leaves its loggers to ours (set before vLLM is imported; its processes inherit it)
@@ -47,8 +76,9 @@ def engine_output_to(log_path: Path) -> Iterator[None]:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(log_path, encoding="utf-8")
     except OSError:  # an output dir that cannot be written: the job itself will say so
-        yield
+        yield None
         return
+    log = EngineLog(log_path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     to_file.addFilter(_Theirs())
     ours = _Ours()
@@ -60,8 +90,8 @@ def engine_output_to(log_path: Path) -> Iterator[None]:
         saved_fd = os.dup(2)
         saved_stderr = sys.stderr
         sys.stderr = os.fdopen(saved_fd, "w", buffering=1, encoding=saved_stderr.encoding, errors="backslashreplace")
-        with log_path.open("ab") as log:
-            os.dup2(log.fileno(), 2)
+        with log_path.open("ab") as handle:
+            os.dup2(handle.fileno(), 2)
     for handler in terminal_handlers:
         handler.addFilter(ours)
         if saved_stderr is not None and getattr(handler, "stream", None) is saved_stderr:
@@ -70,7 +100,7 @@ def engine_output_to(log_path: Path) -> Iterator[None]:
     logging.captureWarnings(True)
     os.environ[ENGINE_LOG_ENV] = str(log_path)  # a local Ray then keeps its workers' output in its own logs
     try:
-        yield
+        yield log
     finally:
         logging.captureWarnings(False)
         os.environ.pop(ENGINE_LOG_ENV, None)

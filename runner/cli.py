@@ -79,9 +79,14 @@ def _run(args: argparse.Namespace) -> int:
         job = run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress)
         if args.verbose:
             return asyncio.run(_stoppable(job))
-        log = Path(spec.output.dir) / ENGINE_LOG
-        with engine_output_to(log):
-            return asyncio.run(_stoppable(job))
+        with engine_output_to(Path(spec.output.dir) / ENGINE_LOG) as log:
+            try:
+                return asyncio.run(_stoppable(job))
+            except EngineError as error:
+                cause = log.cause() if log is not None else None
+                if log is not None and cause and cause not in str(error):  # the root cause is in the log, not here
+                    error.args = (f"{error}; vLLM logged {cause!r} (all of it in {log.path})",)
+                raise
 
     if show:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -351,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ENGINE
     except (KeyboardInterrupt, _Terminated) as stop:
         print(
-            "cm-run: stopped; every finished chunk is saved. Rerun the same command to resume "
+            "cm-run: stopped; every finished row is saved. Rerun the same command to resume "
             "(add --restart to start over).",
             file=sys.stderr,
         )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from runner._progress import ProgressLog
+from runner._quiet import EngineLog
 from tests.fault_server import serving_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +94,19 @@ os.write(2, b"fd 2 is back\\n")
     kept = log.read_text()
     for line in ("Triton is not installed", "reduce_op is deprecated", "NUMA binding", "a child process line"):
         assert line in kept
+
+
+def test_the_root_cause_is_read_from_this_runs_part_of_the_engine_log(tmp_path):
+    path = tmp_path / "engine.log"
+    path.write_text("ValueError: an earlier run's cause\n")
+    log = EngineLog(path)
+    assert log.cause() is None
+    with path.open("a") as handle:
+        handle.write(
+            "Traceback (most recent call last):\n    raise ValueError(\n"
+            "ValueError: Available memory on node 0 (5.18/23.54 GiB) is less than desired\n"
+            "2026-12-03 08:21:51 vllm.v1.engine.core ERROR: EngineCore failed to start.\n"
+            "RuntimeError: Engine core initialization failed. See root cause above.\n"
+            "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n"
+        )
+    assert log.cause() == "ValueError: Available memory on node 0 (5.18/23.54 GiB) is less than desired"

@@ -132,7 +132,7 @@ class VLLMEngine:
         if self._engine is not None:
             engine, self._engine = self._engine, None
             try:
-                engine.shutdown(timeout=10)
+                engine.shutdown()
             finally:
                 reap(self._spawned)
                 self._spawned = []
