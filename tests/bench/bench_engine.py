@@ -40,7 +40,7 @@ WARM_UP = 8
 def _spec(args: argparse.Namespace, output: Path, *, ray: bool = False):
     from runner.spec import load_spec
 
-    engine = f"{{model: {args.model}, dtype: {args.dtype}"
+    engine = f"{{model: {args.model}, dtype: {args.dtype}, gpu_memory_utilization: {args.memory}"
     if ray:
         engine += f", replicas: 1, ray_address: local, num_cpus_per_replica: {os.cpu_count()}"
     path = output.with_suffix(".yaml")
@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--memory", type=float, default=0.1, help="engine.gpu_memory_utilization (share of RAM)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/datasets"))
     parser.add_argument("--paths", default="bare,cm-run,ray")
     parser.add_argument("--preload-iomp", action="store_true", help="also cm-run with libiomp5 in LD_PRELOAD")
