@@ -1,7 +1,7 @@
 """``cm-run``: run a job spec, prepare embedded models, export schemas, inspect banks.
 
     cm-run jobs/massive.yaml [--data-dir DIR] [--restart] [--quiet] [--verbose]
-    cm-run eval jobs/eval/smoke.yml [--data-dir DIR] [--restart] [--quiet]
+    cm-run eval jobs/eval/smoke.yml [--data-dir DIR] [--restart] [--quiet] [--verbose]
     cm-run prepare-model smollm2-135m-instruct
     cm-run schemas [--check]
     cm-run bank show out/massive/memory_bank.json
@@ -178,9 +178,12 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"cm-run eval: {line}", file=sys.stderr)
 
     factory = FinishedCellsOnly if args.report_only else None
-    results = asyncio.run(
-        _stoppable(run_grid(grid, data_dir=args.data_dir, restart=args.restart, engine_factory=factory, progress=log))
-    )
+    job = run_grid(grid, data_dir=args.data_dir, restart=args.restart, engine_factory=factory, progress=log)
+    if args.verbose:
+        results = asyncio.run(_stoppable(job))
+    else:
+        with engine_output_to(Path(grid.output_dir) / ENGINE_LOG):
+            results = asyncio.run(_stoppable(job))
     report = write_report(results, Path(grid.output_dir), f"Evaluation grid {grid.name}")
     print(report.markdown.read_text(encoding="utf-8").split("## Cost per cell")[0].rstrip())
     print(
@@ -297,6 +300,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="where dataset paths resolve (default: $CM_DATA_DIR)")
     evaluate.add_argument("--restart", action="store_true", help="redo cells an earlier run finished")
     evaluate.add_argument("--quiet", action="store_true", help="print only the tables")
+    evaluate.add_argument(
+        "--verbose", action="store_true", help=f"show the engines' own logs (else kept in <output_dir>/{ENGINE_LOG})"
+    )
     evaluate.add_argument(
         "--report-only", action="store_true", help="rebuild tables and figures from finished cells; start no engine"
     )
