@@ -205,25 +205,25 @@ async def _run_chunks(
             progress(phase, done, total)
 
     async def fresh(number: int, chunk: pl.DataFrame) -> pl.DataFrame:
-        saved = checkpoint.read_partial(phase, number)
-        if saved is not None:
-            saved = saved.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "engine"))
-            advance(saved.height)
-            chunk = chunk.filter(~pl.col("id").is_in(saved["id"].implode()))
-        kept = [saved] if saved is not None else []
-        new: list[pl.DataFrame] = []
+        earlier = checkpoint.read_partial(phase, number)  # what an interrupted run finished of this chunk
+        if earlier is not None:
+            earlier = earlier.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "engine"))
+            advance(earlier.height)
+            chunk = chunk.filter(~pl.col("id").is_in(earlier["id"].implode()))
+        before = [earlier] if earlier is not None else []
+        now: list[pl.DataFrame] = []  # rows finished in this run, one frame each
+        saved = 0
         last_save = time.monotonic()
 
         def save_partial() -> None:
-            nonlocal last_save
-            if new:
-                kept[:] = [pl.concat([*kept, *new], how="vertical_relaxed")]
-                new.clear()
-                checkpoint.write_partial(phase, number, kept[0])
+            nonlocal saved, last_save
+            if len(now) > saved:
+                checkpoint.write_partial(phase, number, pl.concat([*before, *now], how="vertical_relaxed"))
+                saved = len(now)
             last_save = time.monotonic()
 
         def take(rows: pl.DataFrame) -> None:
-            new.append(rows)
+            now.append(rows)
             advance(rows.height)
             if time.monotonic() - last_save >= checkpoint_seconds:
                 save_partial()
@@ -233,7 +233,7 @@ async def _run_chunks(
         except BaseException:
             save_partial()  # stopped or failed: the rows that finished are kept for the rerun
             raise
-        return pl.concat([*kept, result], how="vertical_relaxed") if result is not None else kept[0]
+        return pl.concat([*before, result], how="vertical_relaxed") if result is not None else before[0]
 
     async def one(number: int, chunk: pl.DataFrame) -> None:
         nonlocal worked

@@ -220,8 +220,15 @@ async def test_a_chunk_slower_than_checkpoint_seconds_saves_its_finished_rows(to
     spec = toy_job(user, corpus, name="slow", output="chunk_size: 100, checkpoint_seconds: 0.2")  # one chunk
     first = {f"{p}{i}": ("b" if i % 3 == 0 else "a") for p in "uc" for i in range(N_CORPUS)}
     second = {f"c{i}": "c" for i in range(N_CORPUS)}
-    reference_spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "ref")})})
-    await run_job(reference_spec, engine=ScriptedEngine(first, second, n_labels=3))
+
+    def elsewhere(name):
+        return spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / name)})})
+
+    await run_job(elsewhere("ref"), engine=ScriptedEngine(first, second, n_labels=3))
+    # uninterrupted but slow: partial shards written on the way leave the finished shard as a fast run's
+    await run_job(elsewhere("slow"), engine=_SlowEngine(first, second, n_labels=3, delay=0.02))
+    reference = pl.read_parquet(tmp_path / "ref/annotations.parquet")
+    assert pl.read_parquet(tmp_path / "slow/annotations.parquet").equals(reference)
 
     running = asyncio.ensure_future(run_job(spec, engine=_SlowEngine(first, second, n_labels=3, delay=0.02)))
     partial = tmp_path / "out/annotations/partial-00000.parquet"
@@ -244,5 +251,4 @@ async def test_a_chunk_slower_than_checkpoint_seconds_saves_its_finished_rows(to
     asked = {r.messages[-1].content for r in rerun_engine.requests}
     assert asked == {f"c{i}" for i in range(N_CORPUS)} - saved  # only the rows the partial shard lacked
     assert not partial.exists()
-    ours = pl.read_parquet(tmp_path / "out/annotations.parquet")
-    assert ours.equals(pl.read_parquet(tmp_path / "ref/annotations.parquet"))  # same rows, same order
+    assert pl.read_parquet(tmp_path / "out/annotations.parquet").equals(reference)  # same rows, same order
