@@ -113,7 +113,14 @@ def test_sigkill_mid_annotate_then_rerun_equals_the_uninterrupted_run(finished_j
 
 
 def _alive(processes: list[psutil.Process]) -> list[str]:
-    return [f"{p.pid} {p.name()}" for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {process.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def write_small_spec(directory: Path, output: Path) -> Path:
