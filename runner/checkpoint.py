@@ -29,6 +29,7 @@ __all__ = ["atomic_path", "write_atomic"]  # re-exported: callers import the one
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".cm-run.lock"  # holds the pid of the cm-run writing here; locked with flock while it runs
+ENGINE_LOG = "engine.log"  # what the engine libraries print, kept out of the terminal (cli --verbose shows it)
 TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
 BATCH_DIR = "batch"  # an engine's own resumable state (the Batch API's batches and answered lines)
 PHASES = ("estimate", "annotate")
@@ -42,6 +43,7 @@ _IMMATERIAL = {
     "data_dir",
     "output.dir",
     "output.chunks_in_flight",
+    "output.checkpoint_seconds",
     "engine.max_concurrency",
     "engine.gpu_memory_utilization",
     # Greedy answers were the same with 1 and 2 replicas and on a two-node cluster.
@@ -309,7 +311,7 @@ class Checkpoint:
         return previous
 
     def _only_our_layout(self) -> bool:
-        return all(p.name in (*SHARD_DIRS.values(), BATCH_DIR, LOCK_NAME) for p in self.directory.iterdir())
+        return all(p.name in (*SHARD_DIRS.values(), BATCH_DIR, LOCK_NAME, ENGINE_LOG) for p in self.directory.iterdir())
 
     def _clear(self) -> None:
         for name in SHARD_DIRS.values():
@@ -335,6 +337,9 @@ class Checkpoint:
     def shard_path(self, phase: str, number: int) -> Path:
         return self.directory / SHARD_DIRS[phase] / f"part-{number:05d}.parquet"
 
+    def partial_path(self, phase: str, number: int) -> Path:
+        return self.directory / SHARD_DIRS[phase] / f"partial-{number:05d}.parquet"
+
     def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
         """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
         path = self.shard_path(phase, number)
@@ -342,6 +347,17 @@ class Checkpoint:
             rows.write_parquet(tmp)
         manifest.finished_shards[phase] = sorted({*manifest.finished_shards.get(phase, []), number})
         self.save(manifest)
+        self.partial_path(phase, number).unlink(missing_ok=True)
+
+    def write_partial(self, phase: str, number: int, rows: pl.DataFrame) -> None:
+        """Save the finished rows of an unfinished chunk; every row in the file is a whole answer."""
+        with atomic_path(self.partial_path(phase, number)) as tmp:
+            rows.write_parquet(tmp)
+
+    def read_partial(self, phase: str, number: int) -> pl.DataFrame | None:
+        """The rows an interrupted run saved of chunk ``number``, or None."""
+        path = self.partial_path(phase, number)
+        return pl.read_parquet(path) if path.is_file() else None
 
     def finished(self, manifest: Manifest, phase: str) -> set[int]:
         """Shards the manifest records that are also on disk."""

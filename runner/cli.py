@@ -1,7 +1,7 @@
 """``cm-run``: run a job spec, prepare embedded models, export schemas, inspect banks.
 
-    cm-run jobs/massive.yaml [--data-dir DIR] [--restart] [--quiet]
-    cm-run eval jobs/eval/smoke.yml [--data-dir DIR] [--restart] [--quiet]
+    cm-run jobs/massive.yaml [--data-dir DIR] [--restart] [--quiet] [--verbose]
+    cm-run eval jobs/eval/smoke.yml [--data-dir DIR] [--restart] [--quiet] [--verbose]
     cm-run prepare-model smollm2-135m-instruct
     cm-run schemas [--check]
     cm-run bank show out/massive/memory_bank.json
@@ -20,15 +20,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner._quiet import engine_output_to
 from runner.bank import BankError, load_bank
-from runner.checkpoint import CheckpointError
+from runner.checkpoint import ENGINE_LOG, CheckpointError
 from runner.data import DataError
-from runner.engines.base import EngineError
+from runner.engines.base import EngineDied, EngineError
 from runner.spec import JobSpec, SpecError, load_spec
 
 EXIT_INPUT = 2
@@ -65,7 +66,7 @@ async def _stoppable(job: Coroutine[Any, Any, T]) -> T:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from runner.pipeline import run_job
+    from runner.pipeline import JobResult, run_job
     from runner.report import summary_lines
 
     spec = load_spec(args.spec)
@@ -76,6 +77,20 @@ def _run(args: argparse.Namespace) -> int:
         f"cm-run: {spec.name}: model {spec.engine.model}, strategy {spec.strategy.name}, output {spec.output.dir}",
         file=sys.stderr,
     )
+
+    def go(progress: Callable[[str, int, int], None] | None) -> JobResult:
+        job = run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress)
+        if args.verbose:
+            return asyncio.run(_stoppable(job))
+        with engine_output_to(Path(spec.output.dir) / ENGINE_LOG) as log:
+            try:
+                return asyncio.run(_stoppable(job))
+            except EngineError as error:
+                cause = log.cause() if log is not None else None
+                if log is not None and cause and cause not in str(error):  # the root cause is in the log, not here
+                    error.args = (f"{error}; vLLM logged {cause!r} (all of it in {log.path})",)
+                raise
+
     if show:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -93,16 +108,14 @@ def _run(args: argparse.Namespace) -> int:
             bars.update(tasks[phase], completed=done, rate=f"{per_second:,.1f} rows/s" if done > done_before else "")
 
         with bars:
-            result = asyncio.run(
-                _stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress))
-            )
+            result = go(progress)
     else:
+        from runner._progress import ProgressLog, interval_from_env
 
-        def log(phase: str, done: int, total: int) -> None:
-            if not args.quiet:
-                print(f"cm-run: {phase} {done}/{total}", file=sys.stderr)
+        def say(line: str) -> None:
+            print(f"cm-run: {line}", file=sys.stderr, flush=True)
 
-        result = asyncio.run(_stoppable(run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=log)))
+        result = go(None if args.quiet else ProgressLog(say, interval_from_env()))
     for line in summary_lines(result.metrics):
         print(line)
     print(f"outputs in {result.output_dir}/ (annotations.parquet, review.parquet, metrics.json, memory_bank.json)")
@@ -205,9 +218,12 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"cm-run eval: {line}", file=sys.stderr)
 
     factory = FinishedCellsOnly if args.report_only else None
-    results = asyncio.run(
-        _stoppable(run_grid(grid, data_dir=args.data_dir, restart=args.restart, engine_factory=factory, progress=log))
-    )
+    job = run_grid(grid, data_dir=args.data_dir, restart=args.restart, engine_factory=factory, progress=log)
+    if args.verbose:
+        results = asyncio.run(_stoppable(job))
+    else:
+        with engine_output_to(Path(grid.output_dir) / ENGINE_LOG):
+            results = asyncio.run(_stoppable(job))
     report = write_report(results, Path(grid.output_dir), f"Evaluation grid {grid.name}")
     print(report.markdown.read_text(encoding="utf-8").split("## Cost per cell")[0].rstrip())
     print(
@@ -333,6 +349,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="print only the summary")
     run.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show the engine's own logs and warnings (else kept in <output.dir>/{ENGINE_LOG})",
+    )
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="check the spec and data, print one prompt and the request/token estimate; call nothing",
@@ -344,6 +365,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="where dataset paths resolve (default: $CM_DATA_DIR)")
     evaluate.add_argument("--restart", action="store_true", help="redo cells an earlier run finished")
     evaluate.add_argument("--quiet", action="store_true", help="print only the tables")
+    evaluate.add_argument(
+        "--verbose", action="store_true", help=f"show the engines' own logs (else kept in <output_dir>/{ENGINE_LOG})"
+    )
     evaluate.add_argument(
         "--report-only", action="store_true", help="rebuild tables and figures from finished cells; start no engine"
     )
@@ -410,12 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DataError, BankError, CheckpointError) as error:
         print(f"cm-run: error: {error}", file=sys.stderr)
         return EXIT_INPUT
+    except EngineDied as error:
+        print(
+            f"cm-run: engine died: {error}. Every finished row is saved; rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_ENGINE
     except EngineError as error:
         print(f"cm-run: engine error: {error}", file=sys.stderr)
         return EXIT_ENGINE
     except (KeyboardInterrupt, _Terminated) as stop:
         print(
-            "cm-run: stopped; every finished chunk is saved. Rerun the same command to resume "
+            "cm-run: stopped; every finished row is saved. Rerun the same command to resume "
             "(add --restart to start over). Batch API batches keep running: the rerun collects them, "
             "`cm-run cancel SPEC` cancels them.",
             file=sys.stderr,

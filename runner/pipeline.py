@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -55,6 +55,7 @@ from runner.spec import JobSpec
 from runner.strategies import Answer, Strategy, make_strategy
 
 logger = logging.getLogger("runner")
+T = TypeVar("T")
 
 BANK_FILE = "memory_bank.json"
 ESTIMATE_FILE = "estimate.parquet"
@@ -68,7 +69,9 @@ REVIEW_FILE = "review.parquet"
 RISK_COVERAGE_FILE = "risk_coverage.png"
 
 Progress = Callable[[str, int, int], None]
-"""Called as progress(phase, done, total) after each chunk."""
+"""Called as progress(phase, done, total) as rows finish."""
+RowSink = Callable[[pl.DataFrame], None]
+"""Takes rows of a chunk as they finish, in the chunk's output schema."""
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> one L2-normalised vector per text (rows), so a dot product is a cosine similarity."""
@@ -119,10 +122,7 @@ def _prompt_texts(rows: pl.DataFrame, max_chars: int | None) -> list[str]:
     return (texts.str.slice(0, max_chars) if max_chars else texts).to_list()
 
 
-async def _estimate_chunk(
-    rows: pl.DataFrame, engine: Engine, strategy: Strategy, labels: LabelSet, max_chars: int | None
-) -> pl.DataFrame:
-    answers = await strategy.classify(engine, _prompt_texts(rows, max_chars), [labels.labels] * rows.height)
+def _with_answers(rows: pl.DataFrame, answers: list[Answer]) -> pl.DataFrame:
     return rows.with_columns(
         pl.Series("y_prime", [a.label for a in answers], dtype=pl.String),
         pl.Series("y_prime_probability", [a.probability for a in answers], dtype=pl.Float64),
@@ -130,6 +130,25 @@ async def _estimate_chunk(
         pl.Series("error", [a.error for a in answers], dtype=pl.String),
         pl.Series("error_kind", [a.error_kind for a in answers], dtype=pl.String),
     )
+
+
+async def _estimate_chunk(
+    rows: pl.DataFrame,
+    engine: Engine,
+    strategy: Strategy,
+    labels: LabelSet,
+    max_chars: int | None,
+    finished: RowSink | None = None,
+) -> pl.DataFrame:
+    texts = _prompt_texts(rows, max_chars)
+
+    async def one(index: int) -> Answer:
+        answer = (await strategy.classify(engine, [texts[index]], [labels.labels]))[0]
+        if finished is not None:
+            finished(_with_answers(rows.slice(index, 1), [answer]))
+        return answer
+
+    return _with_answers(rows, await _gather(one(index) for index in range(rows.height)))
 
 
 async def estimate_phase(
@@ -153,11 +172,14 @@ async def estimate_phase(
             "estimate",
             chunks,
             rows.height,
-            lambda chunk: _estimate_chunk(chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars),
+            lambda chunk, finished: _estimate_chunk(
+                chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars, finished
+            ),
             checkpoint,
             manifest,
             progress if attempt == 0 else None,
             _in_flight(spec, engine),
+            spec.output.checkpoint_seconds,
         )
         estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
         n_failed = estimate.filter(pl.col("error_kind") == "engine").height
@@ -209,37 +231,81 @@ async def _run_chunks(
     phase: str,
     chunks: Iterable[tuple[int, pl.DataFrame]],
     total: int,
-    work: Callable[[pl.DataFrame], Awaitable[pl.DataFrame]],
+    work: Callable[[pl.DataFrame, RowSink], Awaitable[pl.DataFrame]],
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None,
     in_flight: int = 1,
+    checkpoint_seconds: float = 60.0,
 ) -> int:
     """Do ``work`` on each chunk not yet on disk, and redo rows an engine failed on; rows worked on.
 
     Up to ``in_flight`` chunks run at once: with one, every chunk would wait for its slowest
     row (a retry after a 429, a long answer) while the engine idles. Chunks are pulled from
     ``chunks`` only when there is room, so memory holds at most ``in_flight`` of them.
+
+    ``work`` hands over rows as they finish; a chunk still running after ``checkpoint_seconds``
+    saves them as a partial shard (and again each ``checkpoint_seconds``, and when the job stops),
+    so a slow engine loses about that much work, not a whole chunk. A rerun asks only for the
+    rows the partial shard lacks.
     """
     finished = checkpoint.finished(manifest, phase)
     done = worked = 0
 
-    async def one(number: int, chunk: pl.DataFrame) -> None:
-        nonlocal done, worked
-        if number not in finished:
-            checkpoint.write_shard(manifest, phase, number, await work(chunk))
-            worked += chunk.height
-        else:
-            shard = pl.read_parquet(checkpoint.shard_path(phase, number))
-            failed = shard.filter(pl.col("error_kind") == "engine")["id"]
-            if failed.len():  # transient failures of an earlier run (timeouts, retries exhausted)
-                redone = await work(chunk.filter(pl.col("id").is_in(failed.implode())))
-                merged = shard.update(redone, on="id", include_nulls=True)
-                checkpoint.write_shard(manifest, phase, number, merged)
-                worked += redone.height
-        done += chunk.height
+    def advance(rows: int) -> None:
+        nonlocal done
+        done += rows
         if progress:
             progress(phase, done, total)
+
+    async def fresh(number: int, chunk: pl.DataFrame) -> pl.DataFrame:
+        earlier = checkpoint.read_partial(phase, number)  # what an interrupted run finished of this chunk
+        if earlier is not None:
+            earlier = earlier.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "engine"))
+            advance(earlier.height)
+            chunk = chunk.filter(~pl.col("id").is_in(earlier["id"].implode()))
+        before = [earlier] if earlier is not None else []
+        now: list[pl.DataFrame] = []  # rows finished in this run, one frame each
+        saved = 0
+        last_save = time.monotonic()
+
+        def save_partial() -> None:
+            nonlocal saved, last_save
+            if len(now) > saved:
+                checkpoint.write_partial(phase, number, pl.concat([*before, *now], how="vertical_relaxed"))
+                saved = len(now)
+            last_save = time.monotonic()
+
+        def take(rows: pl.DataFrame) -> None:
+            now.append(rows)
+            advance(rows.height)
+            if time.monotonic() - last_save >= checkpoint_seconds:
+                save_partial()
+
+        try:
+            result = await work(chunk, take) if chunk.height else None
+        except BaseException:
+            save_partial()  # stopped or failed: the rows that finished are kept for the rerun
+            raise
+        return pl.concat([*before, result], how="vertical_relaxed") if result is not None else before[0]
+
+    async def one(number: int, chunk: pl.DataFrame) -> None:
+        nonlocal worked
+        if number not in finished:
+            rows = await fresh(number, chunk)
+            order = chunk.select("id").with_row_index("_order")
+            rows = rows.join(order, on="id").sort("_order").drop("_order")  # as an uninterrupted run wrote it
+            checkpoint.write_shard(manifest, phase, number, rows)
+            worked += chunk.height
+            return
+        shard = pl.read_parquet(checkpoint.shard_path(phase, number))
+        failed = shard.filter(pl.col("error_kind") == "engine")["id"]
+        if failed.len():  # transient failures of an earlier run (timeouts, retries exhausted)
+            redone = await work(chunk.filter(pl.col("id").is_in(failed.implode())), lambda rows: None)
+            merged = shard.update(redone, on="id", include_nulls=True)
+            checkpoint.write_shard(manifest, phase, number, merged)
+            worked += redone.height
+        advance(chunk.height)
 
     await _bounded((partial(one, number, chunk) for number, chunk in chunks), in_flight)
     return worked
@@ -252,8 +318,9 @@ async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) ->
     async def settle() -> None:
         nonlocal running
         done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
+        failures = [task.exception() for task in done if not task.cancelled() and task.exception()]
+        if failures:  # every one retrieved, so none is reported again as "never retrieved"
+            raise failures[0]
 
     try:
         for job in jobs:
@@ -268,6 +335,24 @@ async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) ->
         await asyncio.gather(*running, return_exceptions=True)
 
 
+async def _gather(jobs: Iterable[Awaitable[T]]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the rest (no orphaned task fails unseen)."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _annotation_frame(rows: pl.DataFrame, records: list[dict[str, Any]]) -> pl.DataFrame:
+    answer_schema = {k: v for k, v in ANNOTATION_SCHEMA.items() if k not in ("id", "text", "gold")}
+    answers = pl.DataFrame(records, schema=answer_schema)
+    base = rows.select("id", "text", pl.col("label").alias("gold"))
+    return pl.concat([base, answers], how="horizontal").cast(ANNOTATION_SCHEMA)
+
+
 async def annotate_rows(
     rows: pl.DataFrame,
     engine: Engine,
@@ -279,6 +364,7 @@ async def annotate_rows(
     previous: pl.DataFrame | None = None,
     *,
     draft: FitDraft | None = None,
+    finished: RowSink | None = None,
 ) -> pl.DataFrame:
     """CM on a chunk: Y' from all labels, C from the fitted CM, Y_hat = G(X, C) when |C| > 1; its confidence.
 
@@ -288,6 +374,7 @@ async def annotate_rows(
     With ``previous`` (these rows as an earlier fit annotated them) the chunk is re-scored: first
     answers are reused, and a second call is made only where the new candidate set is ambiguous
     and differs from the one the earlier answer was chosen in.
+    ``finished`` gets each row as soon as it is annotated.
     """
     known = draft if draft is not None else fitted if isinstance(fitted, FittedCM) else None
     if fitted is not None and known is None:
@@ -302,7 +389,17 @@ async def annotate_rows(
 
     skip_first = known is not None and not known.needs_answer  # Y' cannot change C (cm.first_call)
 
-    async def one(text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None) -> dict[str, Any]:
+    async def one(
+        index: int, text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        record = await annotate_one(text, context, before)
+        if finished is not None:
+            finished(_annotation_frame(rows.slice(index, 1), [record]))
+        return record
+
+    async def annotate_one(
+        text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None
+    ) -> dict[str, Any]:
         if skip_first:
             first = Answer(label=None, raw="", calls=0)
         elif before is not None and (before["y_prime"] is not None or before["error_kind"] == "rejected"):
@@ -365,13 +462,9 @@ async def annotate_rows(
         record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat))
         return record
 
-    records = await asyncio.gather(
-        *(one(text, context, before) for text, context, before in zip(texts, contexts, earlier, strict=True))
-    )
-    answer_schema = {k: v for k, v in ANNOTATION_SCHEMA.items() if k not in ("id", "text", "gold")}
-    answers = pl.DataFrame(records, schema=answer_schema)
-    base = rows.select("id", "text", pl.col("label").alias("gold"))
-    return pl.concat([base, answers], how="horizontal").cast(ANNOTATION_SCHEMA)
+    triples = enumerate(zip(texts, contexts, earlier, strict=True))
+    records = await _gather(one(index, text, context, before) for index, (text, context, before) in triples)
+    return _annotation_frame(rows, records)
 
 
 async def _annotated(rows: Awaitable[pl.DataFrame], reviewed: pl.DataFrame | None) -> pl.DataFrame:
@@ -584,7 +677,7 @@ async def _run_job(
             "annotate",
             inputs.corpus.chunks(spec.output.chunk_size),
             inputs.corpus.height,
-            lambda rows: _annotated(
+            lambda rows, finished: _annotated(
                 annotate_rows(
                     rows,
                     engine,
@@ -594,6 +687,7 @@ async def _run_job(
                     spec.dataset.max_text_chars,
                     embed,
                     draft=fit.draft if fit else None,
+                    finished=lambda done: finished(mark_reviewed(done, reviewed)),
                 ),
                 reviewed,
             ),
@@ -601,6 +695,7 @@ async def _run_job(
             manifest,
             progress,
             _in_flight(spec, engine),
+            spec.output.checkpoint_seconds,
         )
         fitted = await fit.final if fit else None  # a corpus with no row to refine never waited for it
         elapsed = time.perf_counter() - started

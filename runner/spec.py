@@ -360,6 +360,11 @@ class OutputSpec(_Strict):
         description="Chunks worked on at once. More than one keeps the engine busy while a chunk's "
         "slowest rows (retries, long answers) finish; memory holds this many chunks.",
     )
+    checkpoint_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=60.0,
+        description="A chunk still running after this many seconds saves its finished rows (again each "
+        "time this passes), so an interrupted job loses about this much work at any engine speed.",
+    )
 
 
 class JobSpec(_Strict):

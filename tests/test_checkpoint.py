@@ -1,5 +1,6 @@
 """Resume: what a rerun keeps, what it redoes, and what it refuses."""
 
+import asyncio
 import hashlib
 
 import orjson
@@ -63,8 +64,9 @@ async def test_interrupted_annotate_resumes_and_matches_an_uninterrupted_run(job
 async def test_interrupted_estimate_resumes_that_phase(job, tmp_path):
     spec, engine = job
     with pytest.raises(RuntimeError):
-        await run_job(spec, engine=engine(crash_after=5))  # one estimate chunk of 4 done
+        await run_job(spec, engine=engine(crash_after=5))  # one estimate chunk of 4 done, and u4 of the next
     assert orjson.loads((tmp_path / "out/manifest.json").read_bytes())["finished_shards"]["estimate"] == [0]
+    assert pl.read_parquet(tmp_path / "out/estimate/partial-00001.parquet")["text"].to_list() == ["u4"]
     resumed_engine = engine()
     await run_job(spec, engine=resumed_engine)
     estimated = [
@@ -72,7 +74,7 @@ async def test_interrupted_estimate_resumes_that_phase(job, tmp_path):
         for r in resumed_engine.requests
         if r.messages[-1].content.startswith("u") and len(r.choices) == len(LABELS)  # not the held-out questions
     ]
-    assert estimated == [f"u{i}" for i in range(4, N_USER)]
+    assert estimated == [f"u{i}" for i in range(5, N_USER)]  # the row finished before the crash is not asked again
 
 
 async def test_rows_an_engine_failed_on_are_redone_on_rerun(job, tmp_path):
@@ -377,3 +379,57 @@ async def test_a_second_run_on_a_locked_output_dir_is_refused_naming_the_holder(
     release.set()
     await first  # the first run was not disturbed, and once it ended the directory is free again
     await run_job(spec, engine=engine())
+
+
+class _SlowEngine(ScriptedEngine):
+    """Answers one request at a time, ``delay`` seconds each: a chunk takes longer than checkpoint_seconds."""
+
+    def __init__(self, *args, delay: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+        self._one_at_a_time = asyncio.Lock()
+
+    async def complete(self, requests):
+        async with self._one_at_a_time:
+            await asyncio.sleep(self.delay)
+            return await super().complete(requests)
+
+
+async def test_a_chunk_slower_than_checkpoint_seconds_saves_its_finished_rows(toy_job, tmp_path):
+    user = [(f"u{i}", LABELS[i % 3]) for i in range(N_USER)]
+    corpus = [(f"c{i}", LABELS[i % 3]) for i in range(N_CORPUS)]
+    spec = toy_job(user, corpus, name="slow", output="chunk_size: 100, checkpoint_seconds: 0.2")  # one chunk
+    first = {f"{p}{i}": ("b" if i % 3 == 0 else "a") for p in "uc" for i in range(N_CORPUS)}
+    second = {f"c{i}": "c" for i in range(N_CORPUS)}
+
+    def elsewhere(name):
+        return spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / name)})})
+
+    await run_job(elsewhere("ref"), engine=ScriptedEngine(first, second, n_labels=3))
+    # uninterrupted but slow: partial shards written on the way leave the finished shard as a fast run's
+    await run_job(elsewhere("slow"), engine=_SlowEngine(first, second, n_labels=3, delay=0.02))
+    reference = pl.read_parquet(tmp_path / "ref/annotations.parquet")
+    assert pl.read_parquet(tmp_path / "slow/annotations.parquet").equals(reference)
+
+    running = asyncio.ensure_future(run_job(spec, engine=_SlowEngine(first, second, n_labels=3, delay=0.02)))
+    partial = tmp_path / "out/annotations/partial-00000.parquet"
+    for _ in range(1000):
+        if partial.is_file() or running.done():
+            break
+        await asyncio.sleep(0.01)
+    saved_while_running = set(pl.read_parquet(partial)["text"])  # written by the deadline, not by a stop
+    assert 0 < len(saved_while_running) < N_CORPUS
+    running.cancel()  # as SIGTERM does
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    saved = set(pl.read_parquet(partial)["text"])
+    assert saved >= saved_while_running
+    manifest = orjson.loads((tmp_path / "out/manifest.json").read_bytes())
+    assert manifest["finished_shards"]["annotate"] == []  # the chunk itself is unfinished
+
+    rerun_engine = ScriptedEngine(first, second, n_labels=3)
+    await run_job(spec, engine=rerun_engine)
+    asked = {r.messages[-1].content for r in rerun_engine.requests if r.messages[-1].content.startswith("c")}
+    assert asked == {f"c{i}" for i in range(N_CORPUS)} - saved  # only the rows the partial shard lacked
+    assert not partial.exists()
+    assert pl.read_parquet(tmp_path / "out/annotations.parquet").equals(reference)  # same rows, same order

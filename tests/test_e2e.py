@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import polars as pl
+import psutil
 import pytest
 
 from runner import load_bank
@@ -113,3 +114,84 @@ def test_sigkill_mid_annotate_then_rerun_equals_the_uninterrupted_run(finished_j
     assert load_bank(output / "memory_bank.json").digest() == load_bank(reference / "memory_bank.json").digest()
     ours = pl.read_parquet(output / "annotations.parquet")
     assert ours.equals(pl.read_parquet(reference / "annotations.parquet"))
+
+
+def _alive(processes: list[psutil.Process]) -> list[str]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {process.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def write_small_spec(directory: Path, output: Path) -> Path:
+    """96 MASSIVE rows, CM off, 16-row chunks one at a time; float32, where batch composition flips
+    greedy near-ties far more rarely than bfloat16 (a resumed run batches its rows differently)."""
+    spec = directory / f"{output.name}.yaml"
+    spec.write_text(
+        f"""
+base: {REPO / "jobs/_base/massive-en-US.yaml"}
+name: e2e-engine-death
+user_split: {{fraction: 0.01, seed: 0}}
+corpus: {{limit: 96, limit_seed: 2}}
+engine: {{dtype: float32}}
+cm: {{enabled: false}}
+output: {{dir: {output}, chunk_size: 16, chunks_in_flight: 1}}
+"""
+    )
+    return spec
+
+
+@pytest.mark.slow
+def test_a_killed_engine_core_ends_the_job_cleanly_and_a_rerun_resumes(tmp_path, data_dir):
+    """vLLM's engine core SIGKILLed mid-annotate (as the OOM killer does): exit 3, one short message,
+    the finished shards kept, no process of the job left, and a rerun finishes the same rows."""
+    output = tmp_path / "core-killed"
+    spec = write_small_spec(tmp_path, output)
+    command = [sys.executable, "-m", "runner.cli", str(spec), "--data-dir", str(data_dir), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not (output / "annotations/part-00000.parquet").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "cm-run ended before the kill point"
+            time.sleep(0.01)
+        job = psutil.Process(process.pid).children(recursive=True)
+        core = [p for p in job if "VLLM::EngineCore" in " ".join(p.cmdline())]
+        assert len(core) == 1, [p.cmdline() for p in job]
+        core[0].send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 3, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("cm-run: e2e-engine-death:"), stderr[-3000:]  # header, then why
+    assert lines[1].startswith("cm-run: engine died: vLLM's engine core for 'smollm2-135m-instruct' died")
+    assert "(EngineCore killed by SIGKILL)" in lines[1] and "rerun the same command to resume" in lines[1]
+    assert "Traceback" in (output / "engine.log").read_text()  # vLLM's own account is kept, off the terminal
+    time.sleep(1.0)
+    assert not _alive(job)  # engine core, its worker, anything else the job started
+
+    manifest = orjson.loads((output / "manifest.json").read_bytes())
+    finished = manifest["finished_shards"]["annotate"]
+    assert 0 in finished and len(finished) < 6 and not manifest["complete"]
+    kept = pl.concat([pl.read_parquet(output / f"annotations/part-{n:05d}.parquet") for n in finished])
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = pl.read_parquet(output / "annotations.parquet")
+    assert resumed.join(kept, on="id", how="semi").equals(kept)  # what was saved is what the rerun kept
+
+    reference_output = tmp_path / "uninterrupted"
+    command[3] = str(write_small_spec(tmp_path, reference_output))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = pl.read_parquet(reference_output / "annotations.parquet")
+    assert resumed["id"].to_list() == reference["id"].to_list()  # every row once, in corpus order
+    assert resumed["error"].null_count() == resumed.height
+    assert resumed.drop("prompt_tokens", "completion_tokens").equals(
+        reference.drop("prompt_tokens", "completion_tokens")
+    )

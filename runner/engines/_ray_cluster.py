@@ -44,7 +44,14 @@ def connect_ray(spec: VLLMEngineSpec) -> bool:
             f"engine.replicas x engine.num_cpus_per_replica = {wanted_cpus:g} CPUs, but this machine has {cpus}: "
             "lower them, or set engine.ray_address to a cluster"
         )
-    ray.init(address=LOCAL_ADDRESS, num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address=LOCAL_ADDRESS,
+        num_cpus=cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        # cm-run without --verbose: the replicas' vLLM output stays in Ray's session logs
+        log_to_driver="CM_ENGINE_LOG" not in os.environ,
+    )
     wanted_gpus = spec.replicas * spec.num_gpus_per_replica
     available_gpus = ray.cluster_resources().get("GPU", 0)
     if wanted_gpus > available_gpus:

@@ -8,6 +8,7 @@ This module imports neither Ray nor vLLM at the top: the dispatcher wraps ``VLLM
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import socket
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.engines.base import ChoiceRequest, Completion
+from runner.engines.base import ChoiceRequest, Completion, EngineDied
 from runner.engines.embedded import EMBEDDED_MODELS, _cache_dir, resolve_model
 from runner.spec import VLLMEngineSpec
 
@@ -90,17 +91,18 @@ class VLLMReplica:
         }
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         if self._engine is None:
             # Only after a restart the dispatcher has not noticed yet; it re-sends these elsewhere.
             raise ReplicaNotReady(f"replica {self._index} has no engine loaded")
         try:
             return await self._engine.complete(requests)
-        except EngineDeadError as error:
+        except EngineDied as error:
             # The engine core process died (e.g. OOM-killed) but this actor lives on: exiting with an
             # error makes Ray restart the actor with a fresh engine, and the dispatcher re-sends.
-            print(f"replica {self._index}: vLLM engine died ({error}); exiting for a restart", file=sys.stderr)
+            # Closing first ends the dead engine's leftover workers, which the exit would orphan.
+            print(f"replica {self._index}: {error}; exiting for a restart", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                self.shutdown()
             os._exit(1)
 
     def shutdown(self) -> None:

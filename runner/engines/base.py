@@ -61,3 +61,8 @@ class Engine(Protocol):
 
 class EngineError(RuntimeError):
     """An engine that cannot start or cannot go on (bad model path, out of memory, auth)."""
+
+
+class EngineDied(EngineError):
+    """The engine stopped mid-job (its process killed, out of memory, a step timed out); what the job
+    finished is saved and a rerun resumes from it."""

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 from runner.engines._ray_cluster import connect_ray, reason, say, with_node_address
 from runner.engines._replica_actor import ReplicaNotReady, VLLMReplica
-from runner.engines.base import ChoiceRequest, Completion, EngineError
+from runner.engines.base import ChoiceRequest, Completion, EngineDied, EngineError
 from runner.spec import VLLMEngineSpec
 
 _WAITING_NOTE_SECONDS = 60.0
@@ -89,6 +89,7 @@ class RayReplicaEngine:
         self._dispatcher: asyncio.Task[None] | None = None
         self._in_hand: list[_Pending] = []  # taken from the queue, not yet sent
         self._failure: str | None = None
+        self._failure_type: type[EngineError] = EngineError
         self._owns_ray = False
 
     async def __aenter__(self) -> Self:
@@ -192,7 +193,7 @@ class RayReplicaEngine:
         if self._dispatcher is None:
             raise EngineError("the Ray replicas are not started; use 'async with engine:'")
         if self._failure is not None:
-            raise EngineError(self._failure)
+            raise self._failure_type(self._failure)
         loop = asyncio.get_running_loop()
         pending = [_Pending(request, loop.create_future()) for request in requests]
         for item in pending:
@@ -215,7 +216,7 @@ class RayReplicaEngine:
             replica = await self._replica_with_room()
             if replica is None:
                 self._queue.put_nowait(first)
-                self._fail_everything("every Ray replica died and could not be restarted")
+                self._fail_everything("every Ray replica died and could not be restarted", died=True)
                 return
             ready = sum(1 for r in self._replicas if r.ready)
             fair_share = -(-(self._queue.qsize() + 1) // ready)  # split a burst over the ready replicas
@@ -298,13 +299,15 @@ class RayReplicaEngine:
             replica.recovering = False
             self._changed.set()
 
-    def _fail_everything(self, why: str) -> None:
-        """Fail every queued request, and every later call, with ``why``."""
+    def _fail_everything(self, why: str, *, died: bool = False) -> None:
+        """Fail every queued request, and every later call, with ``why`` (``died``: the replicas are
+        gone, not the dispatcher broken, so a rerun can resume)."""
         self._failure = why
+        self._failure_type = EngineDied if died else EngineError
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not item.answer.done():
-                item.answer.set_exception(EngineError(why))
+                item.answer.set_exception(self._failure_type(why))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

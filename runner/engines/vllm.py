@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 from runner.engines._cpu import DtypeChoice, choose_dtype, cpu_flags
-from runner.engines.base import ChoiceRequest, Completion, EngineError, Message
+from runner.engines._reap import reap, spawned_since
+from runner.engines.base import ChoiceRequest, Completion, EngineDied, EngineError, Message
 from runner.engines.embedded import resolve_model
 from runner.spec import VLLMEngineSpec
 
@@ -46,6 +47,24 @@ def _rejection_errors() -> tuple[type[Exception], ...]:
     return (VLLMValidationError,)
 
 
+def _death_errors() -> tuple[type[Exception], ...]:
+    """What AsyncLLM.generate raises once its engine core is gone or failed a step."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+    except ImportError:
+        return ()
+    return (EngineDeadError, EngineGenerateError)
+
+
+def _signal_name(code: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
 class VLLMEngine:
     """One vLLM ``AsyncLLM`` answering batches of choice requests concurrently."""
 
@@ -61,6 +80,9 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._run = uuid.uuid4().hex[:8]
         self._slots = asyncio.Semaphore(spec.max_concurrency)
+        self._deaths: tuple[type[Exception], ...] = ()
+        self._death: EngineDied | None = None
+        self._spawned: list[Any] = []  # vLLM's processes (engine core, its workers), reaped on close
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -82,6 +104,7 @@ class VLLMEngine:
         started = time.perf_counter()
         on_cpu = current_platform.is_cpu()
         self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None)
+        before = spawned_since(())
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=self.spec.model,
@@ -99,6 +122,7 @@ class VLLMEngine:
         try:
             self._engine = AsyncLLM.from_engine_args(args)
         except Exception as error:
+            reap(spawned_since(before))
             raise EngineError(
                 f"vLLM could not start model {self.spec.model!r}: {error} (if the cause above is memory: "
                 f"engine.gpu_memory_utilization={self.spec.gpu_memory_utilization} is the share of accelerator "
@@ -107,12 +131,38 @@ class VLLMEngine:
             ) from error
         self._tokenizer = self._engine.tokenizer
         self._rejections = _rejection_errors()
+        self._deaths = _death_errors()
+        self._spawned = spawned_since(before)
         self.load_seconds = time.perf_counter() - started
 
     def close(self) -> None:
+        """Shut vLLM down, then end whatever of its processes outlived that (a worker whose engine
+        core died, or one stuck in a step, keeps a core busy for nothing)."""
         if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+            engine, self._engine = self._engine, None
+            try:
+                engine.shutdown()
+            finally:
+                reap(self._spawned)
+                self._spawned = []
+
+    def _died(self, error: BaseException) -> EngineDied:
+        """One error for every request the death failed: what died and vLLM's cause."""
+        if self._death is None:
+            causes = []
+            resources = getattr(getattr(self._engine, "engine_core", None), "resources", None)
+            manager = getattr(resources, "engine_manager", None)
+            for name, code in (getattr(manager, "finished_procs", dict)() or {}).items():
+                if code is not None and code < 0:
+                    causes.append(f"{name} killed by {_signal_name(code)}")
+                elif code:
+                    causes.append(f"{name} exited with {code}")
+            cause = error.__cause__ or error.__context__
+            if cause is not None and str(cause).strip():
+                causes.append(f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}")
+            causes = causes or [str(error).strip().splitlines()[0] or type(error).__name__]
+            self._death = EngineDied(f"vLLM's engine core for {self.spec.model!r} died ({'; '.join(causes)})")
+        return self._death
 
     def _sampling(self, request: ChoiceRequest) -> Any:
         from vllm import SamplingParams
@@ -124,8 +174,8 @@ class VLLMEngine:
             max_tokens=request.max_tokens,
             seed=request.seed,
             structured_outputs=structured,
-            # the chosen tokens' own log probabilities (vLLM's raw logprobs: before the choice mask), so an
-            # answer carries the model's probability of it, the confidence a user would try first
+            # the chosen tokens' own log probabilities (vLLM computes them after the choice constraint has masked
+            # the logits: the probability among the allowed labels), the confidence a user would try first
             logprobs=0 if request.choices else None,
         )
 
@@ -139,6 +189,8 @@ class VLLMEngine:
                 final = None
                 async for output in self._engine.generate(prompt, self._sampling(request), request_id):
                     final = output
+            except self._deaths as error:
+                raise self._died(error) from None
             except self._rejections as error:  # vLLM rejects e.g. prompts longer than the context
                 return Completion(text=None, error=f"rejected by vLLM: {error}", retryable=False)
         assert final is not None

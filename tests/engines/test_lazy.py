@@ -44,7 +44,7 @@ async def test_a_rerun_of_a_finished_job_loads_no_model(toy_job, monkeypatch):
     answers = {f"{p}{i}": "ab"[i % 2] for p in "uc" for i in range(4)}
     made: list[ScriptedEngine] = []
 
-    def make(_spec):
+    def make(_spec, _state_dir=None):
         made.append(ScriptedEngine(answers, n_labels=2))
         return made[-1]
 
