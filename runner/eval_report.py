@@ -8,6 +8,7 @@ and what each cell cost (calls and tokens per item, requests sent and served fro
 from __future__ import annotations
 
 import html
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,13 @@ def _figures(cells: pl.DataFrame, summary: pl.DataFrame, directory: Path) -> lis
                 f"({_budget(chosen['budget'])} user split, seed {chosen['seed']})"
             )
             figures.append(discrepancy_heatmap(load_bank(bank_path), directory / name, title))
+        # the same cell's risk-coverage plot (the job draws it: the user split's estimate and, here, gold)
+        plot = Path(chosen["output_dir"]) / "risk_coverage.png"
+        if plot.is_file():
+            copied = directory / f"risk-coverage-{_slug(key['dataset'])}-{_slug(key['model'])}.png"
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, copied)
+            figures.append(copied)
     return figures
 
 

@@ -140,6 +140,8 @@ def test_report_has_the_papers_tables_and_figures(transfer_grid):
         "accuracy-b-100pct.png",
         "discrepancy-toy-one-a.png",
         "discrepancy-toy-two-b.png",
+        "risk-coverage-toy-one-a.png",  # the CM cell's own plot: accepted rows' accuracy against their share
+        "risk-coverage-toy-two-b.png",
     } <= names
     page = report.page.read_text()
     assert all(f"figures/{name}" in page for name in names) and "<table>" in page

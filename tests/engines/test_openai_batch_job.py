@@ -21,6 +21,7 @@ import orjson
 import polars as pl
 import pytest
 
+from tests._compare import held_out_questions
 from tests.fault_server import expected_answer, served, serving_process
 
 pytestmark = pytest.mark.slow
@@ -116,17 +117,6 @@ def online(tmp_path_factory, data) -> Iterator[tuple[Path, dict]]:
         yield spec, served(url)
 
 
-def held_out_questions(spec: Path) -> int:
-    """User samples whose row of M, without that sample, still holds several truths: paper CM asks among it."""
-    bank = orjson.loads((spec.with_suffix("") / "memory_bank.json").read_bytes())
-    pairs = {(c["answer"], c["truth"]): c["count"] for c in bank["confusions"]}
-    return sum(
-        1
-        for s in bank["samples"]
-        if sum(n - (truth == s["truth"]) > 0 for (answer, truth), n in pairs.items() if answer == s["answer"]) > 1
-    )
-
-
 def test_a_batch_run_labels_every_row_as_the_online_engine_does_at_half_the_price(reference, online):
     spec, counts, done = reference
     online_spec, online_counts = online
@@ -139,7 +129,7 @@ def test_a_batch_run_labels_every_row_as_the_online_engine_does_at_half_the_pric
     # holds several truths (what paper CM would ask among; the confidence is calibrated on the answers); 48 first
     # calls; a second call per row whose candidate set has several labels
     second = int((corpus["candidates"].list.len() > 1).sum())
-    needed = 36 + held_out_questions(spec) + 48 + second
+    needed = 36 + held_out_questions(spec.with_suffix("")) + 48 + second
     assert counts["lines_submitted"] == online_counts["answered"] == needed
     assert counts["batches_created"] == 3 and counts["custom_ids_submitted_more_than_once"] == 0
     batch, direct = engine_stats(spec), engine_stats(online_spec)
@@ -240,7 +230,11 @@ def test_failed_lines_go_into_new_batches_until_max_retries(data, tmp_path):
     assert stats["attempt_errors"] == {"http_500": 4}  # the flaky line once, the broken one three times
     # every line once (the held-out questions among them), plus the flaky line again and the broken one twice more
     second = int((table["candidates"].list.len() > 1).sum())
-    assert counts["lines_submitted"] == stats["lines_submitted"] == 36 + held_out_questions(spec) + 23 + second + 1 + 2
+    assert (
+        counts["lines_submitted"]
+        == stats["lines_submitted"]
+        == 36 + held_out_questions(spec.with_suffix("")) + 23 + second + 1 + 2
+    )
 
 
 def test_an_expired_batch_keeps_its_answered_lines_and_resubmits_only_the_rest(reference, data, tmp_path):

@@ -26,6 +26,7 @@ from runner.engines.openai import OpenAIEngine
 from runner.labels import LabelSet
 from runner.prompts import classification_messages
 from runner.spec import OpenAIEngineSpec
+from tests._compare import held_out_questions
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -158,9 +159,9 @@ output: {{dir: {tmp_path / "out"}, chunk_size: 16}}
     metrics = orjson.loads((out / "metrics.json").read_bytes())
     assert metrics["n_annotated"] == 24 and metrics["run"]["engine"]["rows_failed"] == 0
     api = metrics["run"]["engine"]
-    # calls: one per request the job made (117 user samples, then the corpus rows' calls); attempts
-    # beyond them are retries that really happened, each one a failed attempt
-    assert api["calls"] == 117 + table["calls"].sum()
+    # calls: one per request the job made (117 user samples, the held-out questions paper CM asks to calibrate
+    # its confidence, then the corpus rows' calls); attempts beyond them are retries that really happened
+    assert api["calls"] == 117 + held_out_questions(out) + table["calls"].sum()
     assert api["requests"] == api["calls"] + api["retries"]
     assert api["retries"] == sum(api["attempt_errors"].values())
     leaked = [path for path in out.rglob("*") if path.is_file() and KEY.encode() in path.read_bytes()]

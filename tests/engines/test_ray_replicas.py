@@ -35,6 +35,7 @@ from runner.bank import load_bank
 from runner.engines import make_engine
 from runner.pipeline import run_job
 from runner.spec import JobSpec, load_spec
+from tests._compare import assert_same_annotations
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ def test_a_replica_killed_mid_job_loses_and_duplicates_no_row(local_runs):
     assert local_runs["held_by_victim"] > 0 and local_runs["resent"] > 0
     assert local_runs["after_kill"][0]["losses"] == 1
     killed, uninterrupted = local_runs["killed"], local_runs["uninterrupted"]
-    assert annotations(killed).equals(annotations(uninterrupted))
+    assert_same_annotations(annotations(killed), annotations(uninterrupted))
     assert metrics_without_timings(killed) == metrics_without_timings(uninterrupted)
     # the dead replica's vLLM engine-core and worker processes went with it (or with the shutdown)
     assert local_runs["victim_children"] and _eventually_gone(local_runs["victim_children"]) == []
@@ -323,5 +324,5 @@ def test_a_job_submitted_to_a_two_node_cluster_places_a_replica_on_each_node(sub
 
 def test_the_cluster_job_annotates_exactly_like_the_local_run(submitted_job, local_runs):
     output, uninterrupted = submitted_job["output"], local_runs["uninterrupted"]
-    assert annotations(output).equals(annotations(uninterrupted))
+    assert_same_annotations(annotations(output), annotations(uninterrupted))
     assert load_bank(output / "memory_bank.json").digest() == load_bank(uninterrupted / "memory_bank.json").digest()
