@@ -47,9 +47,15 @@ async def test_prepared_from_its_parts_and_answers_a_constrained_choice(tmp_path
     assert config["model_type"] == "qwen2" and config["num_hidden_layers"] == 24  # Qwen2.5-0.5B's shape
     assert prepare_embedded_model(NAME) == folder  # the second call reuses the checked folder
 
-    texts = {"wake me up at seven tomorrow": "alarm", "will it rain in boston tomorrow": "weather"}
+    texts = ["wake me up at seven tomorrow", "will it rain in boston tomorrow"]
     requests = [ChoiceRequest(classification_messages(t, list(SCENARIOS)), SCENARIOS) for t in texts]
+    # two labels only (not "alarm"): the answer must still be one of the two
+    narrow = [
+        ChoiceRequest(classification_messages(t, ["calendar", "weather"]), ("calendar", "weather")) for t in texts
+    ]
     async with VLLMEngine(VLLMEngineSpec(model=NAME, max_model_len=1024)) as engine:
-        completions = await engine.complete(requests)
-    assert [c.error for c in completions] == [None, None]
-    assert [c.text for c in completions] == list(texts.values())
+        completions = await engine.complete(requests + narrow)
+    assert [c.error for c in completions] == [None] * 4
+    assert completions[0].text == "alarm"  # the 0.5B model reads (it is right on ~36% of MASSIVE zero-shot)
+    assert completions[1].text in SCENARIOS
+    assert {c.text for c in completions[2:]} <= {"calendar", "weather"}
