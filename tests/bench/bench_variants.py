@@ -15,6 +15,7 @@ paid once.
 
     python tests/bench/bench_variants.py --data-dir ../shared/datasets --n 300 --out /tmp/variants
     python tests/bench/bench_variants.py --data-dir ../shared/datasets --datasets mtop --second-calls 10
+    python tests/bench/bench_variants.py --data-dir ../shared/datasets --model qwen2.5-coder-0.5b-instruct
 
 With ``--bank-from DIR`` the banks of an earlier run (DIR/<dataset>/paper/memory_bank.json, same
 model, strategy and user split) are reused and the paper's CM is not run: only first answers are
@@ -85,6 +86,7 @@ corpus: {{limit: {args.n}, limit_seed: {args.seed}}}
 strategy: {STRATEGIES[args.strategy]}
 output: {{dir: {job_dir}}}
 {reused if args.bank_from else ""}
+{f"engine: {{model: {args.model}}}" if args.model else ""}
 """
     )
     spec = load_spec(out / "job.yaml")
@@ -197,28 +199,34 @@ def column(variant: str, prior: str, k: str) -> str:
 async def with_second_calls(
     spec: JobSpec, engine: CachingEngine, out: Path, bank_path: Path, args: argparse.Namespace, row: dict
 ) -> None:
-    """Each posterior variant as a real job that asks the model again when its set is ambiguous."""
+    """Each posterior variant as a real job that may ask the model again when its set is ambiguous:
+    always (``when_ambiguous``, key ``<variant>_asked``) or as the user split decides (``auto``, ``<variant>_auto``)."""
     for variant in args.variants:
-        cm = spec.cm.model_copy(
-            update={
-                "variant": variant,
-                "bank": str(bank_path),
-                "second_call": "when_ambiguous",
-                "first_call": "when_weighted",  # a first answer that gets weight 0 changes nothing: not asked
-                "coverage": args.coverage,
-                "neighbours": None if args.second_calls == "auto" else int(args.second_calls),
-                "prior": args.second_calls_prior,
-            }
-        )
-        job = spec.model_copy(
-            update={"cm": cm, "output": spec.output.model_copy(update={"dir": str(out / f"{variant}-asked")})}
-        )
-        metrics = (await run_job(job, data_dir=args.data_dir, engine=engine)).metrics
-        key = f"{variant}_asked"
-        row[key] = metrics["accuracy_cm"]
-        row[f"{key}_calls"] = metrics["calls_per_item"]
-        row[f"{key}_coverage"] = metrics["coverage"]
-        row[f"{key}_set"] = metrics["candidate_set_size"]["mean"]
+        for mode in args.second_call_modes:
+            suffix = "asked" if mode == "when_ambiguous" else mode
+            cm = spec.cm.model_copy(
+                update={
+                    "variant": variant,
+                    "bank": str(bank_path),
+                    "second_call": mode,
+                    "first_call": "when_weighted",  # a first answer that gets weight 0 changes nothing: not asked
+                    "coverage": args.coverage,
+                    "neighbours": None if args.second_calls == "auto" else int(args.second_calls),
+                    "prior": args.second_calls_prior,
+                }
+            )
+            job = spec.model_copy(
+                update={"cm": cm, "output": spec.output.model_copy(update={"dir": str(out / f"{variant}-{suffix}")})}
+            )
+            started = time.perf_counter()
+            metrics = (await run_job(job, data_dir=args.data_dir, engine=engine)).metrics
+            key = f"{variant}_{suffix}"
+            row[f"{key}_seconds"] = round(time.perf_counter() - started, 1)
+            row[key] = metrics["accuracy_cm"]
+            row[f"{key}_calls"] = metrics["calls_per_item"]
+            row[f"{key}_coverage"] = metrics["coverage"]
+            row[f"{key}_set"] = metrics["candidate_set_size"]["mean"]
+            row[f"{key}_settings"] = metrics.get("cm_settings")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -233,7 +241,8 @@ async def main(args: argparse.Namespace) -> None:
     header += ["probe_vote"] if "probe" in args.priors else []
     header += ["counts"]
     header += [column(*run) for run in measured(args)[1:]]
-    header += [f"{v}_asked" for v in args.variants] if args.second_calls else []
+    suffixes = ["asked" if m == "when_ambiguous" else m for m in args.second_call_modes]
+    header += [f"{v}_{x}" for v in args.variants for x in suffixes] if args.second_calls else []
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
@@ -249,6 +258,9 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=300, help="test items per dataset (a seeded sample)")
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", help="engine.model for every job (an embedded name or a folder); default: the base's"
+    )
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="zero_shot", help="Z for every job")
     parser.add_argument("--bank-from", metavar="DIR", help="reuse DIR/<dataset>/paper's banks; ask first answers only")
     parser.add_argument("--coverage", type=float, default=0.9)
@@ -263,6 +275,13 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--priors", nargs="+", choices=["neighbours", "probe"], default=["neighbours", "probe"], help="p(Y|X) measured"
+    )
+    parser.add_argument(
+        "--second-call-modes",
+        nargs="+",
+        choices=["when_ambiguous", "auto"],
+        default=["when_ambiguous"],
+        help="cm.second_call of the --second-calls jobs",
     )
     parser.add_argument("--second-calls-prior", choices=["neighbours", "probe"], default="neighbours")
     asyncio.run(main(parser.parse_args()))
