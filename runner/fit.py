@@ -197,72 +197,45 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
         rows = counts[answers[held]].copy()
         rows[np.arange(len(held)), truths[held]] -= 1
         totals = rows.sum(axis=1, keepdims=True)
-        shares = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
+        scores = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
         if variant == "plain":
-            sets = tuple((int(a),) for a in answers[held])
-            return FitDraft(
-                **common,
-                neighbours=neighbours,
-                temperature=temperature,
-                weight=weight,
-                tau=tau,
-                held_out_sets=sets,
-                held_out_scores=shares,
-                asks_second_call=False,
-                questions=(),
+            sets, asks = tuple((int(a),) for a in answers[held]), False
+        else:  # the paper's CM asks again among every ambiguous row
+            sets = tuple(_paper_row(row, int(a), cm.empty_row) for row, a in zip(rows, answers[held], strict=True))
+            asks = True
+    else:
+        similarities = None
+        if uses_neighbours:
+            assert user_vectors is not None
+            similarities = user_vectors[held] @ user_vectors.T
+            similarities[np.arange(len(held)), held] = -np.inf
+            neighbours, temperature = post.choose_neighbourhood(
+                similarities,
+                truths[held],
+                truths,
+                n_labels,
+                (cm.neighbours,) if cm.neighbours else NEIGHBOUR_GRID,
+                (cm.neighbour_temperature,) if cm.neighbour_temperature else TEMPERATURE_GRID,
             )
-        sets = tuple(
-            _paper_row(row, int(answer), cm.empty_row) for row, answer in zip(rows, answers[held], strict=True)
-        )
+            priors = (
+                probe.held_out[held]
+                if probe
+                else post.neighbour_prior(similarities, truths, n_labels, neighbours, temperature)
+            )
+        else:
+            priors = post.held_out_class_priors(counts, truths[held])
+        likelihood_rows = _held_out_likelihood_rows(variant, cm, counts, answers, truths, held, similarities)
+        if cm.likelihood_weight is None:
+            weight = _earned_weight(likelihood_rows, priors, truths[held])
+        scores = post.posteriors(likelihood_rows, priors, weight)
+        if cm.tau is None:
+            tau = trust.conformal_tau(trust.conformity_scores(scores, truths[held]), cm.coverage)
+        sets = tuple(tuple(int(i) for i in post.mass_candidates(row, tau)) for row in scores)
+    questions = ()
+    if asks is not False:  # the label a set's answer would be without a second call: its highest-scoring one
         questions = tuple(
             Question(int(sample), tuple(labels[i] for i in chosen), labels[max(chosen, key=lambda i: row[i])])
-            for sample, chosen, row in zip(held, sets, rows, strict=True)
-            if len(chosen) > 1
-        )
-        return FitDraft(
-            **common,
-            neighbours=neighbours,
-            temperature=temperature,
-            weight=weight,
-            tau=tau,
-            held_out_sets=sets,
-            held_out_scores=shares,
-            asks_second_call=True,
-            questions=questions,
-        )
-
-    similarities = None
-    if uses_neighbours:
-        assert user_vectors is not None
-        similarities = user_vectors[held] @ user_vectors.T
-        similarities[np.arange(len(held)), held] = -np.inf
-        neighbours, temperature = post.choose_neighbourhood(
-            similarities,
-            truths[held],
-            truths,
-            n_labels,
-            (cm.neighbours,) if cm.neighbours else NEIGHBOUR_GRID,
-            (cm.neighbour_temperature,) if cm.neighbour_temperature else TEMPERATURE_GRID,
-        )
-        priors = (
-            probe.held_out[held]
-            if probe
-            else post.neighbour_prior(similarities, truths, n_labels, neighbours, temperature)
-        )
-    else:
-        priors = post.held_out_class_priors(counts, truths[held])
-    likelihood_rows = _held_out_likelihood_rows(variant, cm, counts, answers, truths, held, similarities)
-    if cm.likelihood_weight is None:
-        weight = _earned_weight(likelihood_rows, priors, truths[held])
-    held_out = post.posteriors(likelihood_rows, priors, weight)
-    if cm.tau is None:
-        tau = trust.conformal_tau(trust.conformity_scores(held_out, truths[held]), cm.coverage)
-    sets = tuple(tuple(int(i) for i in post.mass_candidates(row, tau)) for row in held_out)
-    questions = ()
-    if asks is not False:
-        questions = tuple(
-            Question(int(sample), tuple(labels[i] for i in chosen), labels[chosen[0]])
-            for sample, chosen in zip(held, sets, strict=True)
+            for sample, chosen, row in zip(held, sets, scores, strict=True)
             if len(chosen) > 1
         )
     return FitDraft(
@@ -272,7 +245,7 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
         weight=weight,
         tau=tau,
         held_out_sets=sets,
-        held_out_scores=held_out,
+        held_out_scores=scores,
         asks_second_call=asks,
         questions=questions,
     )

@@ -631,11 +631,7 @@ async def _run_job(
     progress: Progress | None = None,
     embed: Embedder | None = None,
 ) -> JobResult:
-    """Estimate, annotate and evaluate; resumable.
-
-    Pass ``engine`` to reuse a started one, ``embed`` to replace the sentence model that
-    neighbour-based CM variants use.
-    """
+    """``run_job``'s body, run under the output directory's lock."""
     inputs = load_inputs(spec, data_dir)
     checkpoint = Checkpoint(Path(spec.output.dir), spec, job_files(spec, data_dir))
     manifest = checkpoint.open(restart=restart)

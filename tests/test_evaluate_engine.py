@@ -119,6 +119,8 @@ async def test_grid_end_to_end_with_cache_tables_and_figures(engine, tmp_path, d
         "accuracy-smollm2-135m-instruct-0.3pct.png",
         "discrepancy-massive-en-US-smollm2-135m-instruct.png",
         "discrepancy-massive-de-DE-smollm2-135m-instruct.png",
+        "risk-coverage-massive-en-US-smollm2-135m-instruct.png",  # the same CM cell's risk-coverage plot
+        "risk-coverage-massive-de-DE-smollm2-135m-instruct.png",
     }
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in report.figures)
 
