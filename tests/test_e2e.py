@@ -133,7 +133,7 @@ def _alive(processes: list[psutil.Process]) -> list[str]:
 
 
 def write_small_spec(directory: Path, output: Path) -> Path:
-    """96 MASSIVE rows, CM off and no confidence (so no estimate), 16-row chunks one at a time; float32,
+    """48 MASSIVE rows, CM off and no confidence (so no estimate), 16-row chunks one at a time; float32,
     where batch composition flips greedy near-ties far more rarely than bfloat16 (a resumed run batches
     its rows differently)."""
     spec = directory / f"{output.name}.yaml"
@@ -142,7 +142,7 @@ def write_small_spec(directory: Path, output: Path) -> Path:
 base: {REPO / "jobs/_base/massive-en-US.yaml"}
 name: e2e-engine-death
 user_split: {{fraction: 0.01, seed: 0}}
-corpus: {{limit: 96, limit_seed: 2}}
+corpus: {{limit: 48, limit_seed: 2}}
 engine: {{dtype: float32}}
 cm: {{enabled: false, accept: null}}
 output: {{dir: {output}, chunk_size: 16, chunks_in_flight: 1}}
@@ -183,7 +183,7 @@ def test_a_killed_engine_core_ends_the_job_cleanly_and_a_rerun_resumes(tmp_path,
 
     manifest = orjson.loads((output / "manifest.json").read_bytes())
     finished = manifest["finished_shards"]["annotate"]
-    assert 0 in finished and len(finished) < 6 and not manifest["complete"]
+    assert 0 in finished and len(finished) < 3 and not manifest["complete"]
     kept = pl.concat([pl.read_parquet(output / f"annotations/part-{n:05d}.parquet") for n in finished])
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
