@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import orjson
 
-from runner.engines.base import ChoiceRequest
+from runner.engines.base import ChoiceRequest, EngineError
 
 ConstraintMode = Literal["vllm_choice", "json_schema", "none"]
 
@@ -52,6 +52,17 @@ class FatalError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+def auth_headers(api_key: str | None, api_key_env: str, base_url: str, content_type: bool) -> dict[str, str]:
+    """The headers of every request to ``base_url``; api.openai.com without a key is an error naming the variable."""
+    if api_key is None and base_url.startswith(OPENAI_BASE_URL):
+        raise EngineError(f"engine.api_key_env: ${api_key_env} is not set; {base_url} needs a key")
+    headers = {"Content-Type": "application/json"} if content_type else {}
+    headers["Accept"] = "application/json"
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 def resolve_constraint(mode: str, base_url: str) -> ConstraintMode:

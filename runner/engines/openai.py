@@ -44,6 +44,7 @@ from runner.engines._wire import (
     FatalError,
     PermanentError,
     RetryableError,
+    auth_headers,
     classify_status,
     parse_answer,
     request_body,
@@ -106,11 +107,7 @@ class OpenAIEngine:
         await self.close()
 
     async def start(self) -> None:
-        if self._api_key is None and self.base_url.startswith(OPENAI_BASE_URL):
-            raise EngineError(f"engine.api_key_env: ${self.spec.api_key_env} is not set; {self.base_url} needs a key")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        headers = auth_headers(self._api_key, self.spec.api_key_env, self.base_url, content_type=True)
         self._session = aiohttp.ClientSession(
             headers=headers,
             connector=aiohttp.TCPConnector(limit=self.spec.max_concurrency, ttl_dns_cache=300),

@@ -47,6 +47,7 @@ from runner.engines._wire import (
     FatalError,
     PermanentError,
     RetryableError,
+    auth_headers,
     classify_status,
     label_text,
     request_body,
@@ -111,11 +112,7 @@ class OpenAIBatchEngine:
         await self.close()
 
     async def start(self) -> None:
-        if self._api_key is None and self.base_url.startswith(OPENAI_BASE_URL):
-            raise EngineError(f"engine.api_key_env: ${self.spec.api_key_env} is not set; {self.base_url} needs a key")
-        headers = {"Accept": "application/json"}
-        if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        headers = auth_headers(self._api_key, self.spec.api_key_env, self.base_url, content_type=False)
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.spec.timeout_seconds, sock_read=self.spec.timeout_seconds
         )
