@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import polars as pl
 
 # this script's folder is on sys.path when it runs: the datasets, the issue's k and its vote are bench_variants'
 from bench_variants import DATASETS, VOTE_K, knn_votes
@@ -30,23 +31,29 @@ from runner.data import Corpus, load_user_split
 from runner.embeddings import embed
 from runner.fit import NEIGHBOUR_GRID, TEMPERATURE_GRID
 from runner.probe import fit_probe
+from runner.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_dataset(name: str, args: argparse.Namespace) -> dict:
+def sample_items(name: str, data_dir: str, n: int) -> tuple[JobSpec, pl.DataFrame, np.ndarray]:
+    """A dataset's base spec, ``n`` seeded test items and their embeddings (bench_trust uses it too)."""
     with tempfile.TemporaryDirectory() as scratch:  # the base spec, completed with what a job must name
         job = Path(scratch) / "job.yaml"
-        job.write_text(f"base: {REPO / 'jobs/_base' / f'{name}.yaml'}\nname: vote\noutput: {{dir: {scratch}}}\n")
+        job.write_text(f"base: {REPO / 'jobs/_base' / f'{name}.yaml'}\nname: bench\noutput: {{dir: {scratch}}}\n")
         spec = load_spec(job)
     corpus = Corpus(
-        spec.resolve_data_path(spec.corpus.path, args.data_dir),
+        spec.resolve_data_path(spec.corpus.path, data_dir),
         spec.dataset,
-        spec.corpus.model_copy(update={"limit": args.n, "limit_seed": 0}),
+        spec.corpus.model_copy(update={"limit": n, "limit_seed": 0}),
         None,
     )
     items = next(iter(corpus.chunks(corpus.height)))[1]
-    item_vectors = embed(items["text"].to_list())
+    return spec, items, embed(items["text"].to_list())
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> dict:
+    spec, items, item_vectors = sample_items(name, args.data_dir, args.n)
     result: dict = {"dataset": name, "n": items.height, "seeds": []}
     for seed in args.seeds:
         split = load_user_split(

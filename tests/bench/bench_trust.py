@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+# this script's folder is on sys.path when it runs
+from bench_neighbour_vote import sample_items
+
 from runner import apply, load_spec, trust
 from runner.bank import Sample, UserSplitInfo, estimate_bank
-from runner.data import Corpus, load_user_split
+from runner.data import load_user_split
 from runner.embeddings import embed
 from runner.fit import fit_cm
 from runner.spec import CMSpec
@@ -40,23 +43,8 @@ RECOMMENDED = CMSpec(
 )
 
 
-def _spec(name: str):
-    with tempfile.TemporaryDirectory() as scratch:  # the base spec, completed with what a job must name
-        job = Path(scratch) / "job.yaml"
-        job.write_text(f"base: {REPO / 'jobs/_base' / f'{name}.yaml'}\nname: trust\noutput: {{dir: {scratch}}}\n")
-        return load_spec(job)
-
-
 def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
-    spec = _spec(name)
-    corpus = Corpus(
-        spec.resolve_data_path(spec.corpus.path, args.data_dir),
-        spec.dataset,
-        spec.corpus.model_copy(update={"limit": args.n, "limit_seed": 0}),
-        None,
-    )
-    items = next(iter(corpus.chunks(corpus.height)))[1]
-    item_vectors = embed(items["text"].to_list())
+    spec, items, item_vectors = sample_items(name, args.data_dir, args.n)
     rows = []
     for seed in args.seeds:
         split = load_user_split(
