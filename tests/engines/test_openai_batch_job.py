@@ -79,6 +79,14 @@ def cm_run(spec: Path, data: Path, *more: str) -> subprocess.CompletedProcess[st
     return subprocess.run(command(spec, data, *more), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+def start(spec: Path, data: Path) -> subprocess.Popen[bytes]:
+    """``cm_run`` in the background, to be killed or stopped mid-job."""
+    env = {**os.environ, KEY_ENV: "sk-test-batch"}
+    return subprocess.Popen(
+        command(spec, data, "--quiet"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
 def batch_server(*options: str):
     return serving_process("--completion-seconds", "0.6", "--max-seconds", "600", *options, module="tests.batch_server")
 
@@ -185,13 +193,7 @@ def test_sigkill_then_rerun_pays_for_no_line_twice(where, reference, online, dat
         spec = write_spec(tmp_path / "job.yaml", url)
         if point is not None:
             hook(url, point, seconds=60, skip=skip)
-        process = subprocess.Popen(
-            command(spec, data, "--quiet"),
-            cwd=REPO,
-            env={**os.environ, KEY_ENV: "sk-test-batch"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start(spec, data)
         try:
             at_kill = wait_for(url, counter, 2 if point is None else 1)
         finally:
@@ -268,13 +270,7 @@ def test_cancel_stops_the_running_batches_and_a_rerun_finishes_the_job(reference
     with batch_server() as url:
         hook(url, "completion", 120)
         spec = write_spec(tmp_path / "job.yaml", url)
-        process = subprocess.Popen(
-            command(spec, data, "--quiet"),
-            cwd=REPO,
-            env={**os.environ, KEY_ENV: "sk-test-batch"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start(spec, data)
         try:
             wait_for(url, "retrieves", 1)
         finally:
