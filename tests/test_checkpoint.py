@@ -31,6 +31,15 @@ def job(toy_job):
     return spec, lambda **kw: ScriptedEngine(first, second, n_labels=3, **kw)
 
 
+def estimate_requests(engine: ScriptedEngine) -> list[str]:
+    """The user samples an engine was asked for a first answer (not the held-out questions, among fewer labels)."""
+    return [
+        r.messages[-1].content
+        for r in engine.requests
+        if r.messages[-1].content.startswith("u") and len(r.choices) == len(LABELS)
+    ]
+
+
 def snapshot(directory):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -69,11 +78,7 @@ async def test_interrupted_estimate_resumes_that_phase(job, tmp_path):
     assert pl.read_parquet(tmp_path / "out/estimate/partial-00001.parquet")["text"].to_list() == ["u4"]
     resumed_engine = engine()
     await run_job(spec, engine=resumed_engine)
-    estimated = [
-        r.messages[-1].content
-        for r in resumed_engine.requests
-        if r.messages[-1].content.startswith("u") and len(r.choices) == len(LABELS)  # not the held-out questions
-    ]
+    estimated = estimate_requests(resumed_engine)
     assert estimated == [f"u{i}" for i in range(5, N_USER)]  # the row finished before the crash is not asked again
 
 
@@ -275,11 +280,7 @@ async def test_estimate_rows_that_keep_failing_stop_the_job_without_a_bank(job, 
 
     rerun_engine = engine()
     await run_job(spec, engine=rerun_engine)
-    estimated = [
-        r.messages[-1].content
-        for r in rerun_engine.requests
-        if r.messages[-1].content.startswith("u") and len(r.choices) == len(LABELS)  # not the held-out questions
-    ]
+    estimated = estimate_requests(rerun_engine)
     assert sorted(estimated) == ["u2", "u7"]  # only the rows that failed are asked again
     bank = orjson.loads((tmp_path / "out/memory_bank.json").read_bytes())
     assert sum(c["count"] for c in bank["confusions"]) == N_USER and bank["n_unparsed"] == 0
