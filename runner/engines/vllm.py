@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Self
 
-from runner.engines._cpu import DtypeChoice, choose_dtype, cpu_flags
+from runner.engines._cpu import DtypeChoice, choose_dtype, cpu_flags, isa_cap
 from runner.engines._reap import reap, spawned_since
 from runner.engines.base import ChoiceRequest, Completion, EngineDied, EngineError, Message
 from runner.engines.embedded import resolve_model
@@ -103,7 +103,7 @@ class VLLMEngine:
         model_path = self.model_path = resolve_model(self.spec.model)
         started = time.perf_counter()
         on_cpu = current_platform.is_cpu()
-        self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None)
+        self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None, isa_cap(os.environ))
         before = spawned_since(())
         args = AsyncEngineArgs(
             model=model_path,

@@ -79,12 +79,14 @@ def run_bare(args: argparse.Namespace, work: Path) -> dict:
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    from runner.engines._reap import reap, spawned_since
     from runner.engines.embedded import resolve_model
     from runner.engines.vllm import VLLMEngine, render_prompt
 
     spec = _spec(args, work / "bare")
     rows, requests, warm, labels = _prompts(spec)
     engine_spec = spec.engine
+    before = spawned_since(())
     llm = LLM(  # the settings VLLMEngine.start passes AsyncEngineArgs
         model=resolve_model(engine_spec.model),
         dtype=engine_spec.dtype,
@@ -95,14 +97,20 @@ def run_bare(args: argparse.Namespace, work: Path) -> dict:
         seed=0,
         enable_chunked_prefill=False if current_platform.is_cpu() else None,
     )
-    tokenizer = llm.get_tokenizer()
-    sampler = VLLMEngine(engine_spec)._sampling
-    llm.generate([render_prompt(tokenizer, r.messages) for r in warm], [sampler(r) for r in warm], use_tqdm=False)
-    prompts = [render_prompt(tokenizer, r.messages) for r in requests]
-    sampling = [sampler(r) for r in requests]
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, sampling, use_tqdm=False)
-    seconds = time.perf_counter() - started
+    try:
+        tokenizer = llm.get_tokenizer()
+        sampler = VLLMEngine(engine_spec)._sampling
+        llm.generate([render_prompt(tokenizer, r.messages) for r in warm], [sampler(r) for r in warm], use_tqdm=False)
+        prompts = [render_prompt(tokenizer, r.messages) for r in requests]
+        sampling = [sampler(r) for r in requests]
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - started
+    finally:
+        # LLM has no close: without this the engine core outlives generate and the interpreter's exit
+        # waits for it for ever (what looked like a stalled bare run).
+        llm.llm_engine.engine_core.shutdown()
+        reap(spawned_since(before))
     answers = [labels.parse(o.outputs[0].text, labels.labels) for o in outputs]
     ids = rows["id"].to_list()
     return {"seconds": seconds, "answers": dict(zip(ids, answers, strict=True))}

