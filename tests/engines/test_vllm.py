@@ -86,3 +86,25 @@ async def test_an_answer_carries_the_models_own_probability_of_it(engine):
         spelled += pieces[allowed[chosen]]
         ids.append(allowed[chosen])
     assert math.isclose(completion.logprob, expected, abs_tol=0.15), (completion.logprob, expected)  # bf16 vs fp32
+
+
+async def test_on_a_cpu_the_kv_cache_has_the_fixed_size_not_a_profiled_one(engine):
+    config = engine._engine.vllm_config.cache_config
+    assert config.kv_cache_memory_bytes == 2 * 2**30  # engine.kv_cache_gib unset: 2 GiB on a CPU
+    # SmolLM2: 30 layers x K and V x 3 KV heads x 64 dims, per token, in the engine's dtype
+    bytes_per_token = 30 * 2 * 3 * 64 * (2 if engine.dtype.dtype == "bfloat16" else 4)
+    block_bytes = config.block_size * bytes_per_token
+    assert config.num_gpu_blocks * block_bytes <= 2 * 2**30 < (config.num_gpu_blocks + 1) * block_bytes
+
+
+async def test_on_two_cores_the_engines_compute_threads_use_both(engine):
+    import os
+
+    usable = os.sched_getaffinity(0)
+    if len(usable) > 2:
+        pytest.skip("more than 2 cores: vLLM's own default (one core reserved) applies")
+    worker = [p for p in engine._spawned if p.name() == "VLLM::Worker"]
+    assert len(worker) == 1
+    # vLLM pins each OpenMP thread to one core; with one core reserved they would all sit on the same one
+    pinned = set().union(*(os.sched_getaffinity(t.id) for t in worker[0].threads()))
+    assert pinned == usable
