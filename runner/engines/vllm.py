@@ -112,7 +112,7 @@ class VLLMEngine:
         started = time.perf_counter()
         on_cpu = current_platform.is_cpu()
         self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None, isa_cap(os.environ))
-        reserved = reserved_cpus(self.spec.reserved_cpus) if on_cpu else None
+        reserved = reserved_cpus(self.spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ) if on_cpu else None
         if reserved is not None:
             os.environ[RESERVED_CPUS_ENV] = reserved  # read by the engine core and workers vLLM spawns next
         before = spawned_since(())

@@ -105,7 +105,7 @@ def run_bare(args: argparse.Namespace, work: Path) -> dict:
     engine_spec = spec.engine
     before = spawned_since(())
     # The CPU settings cm-run's engine applies, so that both paths compute alike.
-    reserved = reserved_cpus(engine_spec.reserved_cpus)
+    reserved = reserved_cpus(engine_spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ)
     if reserved is not None:
         os.environ[RESERVED_CPUS_ENV] = reserved
     llm = LLM(  # the settings VLLMEngine.start passes AsyncEngineArgs

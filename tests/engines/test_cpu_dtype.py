@@ -76,7 +76,9 @@ def test_the_kv_cache_is_the_specs_size_else_two_gib_on_a_cpu():
     assert kv_cache_bytes(None, on_cpu=False) is None  # a GPU: what gpu_memory_utilization leaves
 
 
-def test_a_reserved_core_count_is_passed_on_only_when_the_spec_sets_one():
-    assert reserved_cpus(None) is None  # vLLM's default: one core for its scheduler
-    assert reserved_cpus(0) == "0"
-    assert reserved_cpus(2) == "2"
+def test_no_core_is_reserved_on_two_cores_unless_the_spec_or_environment_says_so():
+    assert reserved_cpus(None, usable_cores=2, environ={}) == "0"
+    assert reserved_cpus(None, usable_cores=1, environ={}) == "0"
+    assert reserved_cpus(None, usable_cores=8, environ={}) is None  # vLLM's default
+    assert reserved_cpus(None, usable_cores=2, environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) is None
+    assert reserved_cpus(1, usable_cores=2, environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}) == "1"
