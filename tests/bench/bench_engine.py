@@ -95,25 +95,21 @@ def run_bare(args: argparse.Namespace, work: Path) -> dict:
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    from runner.engines._cpu import RESERVED_CPUS_ENV, kv_cache_bytes, reserved_cpus
     from runner.engines._reap import reap, spawned_since
     from runner.engines.embedded import resolve_model
-    from runner.engines.vllm import VLLMEngine, render_prompt
+    from runner.engines.vllm import VLLMEngine, prepare_cpu, render_prompt
 
     spec = _spec(args, work / "bare")
     rows, requests, warm, labels = _prompts(spec)
     engine_spec = spec.engine
     before = spawned_since(())
-    # The CPU settings cm-run's engine applies, so that both paths compute alike.
-    reserved = reserved_cpus(engine_spec.reserved_cpus, len(os.sched_getaffinity(0)), os.environ)
-    if reserved is not None:
-        os.environ[RESERVED_CPUS_ENV] = reserved
+    dtype, kv_cache_memory_bytes = prepare_cpu(engine_spec, on_cpu=True)  # as cm-run's engine, so both compute alike
     llm = LLM(  # the settings VLLMEngine.start passes AsyncEngineArgs
         model=resolve_model(engine_spec.model),
-        dtype=_dtype(args.dtype),
+        dtype=dtype.dtype,
         max_model_len=engine_spec.max_model_len,
         gpu_memory_utilization=engine_spec.gpu_memory_utilization,
-        kv_cache_memory_bytes=kv_cache_bytes(engine_spec.kv_cache_gib, on_cpu=True),
+        kv_cache_memory_bytes=kv_cache_memory_bytes,
         enforce_eager=engine_spec.enforce_eager,
         enable_prefix_caching=engine_spec.enable_prefix_caching,
         seed=0,
