@@ -51,6 +51,11 @@ _IMMATERIAL = {
     # Greedy answers were the same with 1 and 2 replicas and on a two-node cluster.
     "engine.replicas",
     "engine.ray_address",
+    # Where rows are annotated: both executors run the same block function on the same chunks.
+    "executor.kind",
+    "executor.workers",
+    "executor.num_cpus_per_worker",
+    "executor.ray_address",
     "engine.num_cpus_per_replica",
     "engine.num_gpus_per_replica",
     # How fast and how patiently an API is asked, and what it costs, not what it answers.
@@ -343,10 +348,20 @@ class Checkpoint:
         return self.directory / SHARD_DIRS[phase] / f"partial-{number:05d}.parquet"
 
     def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
-        """Write one finished chunk, then record it: a shard on disk but not in the manifest is redone."""
-        path = self.shard_path(phase, number)
-        with atomic_path(path) as tmp:
+        """Write one finished chunk, then record it."""
+        self.write_shard_file(phase, number, rows)
+        self.record_shard(manifest, phase, number)
+
+    def write_shard_file(self, phase: str, number: int, rows: pl.DataFrame) -> None:
+        """Write one finished chunk's shard (a Ray worker does; its driver records it)."""
+        with atomic_path(self.shard_path(phase, number)) as tmp:
             rows.write_parquet(tmp)
+
+    def record_shard(self, manifest: Manifest, phase: str, number: int) -> None:
+        """Record a written shard as finished: a shard on disk but not in the manifest is redone.
+
+        Its partial shard goes only after: a run stopped in between resumes from it, asking nothing again.
+        """
         manifest.finished_shards[phase] = sorted({*manifest.finished_shards.get(phase, []), number})
         self.save(manifest)
         self.partial_path(phase, number).unlink(missing_ok=True)

@@ -142,12 +142,21 @@ class Corpus:
     stays flat however many rows it has.
     """
 
-    def __init__(self, path: Path, dataset: DatasetSpec, spec: CorpusSpec, labels: Sequence[str] | None):
+    def __init__(
+        self,
+        path: Path,
+        dataset: DatasetSpec,
+        spec: CorpusSpec,
+        labels: Sequence[str] | None,
+        *,
+        checked: bool = True,
+    ):
+        """``checked=False``: the rows were checked already (by the driver of a Ray job, for its workers)."""
         self.path = path
         frame = _standard_columns(path, scan_table(path), dataset, need_label=False)
         if "label" not in frame.collect_schema().names():
             frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("label"))
-        height = _check_rows(path, frame, labels)
+        height = _check_rows(path, frame, labels) if checked else frame.select(pl.len()).collect().item()
         self._table: pl.DataFrame | None = None
         if spec.limit is not None and spec.limit < height:
             # The same draw as sampling the whole table with this seed, without loading it.
@@ -169,6 +178,12 @@ class Corpus:
             source = self._table.lazy() if self._table is not None else self._frame
             self._n_gold = source.select(pl.col("label").is_not_null().sum()).collect().item()
         return self._n_gold > 0
+
+    def chunk(self, number: int, size: int) -> pl.DataFrame:
+        """Chunk ``number`` of ``chunks(size)``, read on its own (parquet reads only its row groups)."""
+        if self._table is not None:
+            return self._table.slice(number * size, size)
+        return self._frame.slice(number * size, size).collect()
 
     def chunks(self, size: int) -> Iterator[tuple[int, pl.DataFrame]]:
         """(chunk number, rows) pairs of exactly ``size`` rows (the last may have fewer), in corpus order."""

@@ -72,6 +72,8 @@ Progress = Callable[[str, int, int], None]
 """Called as progress(phase, done, total) as rows finish."""
 RowSink = Callable[[pl.DataFrame], None]
 """Takes rows of a chunk as they finish, in the chunk's output schema."""
+ChunkWork = Callable[[pl.DataFrame, RowSink], Awaitable[pl.DataFrame]]
+"""A phase's work on a chunk's rows: their output rows, each handed to the sink as it finishes."""
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> one L2-normalised vector per text (rows), so a dot product is a cosine similarity."""
@@ -231,23 +233,18 @@ async def _run_chunks(
     phase: str,
     chunks: Iterable[tuple[int, pl.DataFrame]],
     total: int,
-    work: Callable[[pl.DataFrame, RowSink], Awaitable[pl.DataFrame]],
+    work: ChunkWork,
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None,
     in_flight: int = 1,
     checkpoint_seconds: float = 60.0,
 ) -> int:
-    """Do ``work`` on each chunk not yet on disk, and redo rows an engine failed on; rows worked on.
+    """The one-machine executor: ``work_on_chunk`` for each chunk, up to ``in_flight`` at once; rows worked on.
 
-    Up to ``in_flight`` chunks run at once: with one, every chunk would wait for its slowest
-    row (a retry after a 429, a long answer) while the engine idles. Chunks are pulled from
-    ``chunks`` only when there is room, so memory holds at most ``in_flight`` of them.
-
-    ``work`` hands over rows as they finish; a chunk still running after ``checkpoint_seconds``
-    saves them as a partial shard (and again each ``checkpoint_seconds``, and when the job stops),
-    so a slow engine loses about that much work, not a whole chunk. A rerun asks only for the
-    rows the partial shard lacks.
+    With one chunk at a time, every chunk would wait for its slowest row (a retry after a 429, a
+    long answer) while the engine idles. Chunks are pulled from ``chunks`` only when there is room,
+    so memory holds at most ``in_flight`` of them.
     """
     finished = checkpoint.finished(manifest, phase)
     done = worked = 0
@@ -258,57 +255,88 @@ async def _run_chunks(
         if progress:
             progress(phase, done, total)
 
-    async def fresh(number: int, chunk: pl.DataFrame) -> pl.DataFrame:
-        earlier = checkpoint.read_partial(phase, number)  # what an interrupted run finished of this chunk
-        if earlier is not None:
-            earlier = earlier.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "engine"))
-            advance(earlier.height)
-            chunk = chunk.filter(~pl.col("id").is_in(earlier["id"].implode()))
-        before = [earlier] if earlier is not None else []
-        now: list[pl.DataFrame] = []  # rows finished in this run, one frame each
-        saved = 0
-        last_save = time.monotonic()
-
-        def save_partial() -> None:
-            nonlocal saved, last_save
-            if len(now) > saved:
-                checkpoint.write_partial(phase, number, pl.concat([*before, *now], how="vertical_relaxed"))
-                saved = len(now)
-            last_save = time.monotonic()
-
-        def take(rows: pl.DataFrame) -> None:
-            now.append(rows)
-            advance(rows.height)
-            if time.monotonic() - last_save >= checkpoint_seconds:
-                save_partial()
-
-        try:
-            result = await work(chunk, take) if chunk.height else None
-        except BaseException:
-            save_partial()  # stopped or failed: the rows that finished are kept for the rerun
-            raise
-        return pl.concat([*before, result], how="vertical_relaxed") if result is not None else before[0]
-
     async def one(number: int, chunk: pl.DataFrame) -> None:
         nonlocal worked
-        if number not in finished:
-            rows = await fresh(number, chunk)
-            order = chunk.select("id").with_row_index("_order")
-            rows = rows.join(order, on="id").sort("_order").drop("_order")  # as an uninterrupted run wrote it
-            checkpoint.write_shard(manifest, phase, number, rows)
-            worked += chunk.height
-            return
-        shard = pl.read_parquet(checkpoint.shard_path(phase, number))
-        failed = shard.filter(pl.col("error_kind") == "engine")["id"]
-        if failed.len():  # transient failures of an earlier run (timeouts, retries exhausted)
-            redone = await work(chunk.filter(pl.col("id").is_in(failed.implode())), lambda rows: None)
-            merged = shard.update(redone, on="id", include_nulls=True)
-            checkpoint.write_shard(manifest, phase, number, merged)
-            worked += redone.height
-        advance(chunk.height)
+        outcome = await work_on_chunk(
+            phase, number, chunk, work, checkpoint, number in finished, checkpoint_seconds, advance
+        )
+        if outcome.wrote:
+            checkpoint.record_shard(manifest, phase, number)
+        worked += outcome.worked
 
     await _bounded((partial(one, number, chunk) for number, chunk in chunks), in_flight)
     return worked
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    worked: int  # rows the engine was asked about
+    wrote: bool  # a new shard is on disk, to be recorded in the manifest
+
+
+async def work_on_chunk(
+    phase: str,
+    number: int,
+    chunk: pl.DataFrame,
+    work: ChunkWork,
+    checkpoint: Checkpoint,
+    finished: bool,
+    checkpoint_seconds: float,
+    advance: Callable[[int], None],
+) -> ChunkOutcome:
+    """One chunk, as both executors run it: its shard written (not yet recorded), or its failed rows redone.
+
+    A chunk not ``finished`` resumes from the partial shard an interrupted run saved and asks only
+    for the rows it lacks; ``work`` hands over rows as they finish, and a chunk still running after
+    ``checkpoint_seconds`` saves them as a partial shard (again each ``checkpoint_seconds``, and when
+    the job stops), so a slow engine loses about that much work, not a whole chunk. A ``finished``
+    chunk has only its rows that failed in the engine (timeouts, retries exhausted) asked again.
+    The caller records a written shard in the manifest: a shard on disk but not recorded is redone.
+    """
+    if finished:
+        shard = pl.read_parquet(checkpoint.shard_path(phase, number))
+        failed = shard.filter(pl.col("error_kind") == "engine")["id"]
+        redone = None
+        if failed.len():
+            redone = await work(chunk.filter(pl.col("id").is_in(failed.implode())), lambda rows: None)
+            checkpoint.write_shard_file(phase, number, shard.update(redone, on="id", include_nulls=True))
+        advance(chunk.height)
+        return ChunkOutcome(redone.height if redone is not None else 0, redone is not None)
+
+    earlier = checkpoint.read_partial(phase, number)  # what an interrupted run finished of this chunk
+    todo = chunk
+    if earlier is not None:
+        earlier = earlier.filter(pl.col("error_kind").is_null() | (pl.col("error_kind") != "engine"))
+        advance(earlier.height)
+        todo = chunk.filter(~pl.col("id").is_in(earlier["id"].implode()))
+    before = [earlier] if earlier is not None else []
+    now: list[pl.DataFrame] = []  # rows finished in this run, one frame each
+    saved = 0
+    last_save = time.monotonic()
+
+    def save_partial() -> None:
+        nonlocal saved, last_save
+        if len(now) > saved:
+            checkpoint.write_partial(phase, number, pl.concat([*before, *now], how="vertical_relaxed"))
+            saved = len(now)
+        last_save = time.monotonic()
+
+    def take(rows: pl.DataFrame) -> None:
+        now.append(rows)
+        advance(rows.height)
+        if time.monotonic() - last_save >= checkpoint_seconds:
+            save_partial()
+
+    try:
+        result = await work(todo, take) if todo.height else None
+    except BaseException:
+        save_partial()  # stopped or failed: the rows that finished are kept for the rerun
+        raise
+    rows = pl.concat([*before, result], how="vertical_relaxed") if result is not None else before[0]
+    order = chunk.select("id").with_row_index("_order")
+    rows = rows.join(order, on="id").sort("_order").drop("_order")  # as an uninterrupted run wrote it
+    checkpoint.write_shard_file(phase, number, rows)
+    return ChunkOutcome(chunk.height, True)
 
 
 async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) -> None:
@@ -467,8 +495,34 @@ async def annotate_rows(
     return _annotation_frame(rows, records)
 
 
-async def _annotated(rows: Awaitable[pl.DataFrame], reviewed: pl.DataFrame | None) -> pl.DataFrame:
-    return mark_reviewed(await rows, reviewed)
+def annotate_work(
+    engine: Engine,
+    strategy: Strategy,
+    labels: LabelSet,
+    fitted: FittedCM | Awaitable[FittedCM] | None,
+    max_chars: int | None,
+    embed: Embedder | None,
+    reviewed: pl.DataFrame | None,
+    *,
+    draft: FitDraft | None = None,
+) -> ChunkWork:
+    """The annotate phase's block function, as both executors run it: ``annotate_rows``, reviewed rows marked."""
+
+    async def work(rows: pl.DataFrame, finished: RowSink) -> pl.DataFrame:
+        annotated = await annotate_rows(
+            rows,
+            engine,
+            strategy,
+            labels,
+            fitted,
+            max_chars,
+            embed,
+            draft=draft,
+            finished=lambda done: finished(mark_reviewed(done, reviewed)),
+        )
+        return mark_reviewed(annotated, reviewed)
+
+    return work
 
 
 def _most_probable_first(fitted: FittedCM, refined: apply.Refined) -> list[str]:
@@ -650,6 +704,10 @@ async def _run_job(
     fit: _Fit | None = None
     try:
         memory = stack.enter_context(PeakMemory())
+        if spec.runs_on_ray:
+            from runner.ray_executor import ray_session  # imports Ray: only for a job that runs on it
+
+            stack.enter_context(ray_session(spec))  # before the engine: Ray outlives its replicas
         if owned:
             stack.push_async_exit(engine.__aexit__)  # before entering: an engine that failed half-started is closed
             await engine.__aenter__()
@@ -669,30 +727,34 @@ async def _run_job(
             manifest.fit_key = key
             checkpoint.save(manifest)
         started = time.perf_counter()
-        annotated_now = await _run_chunks(
-            "annotate",
-            inputs.corpus.chunks(spec.output.chunk_size),
-            inputs.corpus.height,
-            lambda rows, finished: _annotated(
-                annotate_rows(
-                    rows,
+        if spec.runs_on_ray:
+            from runner.ray_executor import annotate_on_ray  # imports Ray: only for a job that runs on it
+
+            fitted = await fit.final if fit else None  # the workers apply the final fit, no draft
+            annotated_now, run["executor"] = await annotate_on_ray(
+                spec, inputs, strategy, fitted, reviewed, engine, checkpoint, manifest, progress
+            )
+        else:
+            annotated_now = await _run_chunks(
+                "annotate",
+                inputs.corpus.chunks(spec.output.chunk_size),
+                inputs.corpus.height,
+                annotate_work(
                     engine,
                     strategy,
                     inputs.labels,
                     fit.final if fit else None,
                     spec.dataset.max_text_chars,
                     embed,
+                    reviewed,
                     draft=fit.draft if fit else None,
-                    finished=lambda done: finished(mark_reviewed(done, reviewed)),
                 ),
-                reviewed,
-            ),
-            checkpoint,
-            manifest,
-            progress,
-            _in_flight(spec, engine),
-            spec.output.checkpoint_seconds,
-        )
+                checkpoint,
+                manifest,
+                progress,
+                _in_flight(spec, engine),
+                spec.output.checkpoint_seconds,
+            )
         fitted = await fit.final if fit else None  # a corpus with no row to refine never waited for it
         elapsed = time.perf_counter() - started
         run["annotate_seconds"] = round(elapsed, 2)

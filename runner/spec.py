@@ -381,6 +381,34 @@ class OutputSpec(_Strict):
     )
 
 
+class ExecutorSpec(_Strict):
+    """Where the corpus's rows are annotated: in this process, or by Ray Data worker actors on a cluster."""
+
+    kind: Literal["auto", "local", "ray"] = Field(
+        default="auto",
+        description=(
+            "local: chunks in this process. ray: chunks through Ray Data worker actors; this process fits, "
+            "schedules and records, and never reads a corpus row. auto: ray when the engine runs on Ray "
+            "(engine.replicas > 1 or engine.ray_address), else local."
+        ),
+    )
+    workers: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="Ray Data worker actors, each annotating one chunk at a time. Unset: output.chunks_in_flight.",
+    )
+    num_cpus_per_worker: Annotated[float, Field(ge=0)] = Field(
+        default=0.5,
+        description=(
+            "Ray CPUs per worker (prompts, embeddings, CM, parquet). A local Ray instance counts them on top of the "
+            "machine's cores: workers mostly wait on the engine."
+        ),
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join; engine.ray_address, then $RAY_ADDRESS if unset; a local Ray otherwise.",
+    )
+
+
 class JobSpec(_Strict):
     """A whole job: estimate the bank on the user split, annotate the corpus, evaluate."""
 
@@ -397,6 +425,7 @@ class JobSpec(_Strict):
     generation: GenerationSpec = GenerationSpec()
     cm: CMSpec = CMSpec()
     output: OutputSpec
+    executor: ExecutorSpec = ExecutorSpec()
 
     @model_validator(mode="before")
     @classmethod
@@ -413,6 +442,20 @@ class JobSpec(_Strict):
             if unknown:
                 raise ValueError(f"dataset.label_descriptions names labels not in dataset.labels: {unknown}")
         return self
+
+    @model_validator(mode="after")
+    def _ray_executor_takes_online_engines(self) -> JobSpec:
+        if self.executor.kind == "ray" and self.engine.kind == "openai" and self.engine.batch:
+            # a batch is one phase of the whole corpus, answered in hours: nothing for workers to share
+            raise ValueError("executor.kind 'ray' does not take engine.batch: true; use executor.kind 'local'")
+        return self
+
+    @property
+    def runs_on_ray(self) -> bool:
+        """Whether the corpus goes through the Ray Data executor (``executor.kind``, auto: the engine's choice)."""
+        if self.executor.kind == "auto":
+            return self.engine.kind == "vllm" and self.engine.uses_ray
+        return self.executor.kind == "ray"
 
     def resolve_data_path(self, relative: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
         """A dataset path made absolute against the data directory (flag > env > spec)."""

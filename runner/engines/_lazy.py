@@ -37,9 +37,13 @@ class LazyEngine:
             self.started = False
             await self.inner.__aexit__(*exc_info)
 
-    async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
+    async def start(self) -> None:
+        """Start the wrapped engine now (Ray workers need the replicas a finished estimate never started)."""
         async with self._starting:
             if not self.started:
                 await self.inner.__aenter__()
                 self.started = True
+
+    async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
+        await self.start()
         return await self.inner.complete(requests)

@@ -4,6 +4,7 @@ names (what `ray job submit` sets for its entrypoint), or a local instance start
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -19,12 +20,29 @@ def say(message: str) -> None:
 
 
 def connect_ray(spec: VLLMEngineSpec) -> bool:
-    """Join or start Ray for ``spec``; True if this call did, so the caller must shut it down."""
+    """Join or start Ray for ``spec``'s replicas; True if this call did, so the caller must shut it down."""
+    return join_or_start_ray(
+        spec.ray_address,
+        cpus=spec.replicas * spec.num_cpus_per_replica,
+        gpus=spec.replicas * spec.num_gpus_per_replica,
+        what=f"{spec.replicas} replica(s)",
+        setting="engine.replicas x engine.num_cpus_per_replica",
+    )
+
+
+def join_or_start_ray(
+    address: str | None, *, cpus: float, gpus: float, what: str, setting: str, extra_cpus: float = 0.0
+) -> bool:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), else start a local instance; True if this call did.
+
+    A local instance gets this machine's cores plus ``extra_cpus`` (Ray Data workers that mostly wait on
+    the engine), and settings that need more ``cpus``/``gpus`` than it has fail now instead of waiting forever.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    address = spec.ray_address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address and address != LOCAL_ADDRESS:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -36,31 +54,25 @@ def connect_ray(spec: VLLMEngineSpec) -> bool:
             f"{len(ray.nodes())} nodes)"
         )
         return True
-    # A local instance cannot grow: settings it can never satisfy fail now instead of waiting forever.
-    cpus = os.cpu_count() or 1
-    wanted_cpus = spec.replicas * spec.num_cpus_per_replica
-    if wanted_cpus > cpus:
+    machine_cpus = os.cpu_count() or 1
+    if cpus > machine_cpus:
         raise EngineError(
-            f"engine.replicas x engine.num_cpus_per_replica = {wanted_cpus:g} CPUs, but this machine has {cpus}: "
-            "lower them, or set engine.ray_address to a cluster"
+            f"{setting} = {cpus:g} CPUs, but this machine has {machine_cpus}: lower them, or set a Ray address "
+            "to a cluster"
         )
     ray.init(
         address=LOCAL_ADDRESS,
-        num_cpus=cpus,
+        num_cpus=machine_cpus + math.ceil(extra_cpus),
         include_dashboard=False,
         logging_level=logging.WARNING,
         # cm-run without --verbose: the replicas' vLLM output stays in Ray's session logs
         log_to_driver="CM_ENGINE_LOG" not in os.environ,
     )
-    wanted_gpus = spec.replicas * spec.num_gpus_per_replica
     available_gpus = ray.cluster_resources().get("GPU", 0)
-    if wanted_gpus > available_gpus:
+    if gpus > available_gpus:
         ray.shutdown()
-        raise EngineError(
-            f"engine.replicas x engine.num_gpus_per_replica = {wanted_gpus:g} GPUs, but this machine has "
-            f"{available_gpus:g}"
-        )
-    say(f"ray: started a local instance ({cpus} CPUs) for {spec.replicas} replica(s)")
+        raise EngineError(f"{setting} asks for {gpus:g} GPUs, but this machine has {available_gpus:g}")
+    say(f"ray: started a local instance ({machine_cpus} CPUs) for {what}")
     return True
 
 

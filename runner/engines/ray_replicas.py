@@ -65,10 +65,13 @@ class RayReplicaEngine:
         max_restarts: int = 4,
         max_losses: int = 3,
         replica_class: type = VLLMReplica,
+        actors: Sequence[Any] | None = None,
     ):
         """``batch_size``: requests per actor call at most. ``max_restarts``: Ray restarts per replica.
         ``max_losses``: replica deaths a request may go through before it is answered with an error.
-        ``replica_class``: the actor body (tests swap in one without vLLM)."""
+        ``replica_class``: the actor body (tests swap in one without vLLM).
+        ``actors``: replicas another engine started (a Ray Data worker's dispatcher over its driver's
+        replicas): this one sends to them and never stops them."""
         if spec.num_gpus_per_replica and spec.num_gpus_per_replica < spec.tensor_parallel_size:
             raise EngineError(
                 f"engine.tensor_parallel_size {spec.tensor_parallel_size} needs at least that many GPUs per "
@@ -91,6 +94,7 @@ class RayReplicaEngine:
         self._failure: str | None = None
         self._failure_type: type[EngineError] = EngineError
         self._owns_ray = False
+        self._attached = list(actors) if actors is not None else None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -115,6 +119,15 @@ class RayReplicaEngine:
     async def start(self) -> None:
         import ray
 
+        if self._attached is not None:
+            self._replicas = [
+                _Replica(index=index, actor=actor, capacity=self.spec.max_concurrency)
+                for index, actor in enumerate(self._attached)
+            ]
+            # started already (and announced by their starter): this only reads their reports
+            await asyncio.gather(*(self._load(replica) for replica in self._replicas))
+            self._dispatcher = asyncio.create_task(self._dispatch())
+            return
         self._owns_ray = connect_ray(self.spec)
         started = time.perf_counter()
         remote_replica = ray.remote(self._replica_class)
@@ -324,6 +337,9 @@ class RayReplicaEngine:
         self._dispatcher = None
         while not self._queue.empty():
             self._queue.get_nowait().answer.cancel()
+        if self._attached is not None:  # the replicas are their starter's to stop
+            self._replicas = []
+            return
         if ray.is_initialized():
             # A clean vLLM shutdown stops its engine-core processes; kill alone could orphan them.
             shutdowns = [r.actor.shutdown.remote() for r in self._replicas if r.ready]

@@ -2,10 +2,11 @@
 
 Three runs of one job spec (jobs/ray/massive-cpu-2replicas.yaml on a small MASSIVE slice), whose
 annotations must be identical:
-  1. two replicas on a local Ray instance, uninterrupted;
+  1. two replicas on a local Ray instance, uninterrupted, rows dispatched from this process (executor local);
   2. the same, with replica 0 SIGKILLed (as the OOM killer would) while it holds requests;
   3. `ray job submit -- cm-run ...` to a two-node Ray cluster started here with `ray start` on
-     127.0.0.1, each node with one CPU, so the two replicas land on different nodes.
+     127.0.0.1, each node with one CPU, so the two replicas land on different nodes; rows go through
+     Ray Data workers (the cluster path), so its rows equal run 1's across the two executors.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from runner.engines import make_engine
 from runner.pipeline import run_job
 from runner.spec import JobSpec, load_spec
 from tests._compare import assert_same_annotations
+from tests._ray_cluster import LocalCluster
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 REPLICA_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def slice_spec(directory: Path, output: Path) -> Path:
+def slice_spec(directory: Path, output: Path, executor: str = "{kind: local}") -> Path:
     # float32: in bfloat16 greedy near-ties flip with batch composition, which differs between a killed and an
     # uninterrupted run (and with it the bank, the held-out questions' answers and so the calibration)
     spec = directory / "job.yaml"
@@ -57,6 +56,7 @@ user_split: {{fraction: 0.005, seed: 0}}
 corpus: {{limit: 40, limit_seed: 1}}
 engine: {{gpu_memory_utilization: 0.1, max_model_len: 1024, max_concurrency: 64, dtype: float32}}
 output: {{dir: {output}, chunk_size: 8}}
+executor: {executor}
 """
     )
     return spec
@@ -158,126 +158,11 @@ def _eventually_gone(pids: list[int]) -> list[int]:
     return alive(pids)
 
 
-# -- a two-node cluster on this machine ---------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-class LocalCluster:
-    """A Ray head and a worker node, separate `ray start --block` processes on 127.0.0.1.
-
-    Every process they start carries a marker in its environment; teardown stops the nodes and
-    then kills exactly the processes with that marker (never `ray stop`, which would stop every
-    Ray on the machine, other people's too).
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.marker = uuid.uuid4().hex
-        # A token of its own: the cluster's CLI calls must not depend on (or rewrite) ~/.ray/auth_token.
-        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-        self.env = {**os.environ, **REPLICA_ENV, **auth, "CM_TEST_RAY_CLUSTER": self.marker}
-        self.env.pop("RAY_ADDRESS", None)
-        self.nodes: list[subprocess.Popen[bytes]] = []
-        gcs, dashboard, client, *node_ports = free_ports(3 + 8)
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
-        self._head_args = [
-            "--head",
-            f"--port={gcs}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={client}",
-            f"--temp-dir={root}",
-        ]
-        self._per_node_ports = [node_ports[:4], node_ports[4:]]
-
-    def _start_node(self, role_args: list[str], ports: list[int], log: str) -> None:
-        agent, agent_grpc, metrics, runtime_env_agent = ports
-        command = [
-            "ray",
-            "start",
-            *role_args,
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
-            "--object-store-memory=200000000",  # this job moves kilobytes; the default takes 30% of RAM
-            f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={runtime_env_agent}",
-            "--disable-usage-stats",
-            "--block",
-        ]
-        with (self.root / log).open("wb") as output:
-            self.nodes.append(
-                subprocess.Popen(command, env=self.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-            )
-
-    def start(self) -> None:
-        self._start_node(self._head_args, self._per_node_ports[0], "head.log")
-        self._wait_for_nodes(1)
-        self._start_node([f"--address={self.gcs_address}"], self._per_node_ports[1], "worker.log")
-        self._wait_for_nodes(2)
-
-    def node_ids(self) -> set[str]:
-        listed = subprocess.run(
-            ["ray", "list", "nodes", "--address", self.dashboard_url, "--format", "json", "--filter", "state=ALIVE"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        try:
-            return {node["node_id"] for node in orjson.loads(listed.stdout)}
-        except orjson.JSONDecodeError:  # the dashboard is not up yet
-            return set()
-
-    def _wait_for_nodes(self, count: int) -> None:
-        for _ in range(180):
-            if any(node.poll() is not None for node in self.nodes):
-                raise RuntimeError(f"a Ray node exited while starting; see {self.root}/*.log")
-            if len(self.node_ids()) >= count:
-                return
-            time.sleep(1)
-        raise RuntimeError(f"the cluster did not reach {count} node(s); see {self.root}/*.log")
-
-    def stop(self) -> None:
-        for node in reversed(self.nodes):  # worker first, then head
-            if node.poll() is None:
-                node.send_signal(signal.SIGINT)  # `ray start --block` then stops what it started
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    node.wait(timeout=60)
-        leftovers = []
-        for pid in self._marked_processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process = psutil.Process(pid)
-                process.kill()
-                leftovers.append(process)
-        psutil.wait_procs(leftovers, timeout=30)
-
-    def _marked_processes(self) -> list[int]:
-        marked = []
-        for process in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if process.environ().get("CM_TEST_RAY_CLUSTER") == self.marker:
-                    marked.append(process.pid)
-        return marked
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster(local_runs) -> Iterator[LocalCluster]:
     # depends on local_runs only so that the local Ray instance is gone before this cluster starts
     root = Path(tempfile.mkdtemp(prefix="cmray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, REPLICA_ENV)
     try:
         cluster.start()
         yield cluster
@@ -290,7 +175,8 @@ def two_node_cluster(local_runs) -> Iterator[LocalCluster]:
 def submitted_job(two_node_cluster, tmp_path_factory, data_dir) -> dict[str, Any]:
     job_dir = tmp_path_factory.mktemp("ray-job")
     output = job_dir / "outputs"
-    slice_spec(job_dir, output)
+    # the cluster path: Ray Data workers over the replicas (both nodes' one CPU each is a replica's)
+    slice_spec(job_dir, output, executor="{kind: ray, workers: 2, num_cpus_per_worker: 0}")
     submitted = subprocess.run(
         [
             "ray",

@@ -1,0 +1,365 @@
+"""The Ray Data executor: the corpus's chunks annotated by worker actors; the driver only schedules.
+
+The driver fits on the user split (as on one machine), then hands Ray Data the numbers of the
+chunks still to do. Each worker actor (``_ChunkWorker``, an actor pool of ``executor.workers``)
+loads once what it needs: the frozen fit, the strategy, the embedding model, and an engine (its
+own HTTP client for an API, or a dispatcher over the driver's long-lived vLLM replica actors, so a
+model loads once per replica per job). For each chunk number it reads that chunk from the corpus
+file, runs the same block function as the one-machine executor (``pipeline.work_on_chunk`` over
+``pipeline.annotate_work``) and writes the shard; the driver receives one small record per chunk
+and records the shard in the manifest. No corpus row passes through the driver.
+
+Why chunk numbers and not ``ray.data.read_parquet``: a chunk is the unit of checkpoint and resume,
+numbered by position in the corpus. Ray Data's blocks have no stable numbering across runs, so
+shards written from them could not be resumed by either executor; reading chunk ``n`` is a slice
+(for parquet, only the row groups it spans). What Ray Data gives: the actor pool, backpressure
+(chunks are handed out as workers free up), and retries of a chunk whose worker died
+(``max_restarts``/``max_task_retries``): the retried chunk resumes from its partial shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from runner.checkpoint import Checkpoint, Manifest
+from runner.data import Corpus
+from runner.engines import Engine, make_engine
+from runner.fit import FittedCM
+from runner.labels import LabelSet
+from runner.spec import JobSpec
+from runner.strategies import Strategy
+
+PHASE = "annotate"
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """What every worker needs, pickled once by Ray for the whole pool."""
+
+    spec: JobSpec
+    corpus_path: Path
+    labels: LabelSet
+    strategy: Strategy
+    fitted: FittedCM | None
+    reviewed: pl.DataFrame | None
+    replica_actors: list[Any] | None  # the driver's vLLM replicas; None: each worker makes its own engine
+    workers: int
+
+
+class _StageClock:
+    """CPU seconds of this process per stage of a chunk (threads included: embedding runs off the loop)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, stage: str, started: float) -> float:
+        now = time.process_time()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - started
+        return now
+
+
+class _TimedCheckpoint(Checkpoint):
+    """The job's checkpoint, counting the CPU its shard writes take (the write stage)."""
+
+    write_seconds = 0.0
+
+    def write_shard_file(self, phase: str, number: int, rows: pl.DataFrame) -> None:
+        started = time.process_time()
+        super().write_shard_file(phase, number, rows)
+        self.write_seconds += time.process_time() - started
+
+    def write_partial(self, phase: str, number: int, rows: pl.DataFrame) -> None:
+        started = time.process_time()
+        super().write_partial(phase, number, rows)
+        self.write_seconds += time.process_time() - started
+
+
+class _ChunkWorker:
+    """A Ray Data actor: annotates each chunk number it is given, writing the chunk's shard."""
+
+    def __init__(self, job: _ChunkJob):
+        from runner.pipeline import _embedder, annotate_work
+
+        spec = job.spec
+        self._job = job
+        self._loop = asyncio.new_event_loop()
+        self._corpus = Corpus(job.corpus_path, spec.dataset, spec.corpus, job.labels.labels, checked=False)
+        self._checkpoint = _TimedCheckpoint(Path(spec.output.dir), spec)
+        self._engine = _worker_engine(job)
+        self._loop.run_until_complete(self._engine.__aenter__())
+        embed = _embedder(spec) if job.fitted is not None and job.fitted.uses_neighbours else None
+        self._embed_seconds = 0.0
+        self._work = annotate_work(
+            self._engine,
+            job.strategy,
+            job.labels,
+            job.fitted,
+            spec.dataset.max_text_chars,
+            self._timed_embed(embed) if embed is not None else None,
+            job.reviewed,
+        )
+
+    def _timed_embed(self, embed: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        def timed(texts: Any) -> np.ndarray:
+            started = time.thread_time()  # it runs in a thread of its own: that thread's CPU only
+            try:
+                return embed(texts)
+            finally:
+                self._embed_seconds += time.thread_time() - started
+
+        return timed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        from runner.pipeline import work_on_chunk
+
+        spec = self._job.spec
+        out: dict[str, list[Any]] = {"number": [], "rows": [], "worked": [], "wrote": [], "pid": []}
+        stages = ("read", "annotate", "embed", "write")
+        out |= {f"cpu_{stage}": [] for stage in stages}
+        for number, finished in zip(batch["number"].tolist(), batch["finished"].tolist(), strict=True):
+            clock = _StageClock()
+            self._embed_seconds = self._checkpoint.write_seconds = 0.0
+            started = time.process_time()
+            chunk = self._corpus.chunk(number, spec.output.chunk_size)
+            started = clock.timed("read", started)
+            outcome = self._loop.run_until_complete(
+                work_on_chunk(
+                    PHASE,
+                    number,
+                    chunk,
+                    self._work,
+                    self._checkpoint,
+                    finished,
+                    spec.output.checkpoint_seconds,
+                    lambda rows: None,
+                )
+            )
+            clock.timed("annotate", started)  # embedding and writes happen inside: split out below
+            clock.seconds["embed"] = self._embed_seconds
+            clock.seconds["write"] = self._checkpoint.write_seconds
+            clock.seconds["annotate"] -= self._embed_seconds + self._checkpoint.write_seconds
+            out["number"].append(number)
+            out["rows"].append(chunk.height)
+            out["worked"].append(outcome.worked)
+            out["wrote"].append(outcome.wrote)
+            out["pid"].append(os.getpid())
+            for stage in stages:
+                out[f"cpu_{stage}"].append(clock.seconds.get(stage, 0.0))
+        return out
+
+    def __del__(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.run_until_complete(self._engine.__aexit__(None, None, None))
+            finally:
+                loop.close()
+
+
+def _worker_engine(job: _ChunkJob) -> Engine:
+    """A worker's engine: a dispatcher over the driver's replicas, or an API client with its share of the limits."""
+    engine = job.spec.engine
+    # the spec's limits are the whole job's (an account's rate limits, a replica's queue): each worker keeps its share
+    shares: dict[str, float] = {"max_concurrency": max(1, math.ceil(engine.max_concurrency / job.workers))}
+    if engine.kind == "openai":
+        shares |= {
+            key: value / job.workers
+            for key in ("requests_per_minute", "tokens_per_minute")
+            if (value := getattr(engine, key)) is not None
+        }
+    engine = engine.model_copy(update=shares)
+    if job.replica_actors is not None:
+        from runner.engines.ray_replicas import RayReplicaEngine
+
+        return RayReplicaEngine(engine, actors=job.replica_actors)
+    return make_engine(engine)
+
+
+def workers_of(spec: JobSpec) -> int:
+    return spec.executor.workers or spec.output.chunks_in_flight
+
+
+@contextlib.contextmanager
+def ray_session(spec: JobSpec) -> Iterator[None]:
+    """Ray for a job on the Ray executor, joined or started before its engine and shut down after it.
+
+    A local instance counts the workers' CPUs on top of the machine's, so they fit beside replicas
+    that take every core.
+    """
+    import ray
+
+    from runner.engines._ray_cluster import join_or_start_ray
+
+    engine = spec.engine
+    replicas = engine.kind == "vllm" and engine.uses_ray
+    owns = join_or_start_ray(
+        spec.executor.ray_address or (engine.ray_address if engine.kind == "vllm" else None),
+        cpus=engine.replicas * engine.num_cpus_per_replica if replicas else 0.0,
+        gpus=engine.replicas * engine.num_gpus_per_replica if replicas else 0.0,
+        what=f"{workers_of(spec)} Ray Data worker(s)" + (f" and {engine.replicas} replica(s)" if replicas else ""),
+        setting="engine.replicas x engine.num_cpus_per_replica",
+        extra_cpus=workers_of(spec) * spec.executor.num_cpus_per_worker,
+    )
+    try:
+        yield
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+async def annotate_on_ray(
+    spec: JobSpec,
+    inputs: Any,
+    strategy: Strategy,
+    fitted: FittedCM | None,
+    reviewed: pl.DataFrame | None,
+    engine: Engine,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[int, dict[str, Any]]:
+    """Annotate every chunk not yet finished through Ray Data workers; (rows worked on, what it cost per stage).
+
+    Runs inside ``ray_session``. ``inputs`` is the job's ``pipeline.JobInputs``: only the corpus's
+    path and height are read here.
+    """
+    workers = workers_of(spec)
+    job = _ChunkJob(
+        spec=spec,
+        corpus_path=inputs.corpus.path,
+        labels=inputs.labels,
+        strategy=strategy,
+        fitted=fitted,
+        reviewed=reviewed,
+        replica_actors=await _replica_actors(engine),
+        workers=workers,
+    )
+    finished = checkpoint.finished(manifest, PHASE)
+    n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
+    items = [{"number": n, "finished": n in finished} for n in range(n_chunks)]
+    started_cpu = time.process_time()
+    worked = done = 0
+    summary = _Summary()
+    async for row in _stream(job, items, workers, lambda row: _record(row, checkpoint, manifest)):
+        worked += row["worked"]
+        done += row["rows"]
+        summary.add(row)
+        if progress:
+            progress(PHASE, done, inputs.corpus.height)
+    return worked, summary.report(time.process_time() - started_cpu, workers)
+
+
+def _record(row: dict[str, Any], checkpoint: Checkpoint, manifest: Manifest) -> None:
+    if row["wrote"]:
+        checkpoint.record_shard(manifest, PHASE, row["number"])
+
+
+async def _replica_actors(engine: Engine) -> list[Any] | None:
+    """The driver's vLLM replica actors (started now if the estimate never needed them), or None."""
+    from runner.engines._lazy import LazyEngine
+    from runner.engines.ray_replicas import RayReplicaEngine
+
+    inner = engine.inner if isinstance(engine, LazyEngine) else engine
+    if not isinstance(inner, RayReplicaEngine):
+        return None
+    if isinstance(engine, LazyEngine):
+        await engine.start()
+    return inner.actors
+
+
+async def _stream(
+    job: _ChunkJob, items: list[dict[str, Any]], workers: int, record: Callable[[dict[str, Any]], None]
+) -> AsyncIterator[dict[str, Any]]:
+    """Run the Ray Data pipeline in a thread of its own; yield each chunk's record as it finishes.
+
+    Recording happens in that thread, as each record arrives: a driver stopped between two
+    records loses none it received.
+    """
+    import ray.data
+
+    rows: queue.Queue[dict[str, Any] | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown cm-run's progress
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False  # cm-run prints its own progress
+            context.print_on_execution_start = False
+            dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+            annotated = dataset.map_batches(
+                _ChunkWorker,
+                fn_constructor_args=(job,),
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=job.spec.executor.num_cpus_per_worker,
+                # a worker that dies (a killed process, a lost node) is restarted and its chunk given again
+                max_restarts=-1,
+                max_task_retries=-1,
+            )
+            for row in annotated.iter_rows():
+                if stop.is_set():
+                    break
+                row = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+                record(row)
+                rows.put(row)
+        except BaseException as error:  # handed to the driver's coroutine, raised there
+            rows.put(error)
+        finally:
+            rows.put(None)
+
+    thread = threading.Thread(target=run, name="cm-ray-data", daemon=True)
+    thread.start()
+    try:
+        while True:
+            row = await asyncio.to_thread(rows.get)
+            if row is None:
+                return
+            if isinstance(row, BaseException):
+                raise row
+            yield row
+    finally:
+        stop.set()
+
+
+class _Summary:
+    """The workers' CPU per stage, summed over the chunks done this run."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+        self.rows = 0
+        self.pids: set[int] = set()
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row["worked"]:
+            self.rows += row["rows"]
+        self.pids.add(row["pid"])
+        for key, value in row.items():
+            if key.startswith("cpu_"):
+                self.cpu[key[4:]] = self.cpu.get(key[4:], 0.0) + value
+
+    def report(self, driver_cpu: float, workers: int) -> dict[str, Any]:
+        per_row = (lambda seconds: round(1000 * seconds / self.rows, 4)) if self.rows else (lambda seconds: None)
+        return {
+            "kind": "ray",
+            "workers": workers,
+            "worker_processes": len(self.pids),
+            "driver_cpu_seconds": round(driver_cpu, 3),
+            "driver_cpu_ms_per_row": per_row(driver_cpu),
+            "worker_cpu_ms_per_row": {stage: per_row(seconds) for stage, seconds in sorted(self.cpu.items())},
+        }
