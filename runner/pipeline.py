@@ -726,7 +726,7 @@ async def _run_job(
                 )
             manifest.fit_key = key
             checkpoint.save(manifest)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         if spec.runs_on_ray:
             from runner.ray_executor import annotate_on_ray  # imports Ray: only for a job that runs on it
 
@@ -760,6 +760,9 @@ async def _run_job(
         run["annotate_seconds"] = round(elapsed, 2)
         run["items_annotated_this_run"] = annotated_now
         run["items_per_second"] = round(annotated_now / elapsed, 3) if annotated_now and elapsed else None
+        # this process's CPU while annotating (threads included): the driver's cost per row, whichever executor
+        driver_cpu = time.process_time() - started_cpu
+        run["driver_cpu_ms_per_row"] = round(1000 * driver_cpu / annotated_now, 4) if annotated_now else None
         run["engine_load_seconds"] = getattr(engine, "load_seconds", None)  # None: never loaded
         if (dtype := getattr(engine, "dtype", None)) is not None:  # a local vLLM model that was loaded
             run["engine_dtype"] = {"dtype": dtype.dtype, "reason": dtype.reason}

@@ -251,7 +251,6 @@ async def annotate_on_ray(
     finished = checkpoint.finished(manifest, PHASE)
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
     items = [{"number": n, "finished": n in finished} for n in range(n_chunks)]
-    started_cpu = time.process_time()
     worked = done = 0
     summary = _Summary()
     async for row in _stream(job, items, workers, lambda row: _record(row, checkpoint, manifest)):
@@ -260,7 +259,7 @@ async def annotate_on_ray(
         summary.add(row)
         if progress:
             progress(PHASE, done, inputs.corpus.height)
-    return worked, summary.report(time.process_time() - started_cpu, workers)
+    return worked, summary.report(workers)
 
 
 def _record(row: dict[str, Any], checkpoint: Checkpoint, manifest: Manifest) -> None:
@@ -308,9 +307,8 @@ async def _stream(
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=job.spec.executor.num_cpus_per_worker,
-                # a worker that dies (a killed process, a lost node) is restarted and its chunk given again
-                max_restarts=-1,
-                max_task_retries=-1,
+                # Ray Data's defaults for an actor pool restart a worker that dies (a killed process, a lost
+                # node) and give its chunk again: max_restarts and max_task_retries -1
             )
             for row in annotated.iter_rows():
                 if stop.is_set():
@@ -353,13 +351,11 @@ class _Summary:
             if key.startswith("cpu_"):
                 self.cpu[key[4:]] = self.cpu.get(key[4:], 0.0) + value
 
-    def report(self, driver_cpu: float, workers: int) -> dict[str, Any]:
+    def report(self, workers: int) -> dict[str, Any]:
         per_row = (lambda seconds: round(1000 * seconds / self.rows, 4)) if self.rows else (lambda seconds: None)
         return {
             "kind": "ray",
             "workers": workers,
             "worker_processes": len(self.pids),
-            "driver_cpu_seconds": round(driver_cpu, 3),
-            "driver_cpu_ms_per_row": per_row(driver_cpu),
             "worker_cpu_ms_per_row": {stage: per_row(seconds) for stage, seconds in sorted(self.cpu.items())},
         }
