@@ -100,7 +100,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # The cm settings a variant does not read: changing them cannot change its output, so they do not
 # stop a run from resuming. A cm setting not named here is read by every variant.
 _COUNTS_ONLY = {"cm.coverage", "cm.tau", "cm.second_call", "cm.first_call", "cm.alpha", "cm.likelihood_weight"}
-_NEIGHBOURS_ONLY = {"cm.neighbours", "cm.neighbour_temperature", "cm.prior"}
+_NEIGHBOURS_ONLY = {"cm.neighbours", "cm.neighbour_temperature", "cm.prior", "cm.embedding_model"}
 _INSTANCE_ONLY = {"cm.instance_neighbours", "cm.blend"}
 _CM_NOT_READ = {
     "paper": _COUNTS_ONLY | _NEIGHBOURS_ONLY | _INSTANCE_ONLY,

@@ -536,7 +536,7 @@ def _embedder(spec: JobSpec) -> Embedder | None:
         return None
     from runner.embeddings import embed  # loads torch and a sentence model: only when a variant needs it
 
-    return embed
+    return partial(embed, model=spec.cm.embedding_model)
 
 
 async def _ask_questions(

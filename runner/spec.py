@@ -336,6 +336,14 @@ class CMSpec(_Strict):
     instance_neighbours: Annotated[int, Field(gt=0)] = Field(
         default=20, description="User samples whose counts make the instance-dependent likelihood M(X)."
     )
+    embedding_model: str = Field(
+        default="all-MiniLM-L6-v2",
+        description=(
+            "neighbour_prior and instance variants: the sentence model X is embedded with. all-MiniLM-L6-v2 is "
+            "embedded (offline, in the models extra); else a local sentence-transformers folder or a hub id (a "
+            "multilingual one for other languages). It runs where the rows are annotated, on a GPU if there is one."
+        ),
+    )
     alpha: Annotated[float, Field(gt=0)] = Field(default=0.1, description="Dirichlet smoothing of p(Y'|Y).")
     likelihood_weight: Annotated[float, Field(ge=0)] | None = Field(
         default=None,
