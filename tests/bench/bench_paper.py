@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ async def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
     engine: CachingEngine | None = None
     rows = []
     for setting, (first_answer, cm) in settings.items():
-        job_dir = out / setting.replace(" ", "-").replace("'", "")
+        job_dir = out / re.sub(r"[^a-z0-9]+", "-", setting.lower()).strip("-")  # a plain path in YAML
         spec_path = out / f"{job_dir.name}.yaml"
         spec_path.write_text(
             f"""base: {REPO / "jobs/_base" / f"{name}.yaml"}
