@@ -57,19 +57,23 @@ def refine(fitted: FittedCM, context: Neighbourhood | None, answer: str | None) 
     if fitted.variant in ("plain", "paper"):
         if answer is None:
             raise ValueError(f"{fitted.variant}: needs a first answer; none was given")
-        index = labels.index(answer)
-        row = fitted.counts[index]
+        # a label's row, a free-text answer's row beyond the labels, or none (a free-text answer never seen)
+        rows = {answer: i for i, answer in enumerate((*labels, *fitted.free_text))}
+        index = rows.get(answer)
+        row = fitted.counts[index] if index is not None else np.zeros(len(labels))
         total = row.sum()
         shares = row / total if total > 0 else np.zeros(len(labels))
+        is_label = index is not None and index < len(labels)
         if fitted.variant == "plain":
-            return Refined(Refinement((answer,), answer, needs_second_call=False), shares)
+            kept = (answer,) if is_label else ()
+            return Refined(Refinement(kept, answer if is_label else None, needs_second_call=False), shares)
         chosen = tuple(labels[i] for i in paper_candidates(fitted.counts, index, fitted.cm.empty_row))
-        if total == 0:
-            decided = answer if fitted.cm.empty_row == "keep_initial" else None
+        if total == 0:  # keep_initial keeps a label; a free-text answer names none to keep
+            decided = answer if fitted.cm.empty_row == "keep_initial" and is_label else None
             return Refined(Refinement(chosen, decided, needs_second_call=False, fallback="empty_row"), shares)
         return Refined(Refinement(chosen, chosen[0] if len(chosen) == 1 else None, len(chosen) > 1), shares)
     prior = fitted.class_prior if context is None else context.prior
-    if answer is None:
+    if answer is None or answer not in labels:  # skipped, or a free-text answer: p(Y'|Y) is over labels
         row = np.ones(len(labels))
     elif fitted.variant == "instance":
         assert context is not None

@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner._durable import write_atomic
+from runner.labels import LabelSet, free_text_key
 
 BANK_FORMAT_VERSION = 1
 EmptyRowPolicy = Literal["keep_initial", "abstain"]
@@ -38,24 +39,31 @@ def count_confusions(pairs: Iterable[tuple[str, str]]) -> Counter[tuple[str, str
 
 
 def binary_matrix(counts: Counter[tuple[str, str]], labels: Sequence[str]) -> list[list[int]]:
-    """M as a K x K 0/1 matrix, rows indexed by the answer k', columns by the truth k."""
+    """M as a K x K 0/1 matrix, rows indexed by the answer k', columns by the truth k.
+
+    Rows of free-text answers (answers that are no label) are not in it: ``MemoryBank.rows`` has them.
+    """
     index = {label: i for i, label in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
     for (answer, truth), count in counts.items():
-        if count > 0:
+        if count > 0 and answer in index:
             matrix[index[answer]][index[truth]] = 1
     return matrix
 
 
 def p_answer_given_truth(counts: Counter[tuple[str, str]], labels: Sequence[str]) -> list[list[float]]:
-    """Empirical p(Y' = k' | Y = k) as a K x K matrix [k'][k]; a column with no samples is all 0."""
+    """Empirical p(Y' = k' | Y = k) as a K x K matrix [k'][k]; a column with no samples is all 0.
+
+    A truth's free-text answers count in its column's total but have no row here.
+    """
     index = {label: i for i, label in enumerate(labels)}
     totals = Counter[str]()
     for (_, truth), count in counts.items():
         totals[truth] += count
     matrix = [[0.0] * len(labels) for _ in labels]
     for (answer, truth), count in counts.items():
-        matrix[index[answer]][index[truth]] = count / totals[truth]
+        if answer in index:
+            matrix[index[answer]][index[truth]] = count / totals[truth]
     return matrix
 
 
@@ -102,7 +110,7 @@ def refine(row: Sequence[str], answer: str, empty_row: EmptyRowPolicy = "keep_in
 
 class Confusion(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    answer: str = Field(description="The model's answer Y' (a label name).")
+    answer: str = Field(description="The model's answer Y': a label name, or one of free_text_answers.")
     truth: str = Field(description="The user's label Y (a label name).")
     count: int = Field(gt=0, description="How many user samples had this (Y', Y) pair.")
 
@@ -113,7 +121,9 @@ class Sample(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
     text: str
-    answer: str | None = Field(description="The model's answer Y', or null if it mapped to no label.")
+    answer: str | None = Field(
+        description="The model's answer Y' (a label, or one of free_text_answers), or null if it mapped to none."
+    )
     truth: str
 
 
@@ -138,6 +148,13 @@ class MemoryBank(BaseModel):
     strategy: str = Field(description="The prompt strategy Z used for the estimate.")
     user_split: UserSplitInfo
     labels: list[str] = Field(description="The label set, in index order of the matrix M.")
+    free_text_answers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "First answers that matched no label (strategy.first_answer free_text, or an imported bank), by "
+            "their normalised text: the rows of M beyond the labels, each the truths seen behind that answer."
+        ),
+    )
     n_unparsed: int = Field(
         default=0,
         ge=0,
@@ -158,16 +175,23 @@ class MemoryBank(BaseModel):
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels are not unique")
         known = set(self.labels)
+        free = set(self.free_text_answers)
+        if len(free) != len(self.free_text_answers):
+            raise ValueError("free_text_answers are not unique")
+        if free & known:
+            raise ValueError(f"free_text_answers {sorted(free & known)} are labels")
+        answers = known | free
         seen: set[tuple[str, str]] = set()
         for entry in self.confusions:
-            for role, label in (("answer", entry.answer), ("truth", entry.truth)):
-                if label not in known:
-                    raise ValueError(f"confusion {role} {label!r} is not in labels")
+            if entry.answer not in answers:
+                raise ValueError(f"confusion answer {entry.answer!r} is not in labels (nor in free_text_answers)")
+            if entry.truth not in known:
+                raise ValueError(f"confusion truth {entry.truth!r} is not in labels")
             if (entry.answer, entry.truth) in seen:
                 raise ValueError(f"confusion ({entry.answer!r}, {entry.truth!r}) is listed twice")
             seen.add((entry.answer, entry.truth))
         for sample in self.samples or ():
-            if sample.truth not in known or (sample.answer is not None and sample.answer not in known):
+            if sample.truth not in known or (sample.answer is not None and sample.answer not in answers):
                 raise ValueError(f"sample {sample.id!r} has a label that is not in labels")
         return self
 
@@ -183,16 +207,24 @@ class MemoryBank(BaseModel):
         return candidate_set(self.counts, self.labels, answer)
 
     def rows(self) -> dict[str, tuple[str, ...]]:
-        """Every label's candidate set, computed once (for annotating many items)."""
+        """Every answer's candidate set, labels' then free-text answers', computed once."""
         counts = self.counts
-        return {label: candidate_set(counts, self.labels, label) for label in self.labels}
+        return {answer: candidate_set(counts, self.labels, answer) for answer in self.answers}
+
+    @property
+    def answers(self) -> list[str]:
+        """The rows of M: every label, then every free-text answer."""
+        return [*self.labels, *self.free_text_answers]
 
     def matrix(self) -> list[list[int]]:
         return binary_matrix(self.counts, self.labels)
 
     def digest(self) -> str:
         """A content hash of what drives annotation (labels and counts), not of timestamps."""
-        payload = orjson.dumps({"labels": self.labels, "confusions": [c.model_dump() for c in self.confusions]})
+        content: dict[str, object] = {"labels": self.labels, "confusions": [c.model_dump() for c in self.confusions]}
+        if self.free_text_answers:  # absent otherwise, so banks without them keep the digest they had
+            content["free_text_answers"] = self.free_text_answers
+        payload = orjson.dumps(content)
         return hashlib.sha256(payload).hexdigest()
 
 
@@ -206,23 +238,24 @@ def estimate_bank(
     user_split: UserSplitInfo,
     samples: Sequence[Sample] | None = None,
 ) -> MemoryBank:
-    """Build the bank from (answer, truth) pairs; answers that mapped to no label are None."""
+    """Build the bank from (answer, truth) pairs; answers that mapped to no label are None.
+
+    An answer that is no label is a free-text answer's normalised text: it gets a row of its own.
+    """
     pairs = list(pairs)
     parsed = [(answer, truth) for answer, truth in pairs if answer is not None]
     counts = count_confusions(parsed)
-    order = {label: i for i, label in enumerate(labels)}
-    confusions = [
-        Confusion(answer=answer, truth=truth, count=count)
-        for (answer, truth), count in sorted(counts.items(), key=lambda item: (order[item[0][0]], order[item[0][1]]))
-    ]
+    known = set(labels)
+    free = sorted({answer for answer, _ in parsed if answer not in known})
     return MemoryBank(
         dataset=dataset,
         model=model,
         strategy=strategy,
         user_split=user_split,
         labels=list(labels),
+        free_text_answers=free,
         n_unparsed=len(pairs) - len(parsed),
-        confusions=confusions,
+        confusions=_ordered(counts, list(labels), free),
         samples=list(samples) if samples is not None else None,
     )
 
@@ -267,8 +300,10 @@ def update_bank(bank: MemoryBank, corrections: Sequence[Sample]) -> MemoryBank:
     annotations.parquet), the truths are what the user says they should have been.
     """
     known = set(bank.labels)
+    # a bank of free-text first answers takes a new free-text answer as a new row; a bank of labels has none
+    answers = None if bank.free_text_answers else known
     for sample in corrections:
-        if sample.truth not in known or (sample.answer is not None and sample.answer not in known):
+        if sample.truth not in known or (answers is not None and sample.answer not in answers | {None}):
             raise BankError(f"correction {sample.id!r} names a label that is not in the bank's labels")
     counts = bank.counts
     counts.update((s.answer, s.truth) for s in corrections if s.answer is not None)
@@ -322,19 +357,72 @@ def _rebuilt(
     n_unparsed: int,
     samples: list[Sample] | None,
 ) -> MemoryBank:
-    order = {label: i for i, label in enumerate(bank.labels)}
-    confusions = [
-        Confusion(answer=a, truth=t, count=n)
-        for (a, t), n in sorted(counts.items(), key=lambda item: (order[item[0][0]], order[item[0][1]]))
-        if n > 0
-    ]
+    known = set(bank.labels)
+    free = sorted({a for (a, _), n in counts.items() if n > 0 and a not in known})
+    confusions = _ordered(counts, bank.labels, free)
     return MemoryBank.model_validate(
         {
             **bank.model_dump(),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "free_text_answers": free,
             "confusions": [c.model_dump() for c in confusions],
             "n_unparsed": n_unparsed,
             "user_split": {**bank.user_split.model_dump(), "n_samples": n_samples},
             "samples": [s.model_dump() for s in samples] if samples is not None else None,
         }
     )
+
+
+def _ordered(counts: Counter[tuple[str, str]], labels: Sequence[str], free: Sequence[str]) -> list[Confusion]:
+    """The bank's confusions: label answers in label order, then free-text answers, truths in label order."""
+    rows = {answer: i for i, answer in enumerate([*labels, *free])}
+    columns = {label: i for i, label in enumerate(labels)}
+    return [
+        Confusion(answer=a, truth=t, count=n)
+        for (a, t), n in sorted(counts.items(), key=lambda item: (rows[item[0][0]], columns[item[0][1]]))
+        if n > 0
+    ]
+
+
+def import_answer_table(
+    path: str | Path, labels: LabelSet | None = None, *, strip_suffix: str | None = None, model: str = "imported"
+) -> MemoryBank:
+    """A bank from the paper's authors' format: a JSON object ``{answer: [truth labels]}``.
+
+    Each answer is a row: a label when its text matches one (``LabelSet.match_free_text``), a
+    free-text row otherwise, keyed like our own free-text answers (``free_text_key``). The file keeps
+    no counts, so every (answer, truth) pair counts once. With ``labels`` (a job's label set) every
+    truth must match one of them; without, the truths as written are the label set.
+    ``strip_suffix`` drops a suffix from every answer and truth first (the authors' StackExchange
+    labels end in ``.txt``).
+    """
+    path = Path(path)
+    try:
+        raw = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise BankError(f"{path}: answer table not found") from None
+    except orjson.JSONDecodeError as error:
+        raise BankError(f"{path}: answer table is not valid JSON ({error})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(truths, list) and all(isinstance(t, str) for t in truths) for truths in raw.values()
+    ):
+        raise BankError(f"{path}: an answer table is a JSON object mapping each answer to a list of label names")
+
+    def cut(text: str) -> str:
+        return text[: -len(strip_suffix)] if strip_suffix and text.endswith(strip_suffix) else text
+
+    table = {cut(answer): [cut(truth) for truth in truths] for answer, truths in raw.items()}
+    if labels is None:
+        labels = LabelSet.build(sorted({truth for truths in table.values() for truth in truths}))
+    pairs: dict[tuple[str | None, str], None] = {}  # a pair listed twice (two answers keyed alike) counts once
+    for answer, truths in table.items():
+        row = labels.match_free_text(answer) or free_text_key(answer) or None  # an empty answer: unparsed
+        for truth in truths:
+            label = labels.match_free_text(truth)
+            if label is None:
+                raise BankError(
+                    f"{path}: answer {answer!r} lists truth {truth!r}, which is not one of the job's labels"
+                )
+            pairs[(row, label)] = None
+    split = UserSplitInfo(path=str(path), fraction=None, seed=0, stratified=False, n_samples=len(pairs))
+    return estimate_bank(pairs, labels.labels, dataset=path.stem, model=model, strategy="imported", user_split=split)

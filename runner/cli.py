@@ -297,14 +297,40 @@ def _bank_show(args: argparse.Namespace) -> int:
     )
     rows = bank.rows()
     counts = bank.counts
-    for answer in bank.labels:
+
+    def show(answer: str) -> None:
         row = rows[answer]
         if not row:
-            continue
+            return
         ranked = sorted(row, key=lambda truth: -counts[(answer, truth)])
         shown = ", ".join(f"{truth} ({counts[(answer, truth)]})" for truth in ranked[: args.top])
         more = f", +{len(row) - args.top} more" if len(row) > args.top else ""
         print(f"  answer {answer!r} -> truth {shown}{more}")
+
+    for answer in bank.labels:
+        show(answer)
+    if bank.free_text_answers:
+        n_free = sum(n for (answer, _), n in counts.items() if answer not in set(bank.labels))
+        print(f"free-text answers matching no label: {len(bank.free_text_answers)} rows, {n_free} samples")
+        for answer in bank.free_text_answers:
+            show(answer)
+    return 0
+
+
+def _bank_import(args: argparse.Namespace) -> int:
+    from runner.bank import import_answer_table, save_bank
+
+    labels = None
+    if args.spec:
+        from runner.pipeline import load_inputs
+
+        labels = load_inputs(load_spec(args.spec), args.data_dir).labels
+    bank = import_answer_table(args.path, labels, strip_suffix=args.strip_suffix, model=args.model)
+    save_bank(bank, args.output)
+    print(
+        f"{args.output}: {len(bank.labels)} labels, {len(bank.labels) + len(bank.free_text_answers)} answer rows "
+        f"({len(bank.free_text_answers)} free-text), {len(bank.confusions)} (answer, truth) pairs"
+    )
     return 0
 
 
@@ -413,6 +439,16 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("reviewed", help="the reviewed table (csv, jsonl or parquet) with columns id and label")
     imported.set_defaults(func=_review_import)
 
+    imported = bank_sub.add_parser(
+        "import", help="a bank from the paper authors' {answer: [labels]} JSON (each pair counted once)"
+    )
+    imported.add_argument("path", help="the JSON file, e.g. Memory_Masking_massive_scenario_0.05_0.7_1.json")
+    imported.add_argument("-o", "--output", required=True, help="the bank file to write")
+    imported.add_argument("--spec", help="check every label against this job's label set and use its label names")
+    imported.add_argument("--data-dir", help="where the spec's dataset paths are resolved")
+    imported.add_argument("--strip-suffix", help="drop this suffix from every answer and label first (e.g. .txt)")
+    imported.add_argument("--model", default="imported", help="the model the bank was estimated with")
+    imported.set_defaults(func=_bank_import)
     merge = bank_sub.add_parser("merge", help="sum the counts of banks made for the same label set")
     merge.add_argument("paths", nargs="+")
     merge.add_argument("-o", "--output", required=True)

@@ -93,6 +93,8 @@ class FittedCM(_KnownBeforeAsking):
     acceptance: trust.Acceptance | None
     held_out_confidence: np.ndarray = field(repr=False)  # per held-out sample, for the risk-coverage plot
     held_out_right: np.ndarray = field(repr=False)
+    # plain and paper: the bank's free-text answers, rows K, K+1, ... of counts (runner.bank.MemoryBank)
+    free_text: tuple[str, ...] = ()
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -158,6 +160,7 @@ class FitDraft(_KnownBeforeAsking):
     held_out_scores: np.ndarray  # per held sample and label: the score a label would get (posterior or share)
     asks_second_call: bool | None  # None: cm.second_call auto, decided by the questions
     questions: tuple[Question, ...]
+    free_text: tuple[str, ...] = ()
 
 
 def _variant(cm: CMSpec) -> Variant:
@@ -170,11 +173,16 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     labels = tuple(bank.labels)
     index = {label: i for i, label in enumerate(labels)}
     n_labels = len(labels)
-    counts = np.zeros((n_labels, n_labels))
+    # Free-text answers are rows of M beyond the labels for the paper's CM; the posterior variants'
+    # p(Y'|Y) is over labels, so there they count as unparsed.
+    free_text = tuple(bank.free_text_answers) if variant in ("plain", "paper") else ()
+    rows_of = index | {answer: n_labels + i for i, answer in enumerate(free_text)}
+    counts = np.zeros((n_labels + len(free_text), n_labels))
     for entry in bank.confusions:
-        counts[index[entry.answer], index[entry.truth]] = entry.count
+        if entry.answer in rows_of:
+            counts[rows_of[entry.answer], index[entry.truth]] = entry.count
     samples = bank.samples or []
-    answers = np.array([index[s.answer] if s.answer else -1 for s in samples], dtype=np.int64)
+    answers = np.array([rows_of.get(s.answer, -1) if s.answer else -1 for s in samples], dtype=np.int64)
     truths = np.array([index[s.truth] for s in samples], dtype=np.int64)
     uses_neighbours = variant in ("neighbour_prior", "instance")
     if uses_neighbours:
@@ -190,6 +198,7 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
     tau = 1.0 if cm.tau is None else cm.tau
     common = dict(variant=variant, labels=labels, cm=cm, counts=counts, user_answers=answers, user_truths=truths)
+    common |= dict(free_text=free_text)
     common |= dict(user_vectors=user_vectors, probe=probe, held=held)
 
     if variant in ("plain", "paper"):
@@ -198,8 +207,8 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
         rows[np.arange(len(held)), truths[held]] -= 1
         totals = rows.sum(axis=1, keepdims=True)
         scores = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
-        if variant == "plain":
-            sets, asks = tuple((int(a),) for a in answers[held]), False
+        if variant == "plain":  # a free-text answer names no label: no candidate
+            sets, asks = tuple((int(a),) if a < n_labels else () for a in answers[held]), False
         else:  # the paper's CM asks again among every ambiguous row
             sets = tuple(_paper_row(row, int(a), cm.empty_row) for row, a in zip(rows, answers[held], strict=True))
             asks = True
@@ -299,6 +308,7 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         acceptance=acceptance,
         held_out_confidence=confidence,
         held_out_right=right,
+        free_text=draft.free_text,
     )
 
 
@@ -329,16 +339,20 @@ def _held_out_answer(
 def _paper_row(row: np.ndarray, answer: int, empty_row: str) -> tuple[int, ...]:
     """Row Y' of the binary M in label order (the order the second call's prompt lists them in).
 
-    An empty row falls back by policy: the first answer kept, or no label.
+    An empty row falls back by policy: the first answer kept, or no label. A free-text answer (a row
+    beyond the labels) names no label to keep.
     """
     seen = np.flatnonzero(row > 0)
     if len(seen) == 0:
-        return (answer,) if empty_row == "keep_initial" else ()
+        return (answer,) if empty_row == "keep_initial" and answer < len(row) else ()
     return tuple(int(i) for i in seen)
 
 
-def paper_candidates(counts: np.ndarray, answer: int, empty_row: str) -> tuple[int, ...]:
-    """The paper's candidate set for a corpus item the model answered ``answer`` (full bank)."""
+def paper_candidates(counts: np.ndarray, answer: int | None, empty_row: str) -> tuple[int, ...]:
+    """The paper's candidate set for a corpus item the model answered ``answer`` (full bank): a row of
+    ``counts``, or None for a free-text answer the bank never saw (an empty row)."""
+    if answer is None:
+        return ()
     return _paper_row(counts[answer], answer, empty_row)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 _SITE_SUFFIXES = (".stackexchange.com", ".com", ".net", ".org")
 _NON_WORD = re.compile(r"[^0-9a-zà-ÿ]+")
+# The first quoted value of an answer, as the authors' normalize_one_to_one takes it ("{'weather'}" -> weather)
+_QUOTED = re.compile(r"'([^']+)'|\"([^\"]+)\"")
 
 
 def readable(label: str) -> str:
@@ -28,6 +30,23 @@ def readable(label: str) -> str:
 
 def _normalise(text: str) -> str:
     return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def free_text_key(answer: str) -> str:
+    """A free-text answer as the bank keys it: its first line; the first quoted value there if the line
+    opens with a bracket, brace or quote; lower-cased,
+    every run of punctuation, underscores and spaces one space (``"{'Card_Arrival.'}"`` -> ``card arrival``).
+
+    The authors' estimate (meta_memory_bank_estimation.py) keys its bank the same way: it takes the
+    first quoted value, drops brackets and braces and lower-cases; we also fold punctuation and
+    underscores, so ``card_arrival`` and ``Card arrival!`` are one row.
+    """
+    lines = [line.strip() for line in answer.splitlines() if line.strip()]
+    answer = lines[0] if lines else ""
+    quoted = _QUOTED.search(answer) if answer[:1] in "[{(\"'" else None  # not an apostrophe inside prose
+    if quoted:
+        answer = quoted.group(1) or quoted.group(2)
+    return _normalise(answer)
 
 
 @dataclass(frozen=True)
@@ -53,12 +72,32 @@ class LabelSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def is_label(self, answer: str | None) -> bool:
+        """Whether a first answer is a label (not None, nor the normalised text of a free-text answer)."""
+        return answer is not None and answer in self.labels
+
     def index(self, label: str) -> int:
         return self.labels.index(label)
 
     def shown_for(self, labels: Sequence[str]) -> list[str]:
         lookup = dict(zip(self.labels, self.shown, strict=True))
         return [lookup[label] for label in labels]
+
+    def match_free_text(self, answer: str) -> str | None:
+        """The label an unconstrained answer names, or None: its key (``free_text_key``) must equal a
+        label's raw name or shown text (its description, where the spec gives one) normalised alike.
+
+        Nothing looser counts, as in the authors' parsing (an exact match after lower-casing): an answer
+        that merely contains a label ("the intent is alarm"), or starts one, matches none and becomes a
+        row of its own in the bank, which is what CM's free-text rows are there to repair.
+        """
+        key = free_text_key(answer)
+        if not key:
+            return None
+        for label, shown in zip(self.labels, self.shown, strict=True):
+            if key in (_normalise(label), _normalise(shown)):
+                return label
+        return None
 
     def parse(self, answer: str | None, allowed: Sequence[str] | None = None) -> str | None:
         """The label (raw name) an answer means, restricted to ``allowed``; None if it means none.

@@ -52,7 +52,7 @@ from runner.review import (
     write_review,
 )
 from runner.spec import JobSpec
-from runner.strategies import Answer, Strategy, make_strategy
+from runner.strategies import Answer, Strategy, first_answers, make_strategy
 
 logger = logging.getLogger("runner")
 T = TypeVar("T")
@@ -145,7 +145,7 @@ async def _estimate_chunk(
     texts = _prompt_texts(rows, max_chars)
 
     async def one(index: int) -> Answer:
-        answer = (await strategy.classify(engine, [texts[index]], [labels.labels]))[0]
+        answer = (await first_answers(strategy, engine, [texts[index]], labels))[0]
         if finished is not None:
             finished(_with_answers(rows.slice(index, 1), [answer]))
         return answer
@@ -439,7 +439,7 @@ async def annotate_rows(
                 error_kind=before["error_kind"] if before["y_prime"] is None else None,
             )
         else:
-            first = (await strategy.classify(engine, [text], [labels.labels]))[0]
+            first = (await first_answers(strategy, engine, [text], labels))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
             "y_prime_probability": first.probability,
@@ -461,8 +461,9 @@ async def annotate_rows(
             record.update({key: before[key] for key in kept})
         if first.label is None and not skip_first:
             return record  # the call failed or its answer did not parse: recorded in error, error_kind
-        if fitted is None:  # CM off: the answer is its own, single candidate
-            record.update(candidates=[first.label], y_hat=first.label)
+        if fitted is None:  # CM off: the answer is its own, single candidate (a free-text answer names none)
+            if labels.is_label(first.label):
+                record.update(candidates=[first.label], y_hat=first.label)
             return record
         final = fitted if isinstance(fitted, FittedCM) else await fitted
         refined = apply.refine(final, context, first.label)

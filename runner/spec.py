@@ -119,6 +119,21 @@ class StrategySpec(_Strict):
     max_rounds: Annotated[int, Field(ge=1)] = Field(
         default=2, description="self_refine: feedback-and-revise rounds at most; stops early when the answer is kept."
     )
+    first_answer: Literal["constrained", "free_text"] = Field(
+        default="constrained",
+        description=(
+            "zero_shot: how the first answer Y' is asked. constrained: one of the labels. free_text: unconstrained "
+            "(generation.max_tokens), then matched to a label by its normalised text (runner.labels."
+            "match_free_text); an answer that matches none is kept as its normalised text, a bank row of its own "
+            "(the paper's authors ran CM so). Second calls stay constrained to the candidate set."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _free_text_is_zero_shot(self) -> StrategySpec:
+        if self.first_answer == "free_text" and self.name != "zero_shot":
+            raise ValueError(f"strategy.first_answer free_text is for zero_shot, not {self.name}")
+        return self
 
 
 class VLLMEngineSpec(_Strict):

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from runner.engines.base import ChoiceRequest, Completion, Engine, Message
 from runner.examples import ExamplePool, current_pool
-from runner.labels import LabelSet
+from runner.labels import LabelSet, free_text_key
 from runner.prompts import (
     answer_after_reasoning_messages,
     classification_messages,
@@ -124,6 +124,58 @@ class ZeroShot(_Prompting):
         requests = [self.request(text, labels) for text, labels in zip(texts, allowed, strict=True)]
         completions = await engine.complete(requests)
         return [_parse(self.labels, c, labels, [c]) for c, labels in zip(completions, allowed, strict=True)]
+
+
+class FreeTextFirst:
+    """Zero-shot whose first answer is free text, as the paper's authors asked it; later calls constrained.
+
+    ``first`` asks the zero-shot prompt unconstrained and maps the reply to a label with
+    ``LabelSet.match_free_text``; a reply that names none keeps its normalised text as the answer
+    (``free_text_key``), which the memory bank keys a row of its own by. ``classify`` (CM's second
+    call, among a candidate set) is the constrained zero-shot call.
+    """
+
+    name = "zero_shot"
+
+    def __init__(self, inner: ZeroShot):
+        self.inner = inner
+        self.labels = inner.labels
+
+    async def first(self, engine: Engine, texts: Sequence[str]) -> list[Answer]:
+        shown = list(self.labels.shown)
+        completions = await engine.complete(
+            [
+                self.inner._free_text(
+                    classification_messages(text, shown, self.inner.instruction), self.inner.generation.max_tokens
+                )
+                for text in texts
+            ]
+        )
+        return [self._matched(c) for c in completions]
+
+    def _matched(self, completion: Completion) -> Answer:
+        if completion.error is not None:
+            return _failed_call(completion, [completion])
+        text = completion.text or ""
+        answer = self.labels.match_free_text(text) or free_text_key(text)
+        if not answer:
+            error = f"answer {text!r} is empty"
+            return _with_cost(Answer(None, text, 0, error=error, error_kind="unparsed"), [completion])
+        return _with_cost(Answer(answer, text, 0), [completion])
+
+    async def classify(self, engine: Engine, texts: Sequence[str], allowed: Sequence[Sequence[str]]) -> list[Answer]:
+        return await self.inner.classify(engine, texts, allowed)
+
+
+async def first_answers(strategy: Strategy, engine: Engine, texts: Sequence[str], labels: LabelSet) -> list[Answer]:
+    """Y' for each text: the strategy's answer among every label, or its free-text first answer.
+
+    A free-text answer that matched no label comes back with ``label`` set to its normalised text
+    (``labels.is_label`` tells the two apart): the bank's rows beyond the labels are keyed by it.
+    """
+    if isinstance(strategy, FreeTextFirst):
+        return await strategy.first(engine, texts)
+    return await strategy.classify(engine, texts, [labels.labels] * len(texts))
 
 
 class FewShot(_Prompting):
@@ -302,7 +354,8 @@ def make_strategy(
 ) -> Strategy:
     """The strategy a spec names; ``few_shot`` draws from ``examples`` (default: the pool of ``examples_for_jobs``)."""
     if spec.name == "zero_shot":
-        return ZeroShot(labels, generation, spec.instruction)
+        zero_shot = ZeroShot(labels, generation, spec.instruction)
+        return FreeTextFirst(zero_shot) if spec.first_answer == "free_text" else zero_shot
     if spec.name == "few_shot":
         pool = examples if examples is not None else current_pool()
         if pool is None:

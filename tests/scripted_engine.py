@@ -24,12 +24,14 @@ class ScriptedEngine:
         *,
         crash_after: int | None = None,
         failing: set[str] = frozenset(),
+        free_text: dict[str, str] | None = None,
     ):
         self.first = first
         self.second = second or {}
         self.n_labels = n_labels
         self.crash_after = crash_after  # raise after this many requests: a process dying mid-job
         self.failing = failing  # texts whose calls fail as a timed-out request would
+        self.free_text = free_text  # text -> reply to an unconstrained request (no choices), if given
         self.requests: list[ChoiceRequest] = []
         self.started = False
 
@@ -51,6 +53,9 @@ class ScriptedEngine:
                 completions.append(Completion(text=None, error="timed out after 3 retries"))
                 continue
             is_first = self.n_labels is None or len(request.choices) == self.n_labels
-            answer = (self.first if is_first else self.second).get(text, "no such label")
+            table = self.free_text if self.free_text is not None and not request.choices else None
+            if table is None:
+                table = self.first if is_first else self.second
+            answer = table.get(text, "no such label")
             completions.append(Completion(text=answer, prompt_tokens=10, completion_tokens=2))
         return completions
