@@ -80,6 +80,12 @@ _IMMATERIAL = {
 # What a run writes besides the shards; --restart removes them.
 _JOB_FILES = ("memory_bank.json", "estimate.parquet", "annotations.parquet", "metrics.json")
 _JOB_FILES += ("fitted_cm.pkl", "fitted_cm.json", "review.parquet", "risk_coverage.png")
+# A reviewer's labels are the old run's too: its ids may name other rows of a new corpus, its first answers
+# come from the old model, its labels from the old label set. --restart sets them aside, unapplied, under
+# this name (re-importable with `cm-run review import` where they fit the new run), as a reviewer's hours
+# are not the run's to delete.
+REVIEWED_FILE = "reviewed.parquet"
+SET_ASIDE_REVIEW = "reviewed.before-restart.parquet"
 
 
 class CheckpointError(ValueError):
@@ -326,6 +332,8 @@ class Checkpoint:
                 shard.unlink()
         for name in (*_JOB_FILES, TRIAL_FILE):
             (self.directory / name).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / REVIEWED_FILE).replace(self.directory / SET_ASIDE_REVIEW)
         shutil.rmtree(self.directory / BATCH_DIR, ignore_errors=True)
 
     def load(self) -> Manifest:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from matplotlib.figure import Figure
 from runner import trust
 from runner._durable import atomic_path
 from runner.bank import MemoryBank, Sample, update_bank
+from runner.checkpoint import REVIEWED_FILE
 from runner.data import DataError, scan_table
 from runner.fit import FittedCM
 
-REVIEWED_FILE = "reviewed.parquet"
 REVIEW_COLUMNS = ["id", "text", "y_hat", "confidence", "candidates", "y_prime", "error", "gold"]
 
 
@@ -42,43 +43,114 @@ def write_review(annotations: Path, path: Path) -> int:
     return review.height
 
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection"): the export
+# writes it with a leading single quote, which makes it text. Corpus text is anyone's to choose.
+_FORMULA_START = r"[=+\-@\t\r]"
+
+
+def _inert(cell: pl.Expr) -> pl.Expr:
+    return cell.str.replace(f"^({_FORMULA_START})", "'${1}")
+
+
 def export_csv(job_dir: Path, output: Path) -> int:
-    """review.parquet as CSV: options joined by ' | ', and an empty ``label`` column for the reviewer."""
+    """review.parquet as CSV: options joined by ' | ', and an empty ``label`` column for the reviewer.
+
+    A cell a spreadsheet would evaluate gets a leading single quote; the import takes it off ids
+    and labels again (text is not read back: it comes from the annotations).
+    """
     source = job_dir / "review.parquet"
     if not source.is_file():
         raise DataError(f"{source}: no review file; run the job first (it needs a user split: cm.accept)")
     review = pl.read_parquet(source)
     table = review.select(
-        "id",
-        "text",
-        pl.col("y_hat").alias("suggested"),
+        _inert(pl.col("id")),
+        _inert(pl.col("text")),
+        _inert(pl.col("y_hat")).alias("suggested"),
         pl.col("confidence").round(4),
-        pl.col("candidates").list.join(" | ").alias("options"),
+        _inert(pl.col("candidates").list.join(" | ")).alias("options"),
         pl.lit("").alias("label"),
     )
     table.write_csv(output)
     return table.height
 
 
+def _read_review_file(path: Path) -> pl.DataFrame:
+    """The reviewed table; a CSV's cells as the strings written (an id 007 stays 007), UTF-8 only."""
+    if path.suffix.lower() != ".csv":
+        try:
+            return scan_table(path).collect()
+        except pl.exceptions.PolarsError as error:
+            raise DataError(f"{path}: cannot be read as a table ({str(error).splitlines()[0]})") from None
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{raw[error.start]:02x}); the file is likely Latin-1 or "
+            "Windows-1252, as spreadsheets save 'CSV': save it as 'CSV UTF-8' and import it again"
+        ) from None
+    try:
+        return pl.read_csv(raw.removeprefix(codecs.BOM_UTF8), infer_schema=False)
+    except pl.exceptions.PolarsError as error:
+        raise DataError(f"{path}: cannot be read as CSV ({str(error).splitlines()[0]})") from None
+
+
+def _unquoted(path: Path, table: pl.DataFrame, column: str, known: list[str]) -> pl.DataFrame:
+    """``column`` with the export's leading quote taken off where it can only be the export's.
+
+    That is where the value without its quote is one of ``known`` (the job's ids, or its labels)
+    and would have been quoted; a value that is known both ways is ambiguous, an error naming its
+    row. A spreadsheet that dropped the quote itself left a value known as it is.
+    """
+    value, bare = pl.col(column), pl.col(column).str.strip_prefix("'")
+    quoted = value.str.starts_with("'") & bare.str.contains(f"^{_FORMULA_START}") & bare.is_in(known)
+    ambiguous = table.filter(quoted & value.is_in(known))
+    if ambiguous.height:
+        row = ambiguous.row(0, named=True)
+        raise DataError(
+            f"{path}: row {row['row']}: {column} {row[column]!r} could be {row[column]!r} or {row[column][1:]!r}, "
+            "both of the job's: the export writes the second as the first, so that a spreadsheet does not evaluate it"
+        )
+    return table.with_columns(pl.when(quoted).then(bare).otherwise(value).alias(column))
+
+
 def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     """Keep the rows of ``reviewed`` whose ``label`` is filled in, as ``job_dir/reviewed.parquet``.
 
     Rows are matched to annotations by ``id``; an id the job never annotated or a label outside
-    the label set is an error naming the row. Earlier imports are kept; a row reviewed twice
-    keeps its latest label. Returns the number of reviewed rows now on file.
+    the label set is an error naming the row. An id twice in the file with two labels is an error
+    naming both rows: a file's order does not say which label is meant (sorting a spreadsheet
+    reorders it); the same label twice counts once. Earlier imports are kept; a row reviewed again
+    in a later import keeps that import's label. Returns the number of reviewed rows now on file.
     """
-    table = scan_table(reviewed).collect()
+    table = _read_review_file(reviewed)
     for column in ("id", "label"):
         if column not in table.columns:
             raise DataError(f"{reviewed}: no column '{column}'; columns are {table.columns}")
-    table = table.with_row_index("row", offset=2 if reviewed.suffix == ".csv" else 1)
+    table = table.with_row_index("row", offset=2 if reviewed.suffix.lower() == ".csv" else 1)
     table = table.with_columns(pl.col("id").cast(pl.String), pl.col("label").cast(pl.String).str.strip_chars())
     table = table.filter(pl.col("label").is_not_null() & (pl.col("label") != ""))
+    table = _unquoted(reviewed, table, "label", labels)
     unknown = table.filter(~pl.col("label").is_in(labels))
     if unknown.height:
         row = unknown.row(0, named=True)
         raise DataError(f"{reviewed}: row {row['row']}: label {row['label']!r} is not one of the job's labels")
     annotations = pl.read_parquet(job_dir / "annotations.parquet", columns=["id", "text", "y_prime"])
+    table = _unquoted(reviewed, table, "id", annotations["id"].to_list())
+    conflicts = (
+        table.group_by("id", maintain_order=True).agg("row", "label").filter(pl.col("label").list.n_unique() > 1)
+    )
+    if conflicts.height:
+        id_, rows, given = conflicts.row(0)
+        other = next(i for i, label in enumerate(given) if label != given[0])
+        raise DataError(
+            f"{reviewed}: id {id_!r} is on rows {rows[0]} ({given[0]!r}) and {rows[other]} ({given[other]!r}); "
+            "a file's order does not say which label is meant: keep one and import again"
+        )
+    table = table.unique("id", keep="first", maintain_order=True)
     matched = table.select("row", "id", "label").join(annotations, on="id", how="left")
     missing = matched.filter(pl.col("text").is_null())
     if missing.height:
