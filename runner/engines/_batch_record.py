@@ -26,6 +26,7 @@ from runner.engines.base import EngineError
 
 RECORD_FILE = "batches.json"
 ANSWERS_FILE = "answers.jsonl"
+_TAIL_BLOCK = 1 << 16
 
 State = Literal["uploading", "uploaded", "submitted", "done", "failed", "abandoned"]
 """uploading: file being sent (its id unknown until it returns); uploaded: file id known, batch maybe
@@ -122,7 +123,8 @@ class BatchRecord:
             orjson.dumps({"id": line_id, **answer.model_dump(exclude_defaults=True)}) + b"\n"
             for line_id, answer in fresh.items()
         )
-        with (self.directory / ANSWERS_FILE).open("ab") as handle:
+        with (self.directory / ANSWERS_FILE).open("a+b") as handle:  # a+: the tail is read back
+            _end_torn_tail(handle.fileno())
             handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())
@@ -134,3 +136,29 @@ class BatchRecord:
         if self.directory is None:
             raise EngineError("the batch record has no directory")
         return self.directory
+
+
+def _end_torn_tail(fd: int) -> None:
+    """Make the answers file end at a line's end before an append: a kill mid-append leaves a last
+    line without its newline, and the next append would glue its first record onto it (and the
+    reader skip both). A tail that is a whole record only lost its newline; any other tail is cut."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = size
+    while start > 0:  # back to the last newline, a block at a time: the file holds a whole job's answers
+        block_start = max(0, start - _TAIL_BLOCK)
+        newline = os.pread(fd, start - block_start, block_start).rfind(b"\n")
+        if newline >= 0:
+            start = block_start + newline + 1
+            break
+        start = block_start
+    tail = os.pread(fd, size - start, start)
+    try:
+        record = orjson.loads(tail)
+    except orjson.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and "id" in record:
+        os.write(fd, b"\n")  # the fd appends
+    else:
+        os.ftruncate(fd, start)

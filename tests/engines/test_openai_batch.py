@@ -78,3 +78,24 @@ def test_the_record_survives_a_reload_and_a_torn_last_answer(tmp_path):
     assert [(e.key, e.state, e.input_file_id) for e in again.batches] == [("b00001", "uploaded", "file-1")]
     assert again.ids(again.batches[0]) == ["a-0", "b-0"]
     assert set(again.answers) == {"a-0"} and again.answers["a-0"].text == "iot"
+
+
+@pytest.mark.parametrize(
+    ("tail", "kept"),
+    [
+        (b'{"id": "b-0", "text": "mu', {}),  # killed mid-append: b-0 was never counted, so it is asked again
+        (b'{"id": "b-0", "text": "mu"}', {"b-0": "mu"}),  # killed before the newline: a whole answer
+    ],
+)
+def test_an_append_after_a_torn_last_answer_keeps_every_record(tmp_path, tail, kept):
+    first = StoredAnswer(text="iot", prompt_tokens=5, completion_tokens=1)
+    (tmp_path / "answers.jsonl").write_bytes(
+        orjson.dumps({"id": "a-0", **first.model_dump(exclude_defaults=True)}) + b"\n" + tail
+    )
+    record = BatchRecord(tmp_path)
+    assert {line_id: a.text for line_id, a in record.answers.items()} == {"a-0": "iot", **kept}
+    record.add_answers({"c-0": StoredAnswer(text="music", prompt_tokens=6, completion_tokens=2)})
+    again = BatchRecord(tmp_path)
+    assert {line_id: a.text for line_id, a in again.answers.items()} == {"a-0": "iot", **kept, "c-0": "music"}
+    lines = (tmp_path / "answers.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(orjson.loads(line) for line in lines[:-1])  # nothing glued together
