@@ -332,7 +332,7 @@ class Checkpoint:
                 shard.unlink()
         for name in (*_JOB_FILES, TRIAL_FILE):
             (self.directory / name).unlink(missing_ok=True)
-        with contextlib.suppress(FileNotFoundError):
+        if (self.directory / REVIEWED_FILE).is_file():
             (self.directory / REVIEWED_FILE).replace(self.directory / SET_ASIDE_REVIEW)
         shutil.rmtree(self.directory / BATCH_DIR, ignore_errors=True)
 
