@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 import polars as pl
@@ -37,7 +37,7 @@ SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
 MANIFEST_FORMAT_VERSION = 2
 
 # Every spec key decides the output unless named here: keys that change where or how fast a job
-# runs, not what it produces. A key a newer cm-runner adds is material until it is listed here.
+# runs, not what it produces. A key a newer cm-runner adds (or removes) is material until it is listed here.
 _IMMATERIAL = {
     "name",
     "data_dir",
@@ -119,58 +119,117 @@ _CM_READ_WHEN_OFF = {"cm.enabled", "cm.variant", "cm.bank", "cm.accept", "cm.acc
 _CM_READ_WHEN_OFF |= {"cm.accept.confidence_level"}
 
 
-def _immaterial(key: str, spec: JobSpec) -> bool:
+def _immaterial(key: str, cm_enabled: bool, cm_variant: str) -> bool:
+    """Whether a job with these cm settings leaves ``key`` unread (or reads it only for speed or cost)."""
     if key in _IMMATERIAL:
         return True
     if not key.startswith("cm."):
         return False
-    if not spec.cm.enabled:
+    if not cm_enabled:
         return key not in _CM_READ_WHEN_OFF
-    return key in _CM_NOT_READ[spec.cm.variant]
+    return key in _CM_NOT_READ[cm_variant]
 
 
 def material_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec's keys that decide the output, flattened ('engine.model': ...)."""
     flat = _flatten(spec.model_dump(mode="json"))
-    return {key: value for key, value in sorted(flat.items()) if not _immaterial(key, spec)}
+    return {key: value for key, value in sorted(flat.items()) if not _immaterial(key, spec.cm.enabled, spec.cm.variant)}
 
 
-def _default_of(key: str) -> Any:
-    """The default of a flattened spec key ('cm.variant'), or _NO_DEFAULT for required/unknown keys."""
+class _NotSet:
+    """A key a spec does not have: below a section set to null, a mapping entry absent, a setting unknown."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_NO_DEFAULT: Any = _NotSet()
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for argument in get_args(annotation) for model in _models_in(argument)]
+
+
+def _default_of(key: str, recorded: dict[str, Any] | None = None) -> Any:
+    """The default of a flattened spec key ('cm.variant'), or _NO_DEFAULT where it has none.
+
+    A required key has none, nor has an entry of a mapping the default does not hold, a key below a
+    section whose default is null, or a key the spec does not know. A section that is one of several
+    models (the engine) is the one ``recorded``'s ``kind`` names, else the section's default.
+    """
     model: type[BaseModel] = JobSpec
     parts = key.split(".")
     for depth, part in enumerate(parts):
         field = model.model_fields.get(part)
-        if field is None or field.is_required():
+        if field is None:
             return _NO_DEFAULT
-        default = field.get_default(call_default_factory=True)
+        default = _NO_DEFAULT if field.is_required() else field.get_default(call_default_factory=True)
         if depth == len(parts) - 1:
             return default.model_dump(mode="json") if isinstance(default, BaseModel) else default
-        if not isinstance(default, BaseModel):
+        if default is None:
             return _NO_DEFAULT
-        model = type(default)
+        models = _models_in(field.annotation)
+        if not models:  # a mapping (dataset.label_descriptions): its entries are the default's
+            value = default
+            for entry in parts[depth + 1 :]:
+                if not isinstance(value, dict) or entry not in value:
+                    return _NO_DEFAULT
+                value = value[entry]
+            return value
+        kind = (recorded or {}).get(".".join([*parts[: depth + 1], "kind"]))
+        named = [m for m in models if "kind" in m.model_fields and m.model_fields["kind"].default == kind]
+        model = named[0] if named else type(default) if isinstance(default, BaseModel) else models[0]
     return _NO_DEFAULT
 
 
-_NO_DEFAULT = object()
+def _effective(recorded: dict[str, Any], key: str) -> Any:
+    """``key``'s value in a flattened spec, as the job reads it.
+
+    Recorded: that value; a section whose keys are recorded: those, as a mapping; below a recorded
+    value (a section set to null, an empty mapping): not set; else it was not recorded (an older
+    cm-runner's manifest, which records only what was material then): the default.
+    """
+    if key in recorded:
+        return recorded[key]
+    below = {name[len(key) + 1 :]: value for name, value in recorded.items() if name.startswith(f"{key}.")}
+    if below:
+        return _unflatten(below)
+    parts = key.split(".")
+    if any(".".join(parts[:depth]) in recorded for depth in range(1, len(parts))):
+        return _NO_DEFAULT
+    return _default_of(key, recorded)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, name = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return nested
 
 
 def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The current material keys whose value differs from the previous run's.
+    """The keys a job with the ``current`` material spec reads whose effective value the two runs differ in.
 
-    A key only the previous run recorded no longer counts (an older cm-runner's, or a setting
-    this variant does not read); a key a newer cm-runner added counts only away from its default.
-    A file's content an older cm-runner did not record cannot be compared: it is taken as it is now.
+    One comparison: every key either run recorded that the current spec reads, each side's value as
+    its job reads it (``_effective``: defaults filled in where a manifest did not record a key). Keys
+    listed immaterial, and cm settings the current variant does not read, are not compared. A file's
+    content is compared where both runs recorded it (an older cm-runner did not: it is taken as it is
+    now). A key whose section changed as a whole is named once, as the section.
     """
-    changed = []
-    for key in sorted(current):
-        if key not in previous and key.startswith(CONTENT_PREFIX):
-            continue
-        if key not in previous and current[key] == _default_of(key):
-            continue
-        if previous.get(key) != current[key]:
-            changed.append(key)
-    return changed
+    enabled, variant = _effective(current, "cm.enabled"), _effective(current, "cm.variant")
+    keys = {key for key in previous | current if not key.startswith(CONTENT_PREFIX) or key in previous.keys() & current}
+    changed = [
+        key
+        for key in sorted(keys)
+        if not _immaterial(key, enabled, variant) and _effective(previous, key) != _effective(current, key)
+    ]
+    return [key for key in changed if not any(key.startswith(f"{section}.") for section in changed)]
 
 
 def spec_digest(spec: JobSpec) -> str:
@@ -316,7 +375,9 @@ class Checkpoint:
                 previous.spec, previous.spec_digest, previous.files = fresh.spec, fresh.spec_digest, fresh.files
                 self.save(previous)
                 return previous
-            details = "; ".join(f"{key}: {previous.spec.get(key)!r} -> {fresh.spec.get(key)!r}" for key in changed[:8])
+            details = "; ".join(
+                f"{key}: {_effective(previous.spec, key)!r} -> {_effective(fresh.spec, key)!r}" for key in changed[:8]
+            )
             raise CheckpointError(
                 f"{self.directory}: holds a run of a different spec ({details}). "
                 "Rerun with --restart to discard it, or choose another output.dir."
@@ -332,8 +393,9 @@ class Checkpoint:
                 shard.unlink()
         for name in (*_JOB_FILES, TRIAL_FILE):
             (self.directory / name).unlink(missing_ok=True)
-        if (self.directory / REVIEWED_FILE).is_file():
-            (self.directory / REVIEWED_FILE).replace(self.directory / SET_ASIDE_REVIEW)
+        reviewed = self.directory / REVIEWED_FILE
+        if reviewed.is_file():  # made durable by the manifest's write, which syncs this directory
+            reviewed.replace(self.directory / SET_ASIDE_REVIEW)
         shutil.rmtree(self.directory / BATCH_DIR, ignore_errors=True)
 
     def load(self) -> Manifest:

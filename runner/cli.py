@@ -189,19 +189,31 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     """Cancel the Batch API batches a job left running; its next run collects what they answered."""
-    from runner.checkpoint import BATCH_DIR
+    from runner.checkpoint import BATCH_DIR, Checkpoint
     from runner.engines.openai_batch import OpenAIBatchEngine
 
     spec = load_spec(args.spec)
     if spec.engine.kind != "openai" or not spec.engine.batch:
         print(f"cm-run cancel: {spec.name} does not use the Batch API (engine.batch); nothing to cancel")
         return 0
+    directory = Path(spec.output.dir)
 
     async def cancel() -> list[str]:
-        async with OpenAIBatchEngine(spec.engine, Path(spec.output.dir) / BATCH_DIR) as engine:
+        async with OpenAIBatchEngine(spec.engine, directory / BATCH_DIR) as engine:
             return await engine.cancel_pending()
 
-    for line in asyncio.run(cancel()) or ["no batch of this job is running"]:
+    lines: list[str] = []
+    if (directory / BATCH_DIR).is_dir():
+        # The batch record is the running job's while it runs: cancelling under it would race its writes.
+        try:
+            with Checkpoint(directory, spec).locked():
+                lines = asyncio.run(cancel())
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{error}. To cancel its batches, stop it first (Ctrl-C, or kill -TERM that pid: its finished "
+                "rows are kept), then run cm-run cancel again"
+            ) from None
+    for line in lines or ["no batch of this job is running"]:
         print(f"cm-run cancel: {line}")
     return 0
 

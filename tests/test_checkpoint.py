@@ -186,7 +186,7 @@ async def test_keys_added_by_a_newer_version_at_their_defaults_do_not_block_resu
     manifest["spec_digest"] = "older"
     manifest_path.write_bytes(orjson.dumps(manifest))
     counts = spec.model_copy(update={"cm": spec.cm.model_copy(update={"variant": "counts"})})
-    with pytest.raises(CheckpointError, match=r"cm\.variant: None -> 'counts'"):
+    with pytest.raises(CheckpointError, match=r"cm\.variant: 'paper' -> 'counts'"):  # unrecorded: the default
         await run_job(counts, engine=engine())
 
 
@@ -434,3 +434,42 @@ async def test_a_chunk_slower_than_checkpoint_seconds_saves_its_finished_rows(to
     assert asked == {f"c{i}" for i in range(N_CORPUS)} - saved  # only the rows the partial shard lacked
     assert not partial.exists()
     assert pl.read_parquet(tmp_path / "out/annotations.parquet").equals(reference)  # same rows, same order
+
+
+async def test_turning_acceptance_on_refuses_to_resume_a_run_with_cm_off(job, tmp_path):
+    spec, engine = job
+    off = spec.cm.model_copy(update={"enabled": False, "accept": None})
+    await run_job(spec.model_copy(update={"cm": off}), engine=engine())  # shards without a calibrated confidence
+    # cm.accept back at its default: the flattened manifest holds 'cm.accept': None, the spec now
+    # cm.accept.target_accuracy and .confidence_level (at their defaults): the same key, a new value.
+    accepting = spec.model_copy(update={"cm": off.model_copy(update={"accept": type(spec.cm.accept)()})})
+    with pytest.raises(CheckpointError, match=r"\(cm\.accept: None -> \{'confidence_level': 0\.95, 'target"):
+        await run_job(accepting, engine=engine())
+
+
+async def test_removing_one_label_description_refuses_to_resume(job, tmp_path):
+    spec, engine = job
+    described = spec.dataset.model_copy(update={"label_descriptions": {"a": "the first", "b": "the second"}})
+    await run_job(spec.model_copy(update={"dataset": described}), engine=engine())
+    fewer = described.model_copy(update={"label_descriptions": {"a": "the first"}})
+    with pytest.raises(CheckpointError, match=r"dataset\.label_descriptions\.b: 'the second' -> \(not set\)"):
+        await run_job(spec.model_copy(update={"dataset": fewer}), engine=engine())
+    none = described.model_copy(update={"label_descriptions": {}})
+    with pytest.raises(
+        CheckpointError, match=r"dataset\.label_descriptions: \{'a': 'the first', 'b': 'the second'\} -> \{\}"
+    ):
+        await run_job(spec.model_copy(update={"dataset": none}), engine=engine())
+
+
+def test_changed_keys_fills_defaults_on_both_sides_and_compares_every_key_the_job_reads(job):
+    from runner.checkpoint import changed_keys, material_spec
+
+    spec, _ = job
+    current = material_spec(spec)
+    older = {key: value for key, value in current.items() if not key.startswith("cm.accept")}
+    assert changed_keys(older, current) == []  # an older cm-runner's manifest: unrecorded keys at their defaults
+    assert changed_keys(current, older) == []  # and the other way round
+    removed = {**current, "cm.no_longer_a_setting": 1}
+    assert changed_keys(removed, current) == ["cm.no_longer_a_setting"]  # material until listed immaterial
+    assert changed_keys({**current, "engine.replicas": 4}, current) == []  # listed immaterial
+    assert changed_keys({**current, "cm.tau": 0.5}, current) == []  # paper CM does not read cm.tau

@@ -136,3 +136,35 @@ def test_dry_run_counts_few_shot_examples_in_every_prompt(toy_job, tmp_path, cap
     _, zero_shot, _ = _dry_run_totals(toy_job, tmp_path, capsys, "{name: zero_shot}")
     _, few_shot, _ = _dry_run_totals(toy_job, tmp_path, capsys, "{name: few_shot, k: 4}")
     assert few_shot - zero_shot >= 16 * 4 * 40 / 4  # four 40-character user samples (10 tokens each) per answer
+
+
+def test_cancel_refuses_while_a_run_holds_the_output_dir_naming_its_pid(write, tmp_path, capsys, monkeypatch):
+    import hashlib
+    import os
+
+    from runner.checkpoint import Checkpoint
+    from runner.spec import load_spec
+
+    out = tmp_path / "out"
+    path = write(
+        "job.yaml",
+        f"name: x\ndataset: {{name: x}}\nuser_split: {{path: u.jsonl}}\ncorpus: {{path: c.jsonl}}\n"
+        "engine: {kind: openai, model: m, base_url: 'http://127.0.0.1:9/v1', api_key_env: CM_TEST_CANCEL_KEY, "
+        f"batch: true}}\noutput: {{dir: {out}}}\n",
+    )
+    monkeypatch.setenv("CM_TEST_CANCEL_KEY", "sk-test")
+    (out / "batch").mkdir(parents=True)
+    (out / "batch/batches.json").write_text('{"batches": []}')
+
+    def files() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    with Checkpoint(out, load_spec(path)).locked():  # a running job holds the directory, as run_job does
+        before = files()
+        assert main(["cancel", str(path)]) == EXIT_INPUT
+        assert files() == before  # the running job's batch record untouched
+    err = capsys.readouterr().err
+    assert f"another cm-run (pid {os.getpid()}) is writing to this output directory" in err
+    assert "stop it first" in err
+    assert main(["cancel", str(path)]) == 0  # once it ended, cancel goes ahead
+    assert "no batch of this job is running" in capsys.readouterr().out
