@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 import psutil
+import pytest
 
 
 def free_ports(count: int) -> list[int]:
@@ -82,6 +83,18 @@ class LocalCluster:
         self._wait_for_nodes(1)
         self._start_node([f"--address={self.gcs_address}"], self._per_node_ports[1], "worker.log")
         self._wait_for_nodes(2)
+
+    def join_from_this_process(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Let an in-process `ray.init(address=...)` authenticate to this cluster.
+
+        Ray caches the auth token per process on first use, so a test that ran Ray earlier in the same
+        pytest process would otherwise present that token and be refused ("Failed to connect").
+        """
+        from ray._raylet import AuthenticationTokenLoader
+
+        monkeypatch.setenv("RAY_AUTH_TOKEN", self.env["RAY_AUTH_TOKEN"])
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        AuthenticationTokenLoader.instance().reset_cache()
 
     def node_ids(self) -> set[str]:
         listed = subprocess.run(
