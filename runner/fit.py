@@ -19,8 +19,8 @@ Each user sample is scored without itself (leave-one-out counts and neighbours; 
 6. the confidence: sigmoid (Platt) calibration of each held-out sample's score (the posterior
    probability of the label CM gives it; for the paper's CM the bank's count share of that
    label in row Y'; without CM the share of Y' among the samples that answered Y');
-7. the acceptance threshold (``cm.accept``): the lowest confidence whose accepted held-out
-   samples reach the target accuracy by the Clopper-Pearson lower bound.
+7. the acceptance threshold (``cm.accept``): fixed-sequence testing from the strictest threshold
+   down of the accepted held-out samples' Clopper-Pearson lower bound against the target.
 """
 
 from __future__ import annotations
@@ -288,7 +288,10 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
     confidence = calibration.apply(scores)
     acceptance = None
     if cm.accept is not None:
-        acceptance = trust.choose_threshold(confidence, right, cm.accept.target_accuracy, cm.accept.confidence_level)
+        accept = cm.accept
+        acceptance = trust.choose_threshold(
+            confidence, right, accept.target_accuracy, accept.confidence_level, accept.min_accepted
+        )
     return FittedCM(
         variant=draft.variant,
         labels=labels,

@@ -223,11 +223,13 @@ def _trust_line(trusted: dict[str, Any], pct: Any) -> str:
             f"trust: no threshold reaches {pct(trusted['target_accuracy'])} on the user split "
             f"({trusted['held_out_samples']} held-out samples): nothing accepted, every row is in review.parquet"
         )
+    # What fixed-sequence testing guarantees (runner/trust.py), said as such: pooled, not per row.
     line = (
         f"trust: accepted {pct(trusted['accepted_share'])} ({trusted['n_accepted']} rows) at confidence >= "
-        f"{trusted['threshold']:.3f}; user split: {pct(trusted['user_split_accepted_accuracy'])} right, "
-        f"at least {pct(trusted['user_split_accepted_lower_bound'])} with {100 * trusted['confidence_level']:.0f}% "
-        f"confidence; {trusted['n_review']} rows to review"
+        f"{trusted['threshold']:.3f}: with {100 * trusted['confidence_level']:.0f}% confidence the accepted rows, "
+        f"pooled, are right at least {pct(trusted['target_accuracy'])} of the time, for items exchangeable with "
+        f"the user split (user split: {pct(trusted['user_split_accepted_accuracy'])} right, lower bound "
+        f"{pct(trusted['user_split_accepted_lower_bound'])}); {trusted['n_review']} rows to review"
     )
     if trusted.get("accuracy_accepted") is not None:
         line += f"; gold: accepted {pct(trusted['accuracy_accepted'])}, review {pct(trusted['accuracy_review'])}"

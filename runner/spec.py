@@ -268,6 +268,16 @@ class AcceptSpec(_Strict):
             "target_accuracy."
         ),
     )
+    min_accepted: int = Field(
+        default=200,
+        ge=1,
+        description=(
+            "Thresholds are tested from the strictest down, stopping at the first that fails (fixed-sequence "
+            "testing, which keeps confidence_level without correction); the first tested accepts at least this "
+            "many held-out user samples (all of them when there are fewer). Lower lets a smaller share be "
+            "accepted, but the first test then fails more often and nothing is accepted."
+        ),
+    )
 
 
 class CMSpec(_Strict):

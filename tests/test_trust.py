@@ -8,6 +8,7 @@ from scipy.stats import beta
 from sklearn.linear_model import LogisticRegression
 
 from runner.posterior import mass_candidates
+from runner.spec import AcceptSpec
 from runner.trust import (
     choose_threshold,
     clopper_pearson,
@@ -17,6 +18,8 @@ from runner.trust import (
     fit_calibration,
     risk_coverage,
 )
+
+DEFAULT_MIN = AcceptSpec().min_accepted
 
 
 def beta_lower(k: int, n: int, level: float) -> float:
@@ -39,13 +42,13 @@ def test_the_threshold_is_the_lowest_whose_accepted_rows_pass_the_bound():
     assert beta_lower(100, 100, 0.95) == pytest.approx(0.9705, abs=1e-4)
     assert beta_lower(190, 200, 0.95) == pytest.approx(0.9167, abs=1e-4)
     assert beta_lower(240, 300, 0.95) < 0.77
-    at_95 = choose_threshold(confidences, right, 0.95, 0.95)
+    at_95 = choose_threshold(confidences, right, 0.95, 0.95, min_accepted=100)
     assert at_95.threshold == 0.99 and at_95.accepted_share == pytest.approx(1 / 3) and at_95.accuracy == 1.0
     assert at_95.lower_bound == pytest.approx(beta_lower(100, 100, 0.95))
-    at_90 = choose_threshold(confidences, right, 0.90, 0.95)
+    at_90 = choose_threshold(confidences, right, 0.90, 0.95, min_accepted=100)
     assert at_90.threshold == 0.9 and at_90.accepted_share == pytest.approx(2 / 3) and at_90.accuracy == 0.95
     assert at_90.lower_bound == pytest.approx(beta_lower(190, 200, 0.95))
-    nothing = choose_threshold(confidences, right, 0.98, 0.95)  # 100/100 gives only 0.9705
+    nothing = choose_threshold(confidences, right, 0.98, 0.95, min_accepted=100)  # 100/100 gives only 0.9705
     assert nothing.threshold is None and nothing.accepted_share == 0.0 and nothing.accuracy is None
 
 
@@ -119,3 +122,65 @@ def test_risk_coverage_by_hand():
     share, accuracy = risk_coverage(np.array([0.9, 0.2, 0.6]), np.array([True, False, False]))
     assert share == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert accuracy == pytest.approx([1.0, 0.5, 1 / 3])
+
+
+def _old_choose_threshold(confidences, right, target, level):
+    """The threshold as chosen before fixed-sequence testing: every threshold tested, the lowest passing kept."""
+    order = np.argsort(-confidences, kind="stable")
+    n_right = np.cumsum(right[order])
+    accepted = np.arange(1, len(confidences) + 1)
+    passes = np.where(n_right > 0, beta.ppf(1 - level, n_right, accepted - n_right + 1), 0) >= target
+    return bool(passes.any())
+
+
+def _simulate(accuracy: float, runs: int, seed: int) -> tuple[float, float]:
+    """False-pass rates (fixed-sequence, old) on user splits right ``accuracy`` of the time at every confidence."""
+    rng = np.random.default_rng(seed)
+    new_passes = old_passes = 0
+    for _ in range(runs):
+        n = int(rng.integers(400, 1001))
+        confidences = rng.uniform(0.5, 1.0, size=n)
+        right = rng.uniform(size=n) < accuracy
+        new_passes += choose_threshold(confidences, right, 0.95, 0.95, DEFAULT_MIN).threshold is not None
+        old_passes += _old_choose_threshold(confidences, right, 0.95, 0.95)
+    return new_passes / runs, old_passes / runs
+
+
+def test_fixed_sequence_testing_keeps_the_nominal_false_pass_rate():
+    # 2,000 seeded user splits of 400-1000 samples whose accepted rows are right 0.945-0.949 of the
+    # time whatever the threshold (the issue's simulation): any accepted threshold is a false pass.
+    runs, rates = 500, []
+    for seed, accuracy in enumerate((0.945, 0.947, 0.948, 0.949)):
+        rates.append(_simulate(accuracy, runs, seed))
+    new = np.mean([r[0] for r in rates])
+    monte_carlo = 2 * np.sqrt(0.05 * 0.95 / (runs * len(rates)))  # two standard errors at the nominal 5%
+    assert new <= 0.05 + monte_carlo
+    assert np.mean([r[1] for r in rates]) > 0.05 + monte_carlo  # the old scan, on the same splits, fails
+
+
+def test_fixed_sequence_testing_accepts_when_the_rows_are_right_more_often():
+    # Half the samples (confidence above 0.5) right 0.99 of the time, the rest 0.6: the rows above
+    # 0.5 clear the 0.95 target with room, and the default start (200 samples) survives their errors.
+    rng = np.random.default_rng(7)
+    runs, shares, false_passes = 500, [], 0
+    for _ in range(runs):
+        confidences = rng.uniform(size=800)
+        right = rng.uniform(size=800) < np.where(confidences > 0.5, 0.99, 0.6)
+        chosen = choose_threshold(confidences, right, 0.95, 0.95, DEFAULT_MIN)
+        shares.append(chosen.accepted_share)
+        # accepting down to t keeps (0.99 * 0.5 + 0.6 * (0.5 - t)) / (1 - t) >= 0.95 for t >= 0.4429
+        false_passes += chosen.threshold is not None and chosen.threshold < 0.4429
+    assert np.mean(np.array(shares) > 0) >= 0.9
+    assert np.mean(shares) >= 0.4
+    assert false_passes / runs <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / runs)
+
+
+def test_testing_stops_at_the_first_failing_threshold():
+    # 100 right at 0.99, then 100 at 0.9 all wrong (fails), then 1000 at 0.8 all right: the scan
+    # over every threshold would reach 0.8 (1100/1200 passes 0.90); fixed-sequence stops at 0.99.
+    confidences = np.repeat([0.99, 0.9, 0.8], [100, 100, 1000])
+    right = np.repeat([True, False, True], [100, 100, 1000])
+    assert beta_lower(1100, 1200, 0.95) > 0.90
+    assert choose_threshold(confidences, right, 0.90, 0.95, min_accepted=100).threshold == 0.99
+    # fewer accepted samples than min_accepted at the strictest threshold: it is not tested alone
+    assert choose_threshold(confidences, right, 0.90, 0.95, min_accepted=150).threshold is None

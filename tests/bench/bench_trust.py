@@ -27,17 +27,19 @@ import orjson
 
 # this script's folder is on sys.path when it runs
 from bench_neighbour_vote import sample_items
+from bench_threshold import scan_every_threshold
 
 from runner import apply, load_spec, trust
 from runner.bank import Sample, UserSplitInfo, estimate_bank
 from runner.data import load_user_split
 from runner.embeddings import embed
 from runner.fit import fit_cm
-from runner.spec import CMSpec
+from runner.spec import AcceptSpec, CMSpec
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = ["banking77", "clinc150", "massive-en-US", "massive-de-DE", "mtop", "stackexchange"]
 TARGETS = (0.90, 0.95, 0.98)
+MIN_ACCEPTED = AcceptSpec().min_accepted
 RECOMMENDED = CMSpec(
     variant="neighbour_prior", prior="probe", first_call="when_weighted", second_call="never", likelihood_weight=0.0
 )
@@ -89,12 +91,17 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
             "coverage_at_0.9": float(covered),
             "fit_seconds": round(fit_seconds, 1),
         }
+        held_out = fitted.held_out_confidence, fitted.held_out_right
         for target in TARGETS:
-            chosen = trust.choose_threshold(fitted.held_out_confidence, fitted.held_out_right, target, 0.95)
+            chosen = trust.choose_threshold(*held_out, target, 0.95, MIN_ACCEPTED)
             accepted = confidence >= chosen.threshold if chosen.threshold is not None else np.zeros(len(right), bool)
             row[f"share@{target}"] = float(accepted.mean())
             row[f"acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
             row[f"user_share@{target}"] = chosen.accepted_share
+            scanned = scan_every_threshold(*held_out, target, 0.95)  # the rule fixed-sequence testing replaced
+            accepted = confidence >= scanned if scanned is not None else np.zeros(len(right), bool)
+            row[f"scan_share@{target}"] = float(accepted.mean())
+            row[f"scan_acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
         rows.append(row)
         print(orjson.dumps(row).decode(), flush=True)
     return rows
@@ -144,13 +151,18 @@ def run_baseline(name: str, args: argparse.Namespace) -> list[dict]:
                 ("confidence", fitted.held_out_confidence, confidence),
             ):
                 truth = user_right if kind == "probability" else fitted.held_out_right
-                chosen = trust.choose_threshold(user_scores, truth, target, 0.95)
+                chosen = trust.choose_threshold(user_scores, truth, target, 0.95, MIN_ACCEPTED)
                 accepted = scores >= chosen.threshold if chosen.threshold is not None else np.zeros(len(right), bool)
                 row[f"{kind}_share@{target}"] = float(accepted.mean())
                 row[f"{kind}_acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
         rows.append(row)
         print(orjson.dumps(row).decode(), flush=True)
     return rows
+
+
+def _share(row: dict, prefix: str, target: float) -> str:
+    accuracy = row[f"{prefix}acc@{target}"]
+    return f"{100 * row[f'{prefix}share@{target}']:.1f}% / " + ("-" if accuracy is None else f"{100 * accuracy:.1f}%")
 
 
 def main() -> None:
@@ -197,10 +209,7 @@ def main() -> None:
     )
     print("\n" + header + " |\n|" + "---|" * (5 + len(TARGETS)))
     for row in rows:
-        cells = [
-            f"{100 * row[f'share@{t}']:.1f}% / " + ("-" if row[f"acc@{t}"] is None else f"{100 * row[f'acc@{t}']:.1f}%")
-            for t in TARGETS
-        ]
+        cells = [f"{_share(row, '', t)} (scan: {_share(row, 'scan_', t)})" for t in TARGETS]
         print(
             f"| {row['dataset']} | {row['seed']} | {row['n_user']} / {row['n_test']} | {100 * row['accuracy']:.1f}% | "
             f"{row['ece']:.3f} | " + " | ".join(cells) + " |"
