@@ -10,7 +10,8 @@ lines come in shuffled order.
 Faults ride in the user text: ``[[fail]]`` puts that line in the error file with a 500 every time,
 ``[[fail*1]]`` only the first time its text is submitted; ``[[reject]]`` answers 400 (the row's own
 error); ``[[invalid]]`` fails the whole batch's validation. ``--expire-first N`` lets the first N
-batches expire with every other line answered. ``POST /hooks {"point": "upload"|"create"|
+batches expire with every other line answered. ``--reject-field KEY`` answers 400 to every line whose
+body has KEY, as the fault server does online (a server refusing a setting). ``POST /hooks {"point": "upload"|"create"|
 "download", "seconds": S, "skip": K}`` holds the (K+1)-th such request S seconds (an upload before
 the file exists, a create after the batch exists, a download before its bytes), once; kill tests
 land there. ``{"point": "completion", "seconds": S}`` sets how long batches created later take.
@@ -50,6 +51,8 @@ class BatchConfig:
     validating_seconds: float = 0.1
     expire_first: int = 0
     """The first N batches expire, with every other line answered."""
+    reject_field: str | None = None
+    """When set, every line whose body has this key is answered 400 naming it."""
     seed: int = 0
 
 
@@ -294,9 +297,15 @@ class BatchServer(FaultServer):
                 times = scripted.group(2)
                 if times is None or self._text_attempts[text] <= int(times):
                     fault = scripted.group(1)
+            if self.batch_config.reject_field in line["body"]:
+                fault = "refuse"
             if fault is not None:
                 status_code = 500 if fault == "fail" else 400
-                message = "The server had an error (injected)." if fault == "fail" else "Invalid request (injected)."
+                message = {
+                    "fail": "The server had an error (injected).",
+                    "reject": "Invalid request (injected).",
+                    "refuse": f"Unrecognized request argument supplied: {self.batch_config.reject_field}",
+                }[fault]
                 response = {
                     "status_code": status_code,
                     "request_id": request_id,
@@ -329,6 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--completion-seconds", type=float, default=1.0)
     parser.add_argument("--validating-seconds", type=float, default=0.1)
     parser.add_argument("--expire-first", type=int, default=0)
+    parser.add_argument("--reject-field", default=None, help="answer 400 to every line whose body has this key")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop by itself after this long")
     return parser
@@ -339,6 +349,7 @@ async def _serve(args: argparse.Namespace) -> None:
         completion_seconds=args.completion_seconds,
         validating_seconds=args.validating_seconds,
         expire_first=args.expire_first,
+        reject_field=args.reject_field,
         seed=args.seed,
     )
     async with BatchServer(config, port=args.port) as server:

@@ -177,6 +177,17 @@ class PauseGate:
 Verdict = Literal["row", "rerun", "server"]
 
 
+def server_refusal(kind: str, message: str, constraint: str) -> str:
+    """What a job stopped by a tripped ``CircuitBreaker`` says: the server's own words and what to change."""
+    hint = ""
+    if kind == "http_400" and constraint != "none":
+        hint = (
+            f" If the server does not support answers constrained by {constraint}, set "
+            "engine.structured_output (json_schema, or none)."
+        )
+    return f"the server refused every request alike: {message}; none was recorded.{hint}"
+
+
 class CircuitBreaker:
     """Tells a server that refuses every request from one that refuses a few rows.
 
@@ -214,18 +225,24 @@ class CircuitBreaker:
         self._recent.append(None)
         self._settle("row")
 
-    async def refusal(self, kind: str) -> Verdict:
-        """The verdict on a row the server refused with ``kind`` (``http_400``), once there is one."""
+    def refused(self, kind: str) -> bool:
+        """Count one refusal of ``kind`` (``http_400``); True once the server refuses every request alike.
+
+        The Batch API engine feeds a finished batch's lines through this and ``answer`` in the order
+        they were sent, as the online engine sees its responses arrive."""
         self._recent.append(kind)
         if not self.answered:
             self._before_answer[kind] += 1
         window_full = len(self._recent) == self._recent.maxlen
-        if (
-            self.tripped
-            or (not self.answered and self._before_answer[kind] >= self.first)
-            or (window_full and self._recent.count(kind) >= self.share * len(self._recent))
+        if (not self.answered and self._before_answer[kind] >= self.first) or (
+            window_full and self._recent.count(kind) >= self.share * len(self._recent)
         ):
             self.tripped = True
+        return self.tripped
+
+    async def refusal(self, kind: str) -> Verdict:
+        """The verdict on a row the server refused with ``kind`` (``http_400``), once there is one."""
+        if self.refused(kind):
             self._settle("server")
             return "server"
         held: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()

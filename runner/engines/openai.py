@@ -37,6 +37,7 @@ from runner.engines._limits import (
     RateLimitPressure,
     RequestPacer,
     TokenBudget,
+    server_refusal,
 )
 from runner.engines._usage import EngineStats, TokenEstimator
 from runner.engines._wire import (
@@ -150,15 +151,7 @@ class OpenAIEngine:
         return self._fatal
 
     def _refused_by_server(self, error: PermanentError) -> EngineError:
-        hint = ""
-        if error.kind == "http_400" and self.constraint != "none":
-            hint = (
-                f" If the server does not support answers constrained by {self.constraint}, set "
-                "engine.structured_output (json_schema, or none)."
-            )
-        return self._stop(
-            FatalError(error.kind, f"the server refused every request alike: {error}; none was recorded.{hint}")
-        )
+        return self._stop(FatalError(error.kind, server_refusal(error.kind, str(error), self.constraint)))
 
     async def _row(self, request: ChoiceRequest) -> Completion:
         self._breaker.enter()

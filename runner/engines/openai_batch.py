@@ -42,6 +42,7 @@ from runner.engines._batch_wire import (
     split_lines,
     validation_errors,
 )
+from runner.engines._limits import CircuitBreaker, server_refusal
 from runner.engines._wire import (
     OPENAI_BASE_URL,
     FatalError,
@@ -91,6 +92,8 @@ class OpenAIBatchEngine:
         self._last_arrival = 0.0
         self._driver: asyncio.Task[None] | None = None
         self._fatal: EngineError | None = None
+        # the online engine's breaker, fed each finished batch's lines in the order they were sent
+        self._breaker = CircuitBreaker()
         self.counters: Counter[str] = Counter()
         self.line_errors: Counter[str] = Counter()
         self.row_errors: Counter[str] = Counter()
@@ -324,9 +327,14 @@ class OpenAIBatchEngine:
                 self.counters["completion_tokens"] += line.completion_tokens
             else:
                 failed[line_id] = line
+        refused_alike = self._judge_refusals(ids, keep)
+        if refused_alike is not None:  # its refusals are the server's, not the lines': a rerun asks them again
+            keep = {line_id: answer for line_id, answer in keep.items() if answer.text is not None}
         self._record.add_answers(keep)  # fsynced before the batch is marked done
         entry.state = "done"
         self._record.save()
+        if refused_alike is not None:
+            raise refused_alike
         for line_id in ids:
             self._held.pop(line_id, None)
         for line_id, answer in keep.items():
@@ -342,6 +350,22 @@ class OpenAIBatchEngine:
                 future.set_result(LineResult(line_id, error=message, kind=line.kind, retryable=True))
         if failed:
             logger.info("batch %s: %d lines answered, %d to ask again", entry.key, len(keep), len(failed))
+
+    def _judge_refusals(self, ids: Sequence[str], keep: Mapping[str, StoredAnswer]) -> EngineError | None:
+        """The error that stops the job when the server refused most lines alike (a setting, not the rows).
+
+        Otherwise (None) each refusal is that line's own, kept as its permanent answer, as online.
+        """
+        for line_id in ids:
+            answer = keep.get(line_id)
+            if answer is None:
+                continue  # asked again: no verdict on it yet
+            if answer.text is not None:
+                self._breaker.answer()
+            elif self._breaker.refused(answer.kind or "unknown"):
+                message = server_refusal(answer.kind or "unknown", answer.error or "", self.constraint)
+                return EngineError(f"{message} Finished chunks are kept: rerun the same command to resume")
+        return None
 
     async def _adopt(self) -> None:
         """After a kill: a file that never finished uploading made no batch; an uploaded one may have."""

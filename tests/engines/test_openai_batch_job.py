@@ -301,3 +301,18 @@ def test_dry_run_shows_the_batch_price_next_to_the_online_one(data, tmp_path):
     online = float(done.stdout.split("at most about $")[1].split()[0])
     batch = float(done.stdout.split("Batch API (engine.batch is on): at most about $")[1].split()[0])
     assert batch == pytest.approx(online / 2, abs=0.01)
+
+
+def test_a_server_refusing_every_line_alike_stops_the_job_and_records_no_line_as_rejected(data, tmp_path):
+    with batch_server("--reject-field", "response_format") as url:
+        spec = write_spec(tmp_path / "job.yaml", url)
+        done = cm_run(spec, data)
+        counts = served(url)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "refused every request alike" in done.stderr
+    assert "Unrecognized request argument supplied: response_format" in done.stderr  # the server's own message
+    assert "engine.structured_output" in done.stderr
+    assert counts["batches_created"] == 1  # the estimate's batch: refused on every line, the job went no further
+    answers = spec.with_suffix("") / "batch" / "answers.jsonl"
+    recorded = [orjson.loads(line) for line in answers.read_bytes().splitlines()] if answers.exists() else []
+    assert recorded == []  # a rerun against a server that takes the setting asks every line again
