@@ -274,8 +274,8 @@ class AcceptSpec(_Strict):
         description=(
             "Thresholds are tested from the strictest down, stopping at the first that fails (fixed-sequence "
             "testing, which keeps confidence_level without correction); the first tested accepts at least this "
-            "many held-out user samples (all of them when there are fewer). Lower lets a smaller share be "
-            "accepted, but the first test then fails more often and nothing is accepted."
+            "many held-out user samples (half of them when there are fewer than twice this). Lower lets a smaller "
+            "share be accepted, but the first test then fails more often, and then nothing is accepted."
         ),
     )
 

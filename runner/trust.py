@@ -108,7 +108,8 @@ def choose_threshold(
     """The threshold by fixed-sequence testing (Learn-then-Test, Angelopoulos et al., 2021).
 
     Thresholds are the held-out confidences from the highest down; the first tested is the highest
-    that accepts at least ``min_accepted`` samples (all of them when there are fewer). Each is
+    that accepts at least ``min_accepted`` samples (half of them when there are fewer than twice
+    that: a rule fixed by n alone, so the level holds). Each is
     tested by the one-sided Clopper-Pearson lower bound at ``confidence_level`` on its accepted
     samples' accuracy; testing stops at the first that fails and the last one passing is chosen.
     Stopping there is what keeps the level with no correction: the chance of passing a threshold
@@ -130,7 +131,7 @@ def choose_threshold(
     n_right = np.cumsum(right[order])
     # one test per distinct threshold: the last position of each run of equal confidences
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
-    ends = ends[ends + 1 >= min(min_accepted, n)]  # too few accepted: not tested yet
+    ends = ends[ends + 1 >= min(min_accepted, (n + 1) // 2)]  # too few accepted: not tested yet
     passes = lower_bounds(n_right[ends], ends + 1, confidence_level) >= target_accuracy
     failed = np.flatnonzero(~passes)
     last = (failed[0] if len(failed) else len(ends)) - 1
