@@ -125,6 +125,14 @@ class Sample(BaseModel):
         description="The model's answer Y' (a label, or one of free_text_answers), or null if it mapped to none."
     )
     truth: str
+    source: Literal["user_split", "correction"] = Field(
+        default="user_split",
+        description=(
+            "user_split: drawn at random with the user split. correction: added later by a review or "
+            "`cm-run bank update`, chosen by someone rather than at random, so it counts in the bank and the "
+            "priors but never in the held-out samples that tau, the calibration and thresholds are fitted on."
+        ),
+    )
 
 
 class UserSplitInfo(BaseModel):
@@ -297,7 +305,8 @@ def update_bank(bank: MemoryBank, corrections: Sequence[Sample]) -> MemoryBank:
     """The bank with user-corrected examples added: each (model answer, corrected truth) counts once.
 
     No engine call is needed: the answers are the ones the model already gave (e.g. y_prime in
-    annotations.parquet), the truths are what the user says they should have been.
+    annotations.parquet), the truths are what the user says they should have been. They are kept
+    as ``source = correction`` samples: someone chose them, so they are not the random user split.
     """
     known = set(bank.labels)
     # a bank of free-text first answers takes a new free-text answer as a new row; a bank of labels has none
@@ -305,6 +314,7 @@ def update_bank(bank: MemoryBank, corrections: Sequence[Sample]) -> MemoryBank:
     for sample in corrections:
         if sample.truth not in known or (answers is not None and sample.answer not in answers | {None}):
             raise BankError(f"correction {sample.id!r} names a label that is not in the bank's labels")
+    corrections = [s.model_copy(update={"source": "correction"}) for s in corrections]
     counts = bank.counts
     counts.update((s.answer, s.truth) for s in corrections if s.answer is not None)
     return _rebuilt(

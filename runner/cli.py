@@ -366,8 +366,9 @@ def _review_import(args: argparse.Namespace) -> int:
     if labels is None:
         raise DataError(f"{job_dir}: not a finished cm-run job with a fitted CM (no fitted_cm.json)")
     n = import_reviewed(job_dir, Path(args.reviewed), labels)
-    print(f"{job_dir / REVIEWED_FILE}: {n} reviewed rows. Rerun the job's spec: they join the user split, CM is")
-    print("refit, the corpus is re-scored (no first calls again), and they are marked source = human.")
+    print(f"{job_dir / REVIEWED_FILE}: {n} reviewed rows. Rerun the job's spec: they join the bank (calibration")
+    print("stays on the random user split), CM is refit, the corpus is re-scored (no first calls again), and")
+    print("they are marked source = human.")
     return 0
 
 

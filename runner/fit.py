@@ -6,7 +6,9 @@ out. Applying it to corpus items is ``runner.apply``; reading and writing it is 
 business (``save_fitted`` / ``load_fitted``, beside the bank, so a rerun never refits).
 
 Each user sample is scored without itself (leave-one-out counts and neighbours; the probe's
-5-fold held-out probabilities), in this order:
+5-fold held-out probabilities); only samples of the random split are scored, a bank's corrections
+(a review's rows, chosen for low confidence) being part of the bank but not exchangeable with the
+corpus. In this order:
 
 1. the neighbour prior's k and temperature: the pair whose vote alone is most often right;
 2. the likelihood weight w: the one whose posterior argmax is most often right, kept only if it
@@ -191,7 +193,11 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
         if user_vectors is None:
             raise ValueError(f"cm.variant {cm.variant!r} needs the user samples' embeddings")
     probe = fit_probe(user_vectors, truths, n_labels) if uses_neighbours and cm.prior == "probe" else None
-    held = np.flatnonzero(answers >= 0)
+    # Held out, and so the ground of every choice below, are the random split's samples only: a review's
+    # rows (or any correction) were picked, e.g. for low confidence, and are not exchangeable with the corpus.
+    # They stay in the counts, the neighbours and the probe.
+    drawn = np.array([s.source == "user_split" for s in samples], dtype=bool)
+    held = np.flatnonzero((answers >= 0) & drawn)
     asks = None if cm.second_call == "auto" else cm.second_call == "when_ambiguous"
     neighbours = cm.neighbours or NEIGHBOUR_GRID[0]
     temperature = cm.neighbour_temperature or TEMPERATURE_GRID[0]

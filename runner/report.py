@@ -41,16 +41,24 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
 
 
 _HAS_GOLD = pl.col("gold").is_not_null()
+# A reviewer's row (cm-run review import): its y_hat is the reviewer's label, so it says nothing about the model.
+_HUMAN = (pl.col("source") == "human").fill_null(False)
+_MODEL_GOLD = _HAS_GOLD & ~_HUMAN
 
 
 def _right_on_gold(condition: pl.Expr) -> pl.Expr:
-    return (condition.fill_null(False) & _HAS_GOLD).sum()
+    """Rows the model labelled, with gold, where ``condition`` holds."""
+    return (condition.fill_null(False) & _MODEL_GOLD).sum()
 
 
 # Sums over rows: a table's are the sums of its parts', so they are added up batch by batch.
 _SUMS = {
     "n_annotated": pl.len(),
     "n_with_gold": _HAS_GOLD.sum(),
+    "n_model_gold": _MODEL_GOLD.sum(),
+    "n_human": _HUMAN.sum(),
+    "n_human_gold": (_HUMAN & _HAS_GOLD).sum(),
+    "human_agree": (_HUMAN & _HAS_GOLD & (pl.col("y_hat") == pl.col("gold")).fill_null(False)).sum(),
     "right_baseline": _right_on_gold(pl.col("y_prime") == pl.col("gold")),
     "right_cm": _right_on_gold(pl.col("y_hat") == pl.col("gold")),
     "covered": _right_on_gold(pl.col("candidates").list.contains(pl.col("gold"))),
@@ -68,7 +76,7 @@ _SUMS = {
     "completion_tokens": pl.col("completion_tokens").sum(),
 }
 METRIC_COLUMNS = ["gold", "y_prime", "y_hat", "candidates", "y_neighbour", "calls", "fallback", "error"]
-METRIC_COLUMNS += ["prompt_tokens", "completion_tokens"]
+METRIC_COLUMNS += ["prompt_tokens", "completion_tokens", "source"]
 """The columns ``compute_metrics`` reads."""
 
 
@@ -86,6 +94,10 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     ``annotations`` is a table, or its parts one after another (sums, and a histogram of
     candidate-set sizes for their median, are added up part by part): a job passes its
     shards, so memory holds one shard, not a million-row table.
+
+    Accuracies and coverage are the model's: on rows with gold and ``source = model``. Rows a
+    reviewer labelled (``source = human``) are counted apart under ``human``; calls and tokens
+    count every row, as every row was paid for.
     """
     parts = [annotations.lazy().collect()] if isinstance(annotations, pl.DataFrame | pl.LazyFrame) else annotations
     totals: Counter[str] = Counter(dict.fromkeys(_SUMS, 0))
@@ -94,7 +106,7 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
         totals.update({k: v or 0 for k, v in part.select(**_SUMS).row(0, named=True).items()})
         set_sizes = part["candidates"].list.len()
         sizes.update(dict(set_sizes.filter(set_sizes > 0).value_counts().iter_rows()))
-    n, n_gold = totals["n_annotated"], totals["n_with_gold"]
+    n, n_gold = totals["n_annotated"], totals["n_model_gold"]
 
     def share(count: int, of: int) -> float | None:
         return count / of if of else None
@@ -102,7 +114,7 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
     n_sizes = sizes.total()
     return {
         "n_annotated": n,
-        "n_with_gold": n_gold,
+        "n_with_gold": totals["n_with_gold"],
         # None when no first answer was asked for (cm.first_call skipped them all)
         "accuracy_baseline": share(totals["right_baseline"], n_gold) if totals["first_answers"] else None,
         "accuracy_cm": share(totals["right_cm"], n_gold),
@@ -120,20 +132,28 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
         "n_errors": totals["n_errors"],
         "prompt_tokens": totals["prompt_tokens"],
         "completion_tokens": totals["completion_tokens"],
+        "human": {
+            "n_rows": totals["n_human"],
+            "n_with_gold": totals["n_human_gold"],
+            # how often the reviewers' labels match gold: their figure, never the model's
+            "agreement_with_gold": share(totals["human_agree"], totals["n_human_gold"]),
+        },
     }
 
 
 def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] | None:
     """Accepted share, the user split's estimate of their accuracy, and (with gold) what it turned out to be.
 
-    Read from the annotations file, column by column, like every other metric.
+    Read from the annotations file, column by column, like every other metric; on the rows the model
+    labelled (``source = model``): a reviewer's rows are accepted with confidence 1 by fiat, not by the
+    threshold, and ``compute_metrics`` counts them apart.
     """
     if fitted is None:
         return None
     right = (pl.col("y_hat") == pl.col("gold")).fill_null(False)
     with_gold = pl.col("gold").is_not_null()
     bins = pl.min_horizontal((pl.col("confidence") * 10).floor(), pl.lit(9.0))
-    table = pl.scan_parquet(annotations).select("confidence", "accepted", "y_hat", "gold")
+    table = pl.scan_parquet(annotations).filter(~_HUMAN).select("confidence", "accepted", "y_hat", "gold")
     totals = (
         table.select(
             n=pl.len(),
@@ -194,6 +214,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"calls per item {_fixed(metrics['calls_per_item'])}, errors {metrics['n_errors']}, "
         f"empty-row fallbacks {metrics['n_empty_row_fallback']}",
     ]
+    if human := metrics.get("human", {}).get("n_rows"):
+        lines.insert(2, f"{human} rows labelled by reviewers (source = human): not in the model's figures")
     if settings := metrics.get("cm_settings"):
         lines.append("cm " + ", ".join(f"{key} {_setting(value)}" for key, value in settings.items()))
     if trusted := metrics.get("trust"):

@@ -4,9 +4,9 @@
   its candidate set as the reviewer's options (most probable first).
 - ``export_csv``: the same rows as CSV for labelling tools, with an empty ``label`` column.
 - ``import_reviewed``: a reviewed CSV (or parquet/jsonl) back into the job directory as
-  ``reviewed.parquet``. The next run of the job adds those rows to the user split (the bank
-  update; the priors refit), re-scores the corpus with the refit CM, and marks them
-  ``source = human``.
+  ``reviewed.parquet``. The next run of the job adds those rows to the bank as corrections (the
+  bank update; the priors refit; tau, calibration and thresholds stay on the random user split:
+  ``runner.fit``), re-scores the corpus with the refit CM, and marks them ``source = human``.
 - ``risk_coverage_plot``: accuracy of accepted rows against the share accepted.
 """
 

@@ -131,6 +131,26 @@ def test_update_adds_corrections_without_re_estimating():
         update_bank(bank, [Sample(id="c3", text="z", answer="9", truth="1")])
 
 
+def test_corrections_stay_marked_as_such_through_the_bank_file(tmp_path):
+    # The fit holds out only samples of the random split; a correction is someone's choice (runner.fit).
+    from runner.bank import Sample, update_bank
+
+    drawn = [Sample(id="u1", text="a", answer="4", truth="1"), Sample(id="u2", text="b", answer="2", truth="2")]
+    bank = estimate_bank(
+        [(s.answer, s.truth) for s in drawn],
+        LABELS,
+        dataset="toy",
+        model="m",
+        strategy="z",
+        user_split=SPLIT,
+        samples=drawn,
+    )
+    updated = update_bank(bank, [Sample(id="c1", text="x", answer="4", truth="3")])  # given as user_split
+    save_bank(updated, tmp_path / "bank.json")
+    sources = [(s.id, s.source) for s in load_bank(tmp_path / "bank.json").samples]
+    assert sources == [("u1", "user_split"), ("u2", "user_split"), ("c1", "correction")]
+
+
 def test_merge_sums_counts_and_refuses_other_label_sets():
     from runner.bank import merge_banks
 

@@ -8,7 +8,10 @@ import math
 
 import numpy as np
 import orjson
+import polars as pl
 import pytest
+from scipy.stats import binomtest
+from sklearn.linear_model import LogisticRegression
 
 from runner import apply
 from runner.bank import Sample, UserSplitInfo, estimate_bank
@@ -20,10 +23,12 @@ from runner.fit import (
     FittedCM,
     _earned_weight,
     finish_fit,
+    fit_cm,
     prepare_fit,
 )
 from runner.probe import fit_probe
-from runner.spec import CMSpec
+from runner.review import with_reviewed
+from runner.spec import AcceptSpec, CMSpec
 
 LABELS = ["pets", "weather", "music"]
 SPLIT = UserSplitInfo(path="u", fraction=None, seed=0, stratified=True, n_samples=0)
@@ -425,3 +430,74 @@ async def test_a_job_with_second_call_auto_asks_user_samples_once_and_follows_th
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / "out-wrong")})})
     wrong = await run_job(spec, engine=ScriptedEngine(first, wrong_within_c, n_labels=3), embed=toy_embed)
     assert wrong.metrics["cm_settings"]["second_call"] == "never" and wrong.metrics["calls_per_item"] == 1
+
+
+# --- a review's rows: in the bank and the priors, not in what is calibrated on ---------------
+
+# The random user split, as counts (the model's answer <- the truths behind it):
+# answer pets <- 25 pets + 3 music; answer weather <- 25 weather; answer music <- 10 music + 2 pets.
+RANDOM = [Sample(id=f"p{i}", text="cat", answer="pets", truth="pets") for i in range(25)]
+RANDOM += [Sample(id=f"m{i}", text="song", answer="pets", truth="music") for i in range(3)]
+RANDOM += [Sample(id=f"w{i}", text="rain", answer="weather", truth="weather") for i in range(25)]
+RANDOM += [Sample(id=f"n{i}", text="band", answer="music", truth="music") for i in range(10)]
+RANDOM += [Sample(id=f"q{i}", text="loud dog", answer="music", truth="pets") for i in range(2)]
+# Rows a review picked for their low confidence: mostly the model's mistakes.
+REVIEWED = pl.DataFrame(
+    [(f"r{i}", "loud cat", "music", "pets") for i in range(3)] + [(f"s{i}", "tune", "pets", "music") for i in range(3)],
+    schema=["id", "text", "y_prime", "label"],
+    orient="row",
+)
+ACCEPT = AcceptSpec(target_accuracy=0.9, confidence_level=0.9, min_accepted=20)
+
+
+def threshold_by_hand(confidence, right, target, level, min_accepted):
+    """Fixed-sequence testing written out: distinct confidences from the highest down, the first tested
+    accepting at least min_accepted, each passing while its accepted rows' Clopper-Pearson bound reaches target."""
+    chosen = None
+    for value in sorted(set(confidence), reverse=True):
+        accepted = [r for c, r in zip(confidence, right, strict=True) if c >= value]
+        if len(accepted) < min(min_accepted, len(confidence)):
+            continue
+        test = binomtest(sum(accepted), len(accepted), alternative="greater")
+        if test.proportion_ci(confidence_level=level, method="exact").low < target:
+            break
+        chosen = value
+    return chosen
+
+
+def test_reviewed_rows_join_the_bank_but_tau_calibration_and_threshold_rest_on_the_random_split_alone():
+    cm = CMSpec(variant="counts", coverage=0.9, likelihood_weight=1.0, second_call="never", accept=ACCEPT)
+    bank = with_reviewed(bank_from(RANDOM), REVIEWED)
+    fitted = fit_cm(bank, cm)
+    everyone = list(bank.samples)
+    assert len(everyone) == len(RANDOM) + 6 and fitted.counts.sum() == len(RANDOM) + 6  # the bank has them
+    assert fitted.counts[LABELS.index("music"), LABELS.index("pets")] == 2 + 3
+
+    # Each random sample scored by every other sample, the reviewed ones included (they are the bank),
+    # and only the random samples' scores used for tau, the calibration and the threshold.
+    posteriors = [counts_posterior_by_hand(everyone, i, weight=1.0) for i in range(len(RANDOM))]
+    truths = [LABELS.index(s.truth) for s in RANDOM]
+    tau = conformal_quantile_by_hand([conformity_by_hand(p, t) for p, t in zip(posteriors, truths, strict=True)], 0.9)
+    assert fitted.tau == pytest.approx(tau)
+    scores = np.array([p.max() for p in posteriors])  # second_call never: y_hat is the most probable label
+    right = np.array([int(np.argmax(p)) == t for p, t in zip(posteriors, truths, strict=True)])
+    logits = np.log(scores / (1 - scores)).reshape(-1, 1)
+    reference = LogisticRegression(C=1e6, max_iter=1000).fit(logits, right)
+    assert fitted.calibration.slope == pytest.approx(reference.coef_[0, 0], rel=1e-4)
+    assert fitted.calibration.intercept == pytest.approx(reference.intercept_[0], rel=1e-4)
+    confidence = list(reference.predict_proba(logits)[:, 1])
+    threshold = threshold_by_hand(confidence, right, 0.9, 0.9, 20)
+    assert threshold is not None and fitted.acceptance.threshold == pytest.approx(threshold, rel=1e-4)
+    assert fitted.acceptance.n == len(fitted.held_out_right) == len(RANDOM)
+
+
+def test_plain_confidence_with_reviewed_rows_in_a_row_of_their_own_is_the_random_splits_alone():
+    # The random split never answers music, so the reviewed rows (all answered music) change no random
+    # sample's count share: calibration and threshold must be those of the random split without them.
+    random = [s for s in RANDOM if s.answer != "music"]
+    reviewed = REVIEWED.filter(pl.col("y_prime") == "music")
+    cm = CMSpec(enabled=False, accept=ACCEPT)
+    alone, with_review = fit_cm(bank_from(random), cm), fit_cm(with_reviewed(bank_from(random), reviewed), cm)
+    assert with_review.counts[LABELS.index("music"), LABELS.index("pets")] == 3  # in the bank
+    assert with_review.calibration == alone.calibration and with_review.acceptance == alone.acceptance
+    assert np.array_equal(with_review.held_out_confidence, alone.held_out_confidence)

@@ -94,3 +94,24 @@ def test_summary_of_an_empty_corpus_says_so_instead_of_failing():
         "no candidate sets",
         "calls per item n/a, errors 0, empty-row fallbacks 0",
     ]
+
+
+def test_a_reviewers_rows_are_counted_apart_from_the_models_accuracy():
+    # TABLE's rows (the model's) plus three a reviewer labelled: two as gold says, one not, one without gold.
+    human = annotations(
+        [
+            ("iot", "alarm", "iot", ["alarm", "iot"], 2),
+            ("music", "music", "alarm", ["music"], 1),
+            (None, "iot", "iot", ["iot"], 1),
+        ]
+    ).with_columns(source=pl.lit("human"))
+    table = pl.concat([TABLE.with_columns(source=pl.lit("model")), human])
+    metrics = compute_metrics(table)
+    # As test_metrics_of_a_small_table: the model's 5 rows with gold, 2 right first answers, 3 right labels.
+    assert metrics["accuracy_baseline"] == 2 / 5 and metrics["accuracy_cm"] == 3 / 5 and metrics["coverage"] == 4 / 5
+    assert metrics["human"] == {"n_rows": 3, "n_with_gold": 2, "agreement_with_gold": 1 / 2}
+    assert metrics["n_annotated"] == 9 and metrics["n_with_gold"] == 7 and metrics["calls_per_item"] == 13 / 9
+    assert compute_metrics(iter([table.slice(0, 7), table.slice(7, 2)])) == metrics
+    assert compute_metrics(TABLE)["human"] == {"n_rows": 0, "n_with_gold": 0, "agreement_with_gold": None}
+    lines = summary_lines({**metrics, "n_user": 4})
+    assert lines[2] == "3 rows labelled by reviewers (source = human): not in the model's figures"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import polars as pl
 import pytest
@@ -18,7 +19,9 @@ USER += [(f"uc{i}", "c", "b" if i < 10 else "c") for i in range(20)]
 CORPUS = [(f"ca{i}", "a", "a") for i in range(10)]
 CORPUS += [(f"cb{i}", "b", "b") for i in range(6)]
 CORPUS += [(f"cc{i}", "c", "b" if i < 3 else "c") for i in range(6)]
-CM = "cm: {variant: counts, second_call: never, accept: {target_accuracy: 0.9, confidence_level: 0.95}}"
+# min_accepted 40: the first threshold tested accepts the 40 held-out a's (the default, 200, exceeds the split)
+ACCEPT = "{target_accuracy: 0.9, confidence_level: 0.95, min_accepted: 40}"
+CM = f"cm: {{variant: counts, second_call: never, accept: {ACCEPT}}}"
 
 
 @pytest.fixture
@@ -73,7 +76,7 @@ async def test_reviewed_labels_come_back_as_human_rows_without_asking_the_model_
     assert (human["y_hat"] == human["gold"]).all() and human["accepted"].all()
     assert result.metrics["n_user"] == 80 and result.metrics["run"]["rows_rescored"] == 22
     fitted = orjson.loads((out / "fitted_cm.json").read_bytes())
-    assert fitted["trust"]["held_out_samples"] == 80 + 9  # the reviewed rows joined the user split
+    assert fitted["trust"]["held_out_samples"] == 80  # the reviewed rows joined the bank, not the held-out samples
 
 
 def test_a_reviewed_label_outside_the_label_set_names_its_row(job, tmp_path, capsys):
@@ -88,3 +91,48 @@ def test_a_reviewed_label_outside_the_label_set_names_its_row(job, tmp_path, cap
     assert cli.main(["review", "import", str(tmp_path / "out"), str(tmp_path / "bad.csv")]) == cli.EXIT_INPUT
     assert "row 2: id 'nope' is not a row of" in capsys.readouterr().err
     assert not (tmp_path / "out/reviewed.parquet").exists()  # nothing half-imported
+
+
+def _ece(confidence: np.ndarray, right: np.ndarray) -> float:
+    """Expected calibration error, ten equal-width bins, written out here from its definition."""
+    total = 0.0
+    for b in range(10):
+        low, high = b / 10, (b + 1) / 10
+        members = (confidence >= low) & ((confidence < high) if b < 9 else (confidence <= high))
+        if members.any():
+            total += abs(right[members].sum() - confidence[members].sum())
+    return total / len(confidence)
+
+
+async def test_after_a_review_the_models_figures_are_on_its_own_rows_and_the_human_rows_apart(job, tmp_path):
+    spec, engine = job
+    await run_job(spec, engine=engine())
+    out = tmp_path / "out"
+    ids = {t: str(i) for i, (t, _, _) in enumerate(CORPUS)}  # the toy corpus's ids are its row numbers
+    # Three of the nine rows in review: cc0 labelled right (c), cb0 wrongly (a, gold b), cb1 right (b).
+    (tmp_path / "reviewed.csv").write_text(f"id,label\n{ids['cc0']},c\n{ids['cb0']},a\n{ids['cb1']},b\n")
+    assert cli.main(["review", "import", str(out), str(tmp_path / "reviewed.csv")]) == 0
+    result = await run_job(spec, engine=engine())
+    table = pl.read_parquet(out / "annotations.parquet")
+    assert sorted(table.filter(pl.col("source") == "human")["id"].to_list()) == sorted(
+        ids[t] for t in ("cc0", "cb0", "cb1")
+    )
+    model = table.filter(pl.col("source") == "model")
+    # The model's 19 rows: ca0-9 and cc3-5 answered right and accepted, cb2-5 answered b (right) and cc1-2
+    # answered b (wrong), those six in review. So its accuracy is 17/19; counting the reviewer's three
+    # labels (two right) it would be 19/22.
+    assert model.height == 19 and model["accepted"].to_list() == [y != "b" for y in model["y_prime"]]
+    right = (model["y_hat"] == model["gold"]).to_numpy()
+    metrics = result.metrics
+    assert metrics["accuracy_cm"] == pytest.approx(17 / 19) == pytest.approx(right.mean())
+    assert metrics["accuracy_baseline"] == pytest.approx(17 / 19)
+    assert metrics["coverage"] == pytest.approx(19 / 19)  # every model row's set holds its gold label
+    assert metrics["human"] == {"n_rows": 3, "n_with_gold": 3, "agreement_with_gold": pytest.approx(2 / 3)}
+    assert metrics["n_annotated"] == 22  # every row is still counted as annotated (and its calls paid)
+    trust = metrics["trust"]
+    assert trust["n_accepted"] == 13 and trust["n_review"] == 6 and trust["accepted_share"] == pytest.approx(13 / 19)
+    assert trust["accuracy_accepted"] == 1.0 and trust["accuracy_review"] == pytest.approx(4 / 6)
+    assert trust["calibration_error"] == pytest.approx(_ece(model["confidence"].to_numpy(), right))
+    # The refit calibrates on the 80 random user samples only; the 3 reviewed rows joined the bank.
+    assert trust["held_out_samples"] == 80
+    assert orjson.loads((out / "fitted_cm.json").read_bytes())["trust"]["held_out_samples"] == 80
