@@ -14,6 +14,7 @@ by stage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -21,12 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import polars as pl
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from runner import load_spec  # noqa: E402
+from runner.engines._wire import request_body  # noqa: E402
+from runner.engines.base import ChoiceRequest, Completion  # noqa: E402
+from runner.pipeline import _prompt_texts, load_inputs  # noqa: E402
+from runner.strategies import make_strategy  # noqa: E402
 from tests.fault_server import serving_process  # noqa: E402
 
 CONFIGS = {
@@ -78,6 +85,44 @@ def run(spec: Path) -> dict:
     return {**metrics["run"], "wall_seconds": time.perf_counter() - started}
 
 
+class _Recorder:
+    """An engine that keeps the requests a strategy makes (and answers none), to replay them bare."""
+
+    def __init__(self) -> None:
+        self.requests: list[ChoiceRequest] = []
+
+    async def complete(self, requests: list[ChoiceRequest]) -> list[Completion]:
+        self.requests.extend(requests)
+        return [Completion(text=None, error="recorded") for _ in requests]
+
+
+def cm_off_requests(spec_path: Path, rows: int) -> list[bytes]:
+    """The request bodies a CM-off job sends for its corpus: the job's own strategy renders them."""
+    spec = load_spec(spec_path)
+    inputs = load_inputs(spec)
+    strategy = make_strategy(spec.strategy, inputs.labels, spec.generation)
+    recorder = _Recorder()
+    texts = _prompt_texts(next(iter(inputs.corpus.chunks(rows)))[1], spec.dataset.max_text_chars)
+    asyncio.run(strategy.classify(recorder, texts, [inputs.labels.labels] * len(texts)))
+    return [orjson.dumps(request_body("fault-model", request, "vllm_choice")) for request in recorder.requests]
+
+
+async def _bare(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """rows/s of a bare aiohttp + orjson client sending ``bodies`` at ``concurrency``: the transport's limit."""
+    queue = iter(bodies)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def worker() -> None:
+            for body in queue:
+                async with session.post(f"{url}/chat/completions", data=body, headers=headers) as response:
+                    orjson.loads(await response.read())["choices"][0]["message"]["content"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(bodies) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=40_000)
@@ -94,6 +139,9 @@ def main() -> None:
     print("| configuration | executor | rows/s annotating | driver CPU ms/row | workers' CPU ms/row by stage |")
     print("|---|---|---|---|---|")
     with serving_process("--latency", "0", "--max-seconds", "3600") as url:
+        bare_spec = write_spec(root, "bare", args.data_dir, corpus, url, CONFIGS["off"], executors["local"])
+        bare = asyncio.run(_bare(url, cm_off_requests(bare_spec, args.rows), concurrency=256))
+        print(f"| bare aiohttp + orjson client, the same CM-off requests | - | {bare:.0f} | - | - |", flush=True)
         for config in args.configs.split(","):
             for executor, setting in executors.items():
                 name = f"{config}-{executor}"
@@ -101,7 +149,8 @@ def main() -> None:
                 stages = result.get("executor", {}).get("worker_cpu_ms_per_row", {})
                 stage_text = ", ".join(f"{stage} {value:.3f}" for stage, value in stages.items()) or "-"
                 print(
-                    f"| {config} | {executor} | {result['items_per_second']:.0f} | "
+                    f"| {config} | {executor} | {result['items_per_second']:.0f} "
+                    f"({result['items_per_second'] / bare:.2f} x bare) | "
                     f"{result['driver_cpu_ms_per_row']:.4f} | {stage_text} |",
                     flush=True,
                 )

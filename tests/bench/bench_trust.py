@@ -39,7 +39,6 @@ from runner.spec import AcceptSpec, CMSpec
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = ["banking77", "clinc150", "massive-en-US", "massive-de-DE", "mtop", "stackexchange"]
 TARGETS = (0.90, 0.95, 0.98)
-MIN_ACCEPTED = AcceptSpec().min_accepted
 RECOMMENDED = CMSpec(
     variant="neighbour_prior", prior="probe", first_call="when_weighted", second_call="never", likelihood_weight=0.0
 )
@@ -93,7 +92,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         }
         held_out = fitted.held_out_confidence, fitted.held_out_right
         for target in TARGETS:
-            chosen = trust.choose_threshold(*held_out, target, 0.95, MIN_ACCEPTED)
+            chosen = trust.choose_threshold(*held_out, target, 0.95, args.min_accepted)
             accepted = confidence >= chosen.threshold if chosen.threshold is not None else np.zeros(len(right), bool)
             row[f"share@{target}"] = float(accepted.mean())
             row[f"acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
@@ -151,7 +150,7 @@ def run_baseline(name: str, args: argparse.Namespace) -> list[dict]:
                 ("confidence", fitted.held_out_confidence, confidence),
             ):
                 truth = user_right if kind == "probability" else fitted.held_out_right
-                chosen = trust.choose_threshold(user_scores, truth, target, 0.95, MIN_ACCEPTED)
+                chosen = trust.choose_threshold(user_scores, truth, target, 0.95, args.min_accepted)
                 accepted = scores >= chosen.threshold if chosen.threshold is not None else np.zeros(len(right), bool)
                 row[f"{kind}_share@{target}"] = float(accepted.mean())
                 row[f"{kind}_acc@{target}"] = float(right[accepted].mean()) if accepted.any() else None
@@ -172,6 +171,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--n", type=int, default=1000, help="test items per dataset (a seeded sample)")
     parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--min-accepted", type=int, default=AcceptSpec().min_accepted, help="cm.accept.min_accepted")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
     parser.add_argument(
         "--baseline",
