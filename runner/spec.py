@@ -269,7 +269,7 @@ class AcceptSpec(_Strict):
         ),
     )
     min_accepted: int = Field(
-        default=200,
+        default=100,
         ge=1,
         description=(
             "Thresholds are tested from the strictest down, stopping at the first that fails (fixed-sequence "
