@@ -13,7 +13,6 @@ from runner.engines.base import EngineError
 from runner.spec import VLLMEngineSpec
 
 LOCAL_ADDRESS = "local"
-SUBREAPER = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 
 
 def say(message: str) -> None:
@@ -61,10 +60,6 @@ def join_or_start_ray(
             f"{setting} = {cpus:g} CPUs, but this machine has {machine_cpus}: lower them, or set a Ray address "
             "to a cluster"
         )
-    # Ray's own sweep of a dead worker's descendants, even a SIGKILLed one's: a replica killed while
-    # vLLM loads (ray.kill is all it can get then) would otherwise leave its engine core behind.
-    # Clusters set it on their nodes (deploy/README.md).
-    os.environ.setdefault(SUBREAPER, "true")
     ray.init(
         address=LOCAL_ADDRESS,
         num_cpus=machine_cpus + math.ceil(extra_cpus),

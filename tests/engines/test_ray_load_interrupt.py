@@ -1,8 +1,10 @@
 """Ctrl-C while two vLLM replicas are still loading: the job ends and leaves no process behind.
 
 A replica still loading never answers a shutdown call (vLLM's engine start blocks its actor), so
-it only gets ``ray.kill``, which SIGKILLs the actor and would orphan vLLM's engine-core process.
-Real vLLM (the embedded SmolLM2), a real local Ray started by the cm-run process, a real SIGINT.
+it only gets ``ray.kill``, which SIGKILLs the actor: the review feared this orphans vLLM's
+engine-core process. Here it does not (vLLM's core ends with its parent; this passed before any
+change, also with Ray's raylet subreaper off); the test keeps it so. Real vLLM (the embedded
+SmolLM2), a real local Ray started by the cm-run process, a real SIGINT.
 """
 
 from __future__ import annotations
