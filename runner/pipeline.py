@@ -472,18 +472,11 @@ async def annotate_rows(
     async def annotate_one(
         text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None
     ) -> dict[str, Any]:
-        if skip_first:
-            first = Answer(label=None, raw="", calls=0)
-        elif before is not None and (before["y_prime"] is not None or before["error_kind"] == "rejected"):
-            first = Answer(
-                before["y_prime"],
-                None,
-                before["calls"] if before["y_prime"] is None else 1,
-                error=before["error"] if before["y_prime"] is None else None,
-                error_kind=before["error_kind"] if before["y_prime"] is None else None,
-            )
-        else:
-            first = (await first_answers(strategy, engine, [text], labels))[0]
+        # Y', one rule: a first answer on file is kept, whether or not this fit weighs it (it was paid
+        # for, and a later fit may); else none is asked when it cannot change C; else the model is asked.
+        first = _stored_first(before)
+        if first is None:
+            first = _SKIPPED if skip_first else (await first_answers(strategy, engine, [text], labels))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
             "y_prime_probability": first.probability,
@@ -518,9 +511,9 @@ async def annotate_rows(
             y_neighbour=refinement.neighbour_vote,
         )
         y_hat = refinement.decided
-        asked_before = before is not None and before["y_hat"] is not None and before["source"] == "model"
-        if refinement.needs_second_call and asked_before and set(before["candidates"]) == set(refinement.candidates):
-            y_hat = before["y_hat"]  # the model already chose within this very set
+        chosen = _stored_choice(before, refinement.candidates) if refinement.needs_second_call else None
+        if chosen is not None:
+            y_hat = chosen  # the model already chose within this very set
         elif refinement.needs_second_call:
             second = (await strategy.classify(engine, [text], [refinement.candidates]))[0]
             y_hat = second.label
@@ -542,6 +535,33 @@ async def annotate_rows(
         if batched is not None:
             batched.flush()
     return _annotation_frame(rows, records)
+
+
+_SKIPPED = Answer(label=None, raw="", calls=0)
+"""The first answer of a row whose fit cannot use it (``needs_answer`` False): not asked for."""
+
+
+def _stored_first(before: dict[str, Any] | None) -> Answer | None:
+    """The outcome of the first call an earlier fit made on this row; None when there is none to keep.
+
+    Every outcome is kept but an engine failure (asked again, as on resume): a label, an answer
+    naming no label, a refusal for good. A row with no answer but candidates had its first call
+    skipped (that fit could not use it); a first call that gave no label leaves no candidates.
+    """
+    if before is None:
+        return None
+    if before["y_prime"] is not None:
+        return Answer(before["y_prime"], None, before["calls"])
+    if before["candidates"] or before["error_kind"] not in ("unparsed", "rejected"):
+        return None
+    return Answer(None, None, before["calls"], error=before["error"], error_kind=before["error_kind"])
+
+
+def _stored_choice(before: dict[str, Any] | None, candidates: Sequence[str]) -> str | None:
+    """The model's earlier choice for this row if it was made among exactly ``candidates`` (a reviewer's is none)."""
+    if before is None or before["y_hat"] is None or before["source"] != "model":
+        return None
+    return before["y_hat"] if set(before["candidates"]) == set(candidates) else None
 
 
 def annotate_work(
@@ -681,12 +701,16 @@ async def _rescore(
     embed: Embedder | None,
     reviewed: pl.DataFrame | None,
 ) -> int:
-    """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored."""
+    """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored.
+
+    Chunks run as the first run annotated them: ``chunks_in_flight`` at once, a whole phase for an
+    engine that answers phases (one batch of second calls for the corpus, not one per chunk).
+    """
     finished = checkpoint.finished(manifest, "annotate")
     total = 0
-    for number, chunk in inputs.corpus.chunks(spec.output.chunk_size):
-        if number not in finished:
-            continue  # annotated with this fit when its turn comes
+
+    async def one(number: int, chunk: pl.DataFrame) -> None:
+        nonlocal total
         shard = pl.read_parquet(checkpoint.shard_path("annotate", number))
         rows = chunk.join(shard.select("id"), on="id", how="semi", maintain_order="left")
         previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
@@ -695,6 +719,10 @@ async def _rescore(
         )
         checkpoint.write_shard(manifest, "annotate", number, mark_reviewed(rescored, reviewed))
         total += rescored.height
+
+    chunks = inputs.corpus.chunks(spec.output.chunk_size)
+    # a chunk not finished is annotated with this fit when its turn comes
+    await _bounded((partial(one, n, chunk) for n, chunk in chunks if n in finished), _in_flight(spec, engine))
     return total
 
 
@@ -786,7 +814,9 @@ async def _run_job(
         if bank is not None:
             key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
             fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
-            if manifest.fit_key not in (None, key):  # reviewed rows came back: the corpus is scored anew
+            # fit_key None: no fit recorded for the shards on file. Shards scored with another fit (reviewed
+            # rows came back) or with one not recorded are scored anew; no shard, nothing to score
+            if checkpoint.finished(manifest, "annotate") and manifest.fit_key != key:
                 run["rows_rescored"] = await _rescore(
                     spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed
                 )
