@@ -493,9 +493,8 @@ async def annotate_rows(
             "error_kind": first.error_kind,
             "y_neighbour": None,
         }
-        if before is not None:  # what was spent on this row before counts as spent
-            kept = ("calls", "prompt_tokens", "completion_tokens", "y_prime_probability")
-            record.update({key: before[key] for key in kept})
+        if before is not None:  # what was spent on this row before counts as spent, beside what is asked now
+            record.update({key: record[key] + before[key] for key in ("calls", "prompt_tokens", "completion_tokens")})
         if first.label is None and not skip_first:
             return record  # the call failed or its answer did not parse: recorded in error, error_kind
         if fitted is None:  # CM off: the answer is its own, single candidate (a free-text answer names none)
@@ -550,11 +549,11 @@ def _stored_first(before: dict[str, Any] | None) -> Answer | None:
     """
     if before is None:
         return None
-    if before["y_prime"] is not None:
-        return Answer(before["y_prime"], None, before["calls"])
+    if before["y_prime"] is not None:  # nothing is spent on it now: its cost is in the row's earlier calls
+        return Answer(before["y_prime"], None, 0, probability=before["y_prime_probability"])
     if before["candidates"] or before["error_kind"] not in ("unparsed", "rejected"):
         return None
-    return Answer(None, None, before["calls"], error=before["error"], error_kind=before["error_kind"])
+    return Answer(None, None, 0, error=before["error"], error_kind=before["error_kind"])
 
 
 def _stored_choice(before: dict[str, Any] | None, candidates: Sequence[str]) -> str | None:

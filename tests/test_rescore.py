@@ -134,3 +134,22 @@ async def test_shards_whose_fit_the_manifest_does_not_record_are_scored_anew(toy
     assert result.metrics["run"]["rows_rescored"] == 12 and engine.requests == []  # every answer reused
     assert pl.read_parquet(tmp_path / "out/annotations.parquet").equals(first)
     assert orjson.loads(manifest.read_bytes())["fit_key"] is not None
+
+
+async def test_a_rescore_asks_again_only_the_first_calls_the_engine_failed_on(toy_job, tmp_path, write):
+    corpus = [*CORPUS, ("garbled", "a"), ("timed out", "a")]
+    spec = toy_job(USER, corpus, labels=LABELS, extra=CM)
+    # 'garbled' gets an answer naming no label (final: resume does not ask again); 'timed out' an engine failure
+    await run_job(spec, engine=ScriptedEngine(FIRST, n_labels=3, failing={"timed out"}))
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert table["error_kind"].to_list()[-2:] == ["unparsed", "engine"]
+    write("reviewed.csv", f"id,label\n{table['id'][0]},b\n")
+    import_reviewed(tmp_path / "out", tmp_path / "reviewed.csv", LABELS)
+    engine = ScriptedEngine(FIRST | {"timed out": "a"}, {text: "a" for text, _ in corpus}, n_labels=3)
+    result = await run_job(spec, engine=engine)
+    assert result.metrics["run"]["rows_rescored"] == len(corpus)
+    assert [r.messages[-1].content for r in engine.requests if len(r.choices) == 3] == ["timed out"]
+    rescored = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert rescored["error_kind"].to_list()[-2:] == ["unparsed", None] and rescored["y_hat"][-1] == "a"
+    # what was spent counts: 'garbled' its one call; 'timed out' the failed one, its first answer, a second call
+    assert rescored["calls"].to_list()[-2:] == [1, 3]
