@@ -699,20 +699,27 @@ async def _rescore(
     manifest: Manifest,
     embed: Embedder | None,
     reviewed: pl.DataFrame | None,
+    earlier: FittedCM | None,
 ) -> int:
     """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored.
 
     Chunks run as the first run annotated them: ``chunks_in_flight`` at once, a whole phase for an
     engine that answers phases (one batch of second calls for the corpus, not one per chunk).
+    ``earlier`` is the fit that scored them, when it can be read.
     """
     finished = checkpoint.finished(manifest, "annotate")
     total = 0
+    # An earlier label is the model's choice within its set only if that fit made second calls; with
+    # cm.second_call auto its own trial decided (not known when it cannot be read: the model is asked).
+    chose_within_sets = earlier.asks_second_call if earlier is not None else spec.cm.second_call != "auto"
 
     async def one(number: int, chunk: pl.DataFrame) -> None:
         nonlocal total
         shard = pl.read_parquet(checkpoint.shard_path("annotate", number))
         rows = chunk.join(shard.select("id"), on="id", how="semi", maintain_order="left")
         previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
+        if not chose_within_sets:  # labels decided without asking: no choice of the model's to reuse
+            previous = previous.with_columns(pl.lit(None, dtype=pl.String).alias("y_hat"))
         rescored = await annotate_rows(
             rows, engine, strategy, inputs.labels, fitted, spec.dataset.max_text_chars, embed, previous
         )
@@ -812,12 +819,15 @@ async def _run_job(
         reviewed = read_reviewed(checkpoint.directory)
         if bank is not None:
             key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
-            fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
             # fit_key None: no fit recorded for the shards on file. Shards scored with another fit (reviewed
             # rows came back) or with one not recorded are scored anew; no shard, nothing to score
-            if checkpoint.finished(manifest, "annotate") and manifest.fit_key != key:
+            rescore = bool(checkpoint.finished(manifest, "annotate")) and manifest.fit_key != key
+            # the fit that scored them, read before this one replaces it on disk
+            earlier = load_fitted(checkpoint.directory, manifest.fit_key) if rescore and manifest.fit_key else None
+            fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
+            if rescore:
                 run["rows_rescored"] = await _rescore(
-                    spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed
+                    spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed, earlier
                 )
             manifest.fit_key = key
             checkpoint.save(manifest)

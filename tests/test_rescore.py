@@ -107,7 +107,7 @@ async def test_a_rescore_keeps_a_paid_first_answer_the_new_fit_does_not_weigh(to
         assert refit.labels == tuple(LABELS)
         engine = ScriptedEngine(ANSWERS, n_labels=3)
         manifest = checkpoint.load()
-        await _rescore(spec, inputs, refit, engine, strategy, checkpoint, manifest, toy_embed, None)
+        await _rescore(spec, inputs, refit, engine, strategy, checkpoint, manifest, toy_embed, None, None)
         return engine, pl.read_parquet(checkpoint.shard_path("annotate", 0))
 
     # a refit that no longer weighs the first answer need not ask for it, but keeps the one paid for
@@ -153,3 +153,35 @@ async def test_a_rescore_asks_again_only_the_first_calls_the_engine_failed_on(to
     assert rescored["error_kind"].to_list()[-2:] == ["unparsed", None] and rescored["y_hat"][-1] == "a"
     # what was spent counts: 'garbled' its one call; 'timed out' the failed one, its first answer, a second call
     assert rescored["calls"].to_list()[-2:] == [1, 3]
+
+
+async def test_a_label_no_second_call_chose_is_not_taken_for_the_models_choice_when_a_refit_asks(toy_job, tmp_path):
+    from tests.test_fit import ANSWERS, SAMPLES, toy_embed
+    from tests.test_fit import CORPUS as NEIGHBOUR_CORPUS
+    from tests.test_fit import LABELS as NEIGHBOUR_LABELS
+
+    # cm.second_call auto: on the user split alone the model's choices within C win once (within one standard
+    # error), so the first run makes no second call; reviewed loud music, which the neighbours get wrong and
+    # the model gets right within C, makes the refit's trial say second calls pay
+    loud_music = ["loud dog dog band", "loud cat cat band", "dog cat loud band"]
+    corpus = [*NEIGHBOUR_CORPUS, *((text, "music") for text in loud_music)]
+    first = ANSWERS | dict.fromkeys(loud_music, "pets")
+    within_c = {s.text: s.truth for s in SAMPLES} | dict(corpus)
+    cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, second_call: auto}"
+    spec = toy_job([(s.text, s.truth) for s in SAMPLES], corpus, labels=NEIGHBOUR_LABELS, extra=f"cm: {cm}")
+    result = await run_job(spec, engine=ScriptedEngine(first, within_c, n_labels=3), embed=toy_embed)
+    assert result.metrics["cm_settings"]["second_call"] == "never"
+    before = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert (before["candidates"].list.len() > 1).all()  # every set ambiguous, its label decided without asking
+    ids = before["id"].to_list()[len(NEIGHBOUR_CORPUS) :]
+    (tmp_path / "reviewed.csv").write_text("id,label\n" + "".join(f"{i},music\n" for i in ids))
+    import_reviewed(tmp_path / "out", tmp_path / "reviewed.csv", NEIGHBOUR_LABELS)
+
+    engine = ScriptedEngine(first, within_c, n_labels=3)
+    result = await run_job(spec, engine=engine, embed=toy_embed)
+    assert result.metrics["cm_settings"]["second_call"] == "when_ambiguous"
+    texts = dict(NEIGHBOUR_CORPUS)
+    asked = sorted(r.messages[-1].content for r in engine.requests if r.messages[-1].content in texts)
+    assert asked == sorted(texts)  # each unreviewed row: the model chooses within its set, as a fresh run would
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet").head(len(NEIGHBOUR_CORPUS))
+    assert table["y_hat"].to_list() == list(texts.values())
