@@ -613,37 +613,41 @@ async def _ask_questions(
     """Ask the model among the user samples' held-out candidate sets, once per job.
 
     The choices are kept beside the checkpoints, keyed by sample and set, so a resumed or finished
-    job fits the same way without asking (or loading the model) again. A question the engine
-    failed on (a timeout, its retries exhausted) is no answer: it is asked again, as the estimate
-    asks its failed rows again; one still failing stops the job with nothing kept, for a failure
-    scored as a wrong choice would lower the calibration and could switch second calls off.
+    job fits the same way without asking (or loading the model) again, and a refit after a review
+    asks only the questions it has not asked before. A question the engine failed on (a timeout,
+    its retries exhausted) is no answer: it is asked again, as the estimate asks its failed rows
+    again; one still failing stops the job with nothing kept, for a failure scored as a wrong
+    choice would lower the calibration and could switch second calls off.
     """
     if not questions:
         return []
     assert bank.samples is not None  # questions are drawn from them
-    asked = [{"id": bank.samples[q.sample].id, "candidates": list(q.candidates)} for q in questions]
-    if path.is_file() and (stored := orjson.loads(path.read_bytes()))["asked"] == asked:
-        return stored["choices"]
     samples = bank.samples
+    asked = [{"id": samples[q.sample].id, "candidates": list(q.candidates)} for q in questions]
+    stored = orjson.loads(path.read_bytes()) if path.is_file() else {"asked": [], "choices": []}
+    known = {(a["id"], tuple(a["candidates"])): c for a, c in zip(stored["asked"], stored["choices"], strict=True)}
+    choices = {n: known[key] for n, q in enumerate(asked) if (key := (q["id"], tuple(q["candidates"]))) in known}
 
     async def ask(n: int) -> Answer:
         return (await strategy.classify(engine, [samples[questions[n].sample].text], [questions[n].candidates]))[0]
 
     answers: dict[int, Answer] = {}
-    todo: Sequence[int] = range(len(questions))
+    todo: list[int] = [n for n in range(len(questions)) if n not in choices]
     for _ in range(ESTIMATE_PASSES):  # a later pass asks again only the questions the engine failed on
-        answers |= dict(zip(todo, await _gather(ask(n) for n in todo), strict=True))
-        todo = [n for n in todo if answers[n].error_kind == "engine"]
         if not todo:
             break
+        answers |= dict(zip(todo, await _gather(ask(n) for n in todo), strict=True))
+        todo = [n for n in todo if answers[n].error_kind == "engine"]
     if todo:
         raise EngineError(
             f"{len(todo)} of {len(questions)} held-out questions on user samples (the second-call trial) could "
             f"not be answered ({answers[todo[0]].error}); nothing fitted is saved: rerun to retry them"
         )
-    choices = [answers[n].label for n in range(len(questions))]
-    write_atomic(path, orjson.dumps({"asked": asked, "choices": choices}, option=orjson.OPT_INDENT_2))
-    return choices
+    choices |= {n: answer.label for n, answer in answers.items()}
+    ordered = [choices[n] for n in range(len(questions))]
+    if stored["asked"] != asked:  # the file holds this fit's questions
+        write_atomic(path, orjson.dumps({"asked": asked, "choices": ordered}, option=orjson.OPT_INDENT_2))
+    return ordered
 
 
 @dataclass

@@ -176,10 +176,19 @@ async def test_a_label_no_second_call_chose_is_not_taken_for_the_models_choice_w
     ids = before["id"].to_list()[len(NEIGHBOUR_CORPUS) :]
     (tmp_path / "reviewed.csv").write_text("id,label\n" + "".join(f"{i},music\n" for i in ids))
     import_reviewed(tmp_path / "out", tmp_path / "reviewed.csv", NEIGHBOUR_LABELS)
+    trial = tmp_path / "out/second_call_trial.json"
+    asked_before = {(q["id"], tuple(q["candidates"])) for q in orjson.loads(trial.read_bytes())["asked"]}
 
     engine = ScriptedEngine(first, within_c, n_labels=3)
     result = await run_job(spec, engine=engine, embed=toy_embed)
     assert result.metrics["cm_settings"]["second_call"] == "when_ambiguous"
+    # the refit asks only the held-out questions it had not asked before (a sample, a set): counted on the
+    # user split's samples (the reviewed ones' texts are corpus rows too, asked again within their new sets)
+    asked_now = {(q["id"], tuple(q["candidates"])) for q in orjson.loads(trial.read_bytes())["asked"]}
+    new = [(i, c) for i, c in asked_now - asked_before if not i.startswith("review:")]
+    user_texts = {s.text for s in SAMPLES}
+    questions = [r for r in engine.requests if len(r.choices) < 3 and r.messages[-1].content in user_texts]
+    assert asked_now & asked_before and new and len(questions) == len(new)
     texts = dict(NEIGHBOUR_CORPUS)
     asked = sorted(r.messages[-1].content for r in engine.requests if r.messages[-1].content in texts)
     assert asked == sorted(texts)  # each unreviewed row: the model chooses within its set, as a fresh run would
