@@ -68,8 +68,8 @@ async def test_a_rescore_runs_chunks_in_flight_at_once(reviewed_job, tmp_path):
     engine, metrics = await reviewed_job()
     asked = [request for request in engine.requests if request.messages[-1].content.startswith("c")]
     assert metrics["run"]["rows_rescored"] == 12
-    # second calls only, no first call again: one a row, and the refit's questions on the two reviewed rows
-    assert [request.choices for request in asked] == [("a", "b")] * (12 + 2)
+    # second calls only, no first call again: one a row (the reviewed rows are no held-out questions)
+    assert [request.choices for request in asked] == [("a", "b")] * 12
     # chunks_in_flight: 2 chunks of 3 rows, every row of a chunk asked at once (one chunk at a time: 3)
     assert engine.most_waiting == 6
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
@@ -161,11 +161,12 @@ async def test_a_label_no_second_call_chose_is_not_taken_for_the_models_choice_w
     from tests.test_fit import LABELS as NEIGHBOUR_LABELS
 
     # cm.second_call auto: on the user split alone the model's choices within C win once (within one standard
-    # error), so the first run makes no second call; reviewed loud music, which the neighbours get wrong and
-    # the model gets right within C, makes the refit's trial say second calls pay
-    loud_music = ["loud dog dog band", "loud cat cat band", "dog cat loud band"]
-    corpus = [*NEIGHBOUR_CORPUS, *((text, "music") for text in loud_music)]
-    first = ANSWERS | dict.fromkeys(loud_music, "pets")
+    # error), so the first run makes no second call. A reviewed row among the pets, labelled music, moves a pet's
+    # neighbours' vote off pets, where the model's choice within C stays right: the refit's trial says second
+    # calls pay (found by trying each short text of the toy vocabulary)
+    odd = "cat dog loud"
+    corpus = [*NEIGHBOUR_CORPUS, (odd, "music")]
+    first = ANSWERS | {odd: "pets"}
     within_c = {s.text: s.truth for s in SAMPLES} | dict(corpus)
     cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, second_call: auto}"
     spec = toy_job([(s.text, s.truth) for s in SAMPLES], corpus, labels=NEIGHBOUR_LABELS, extra=f"cm: {cm}")
@@ -173,8 +174,7 @@ async def test_a_label_no_second_call_chose_is_not_taken_for_the_models_choice_w
     assert result.metrics["cm_settings"]["second_call"] == "never"
     before = pl.read_parquet(tmp_path / "out/annotations.parquet")
     assert (before["candidates"].list.len() > 1).all()  # every set ambiguous, its label decided without asking
-    ids = before["id"].to_list()[len(NEIGHBOUR_CORPUS) :]
-    (tmp_path / "reviewed.csv").write_text("id,label\n" + "".join(f"{i},music\n" for i in ids))
+    (tmp_path / "reviewed.csv").write_text(f"id,label\n{before['id'][-1]},music\n")
     import_reviewed(tmp_path / "out", tmp_path / "reviewed.csv", NEIGHBOUR_LABELS)
     trial = tmp_path / "out/second_call_trial.json"
     asked_before = {(q["id"], tuple(q["candidates"])) for q in orjson.loads(trial.read_bytes())["asked"]}
@@ -182,15 +182,13 @@ async def test_a_label_no_second_call_chose_is_not_taken_for_the_models_choice_w
     engine = ScriptedEngine(first, within_c, n_labels=3)
     result = await run_job(spec, engine=engine, embed=toy_embed)
     assert result.metrics["cm_settings"]["second_call"] == "when_ambiguous"
-    # the refit asks only the held-out questions it had not asked before (a sample, a set): counted on the
-    # user split's samples (the reviewed ones' texts are corpus rows too, asked again within their new sets)
-    asked_now = {(q["id"], tuple(q["candidates"])) for q in orjson.loads(trial.read_bytes())["asked"]}
-    new = [(i, c) for i, c in asked_now - asked_before if not i.startswith("review:")]
-    user_texts = {s.text for s in SAMPLES}
-    questions = [r for r in engine.requests if len(r.choices) < 3 and r.messages[-1].content in user_texts]
-    assert asked_now & asked_before and new and len(questions) == len(new)
     texts = dict(NEIGHBOUR_CORPUS)
     asked = sorted(r.messages[-1].content for r in engine.requests if r.messages[-1].content in texts)
     assert asked == sorted(texts)  # each unreviewed row: the model chooses within its set, as a fresh run would
     table = pl.read_parquet(tmp_path / "out/annotations.parquet").head(len(NEIGHBOUR_CORPUS))
     assert table["y_hat"].to_list() == list(texts.values())
+    # and the refit asks only the held-out questions (a sample, a set) it had not asked before
+    asked_now = {(q["id"], tuple(q["candidates"])) for q in orjson.loads(trial.read_bytes())["asked"]}
+    user_texts = {s.text for s in SAMPLES}
+    questions = [r for r in engine.requests if r.messages[-1].content in user_texts]
+    assert asked_now & asked_before and len(questions) == len(asked_now - asked_before) > 0
