@@ -268,7 +268,12 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
 
 def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
     """Steps 5-7: given the model's choice for each of ``draft.questions``, the second-call verdict,
-    the confidence calibration and the acceptance threshold."""
+    the confidence calibration and the acceptance threshold.
+
+    A choice is the model's final answer: None where it named no allowed label (an unparsed answer,
+    a request refused for good) is scored wrong, as that corpus item would go unlabelled. An engine
+    failure (a timeout) is no choice and must not be passed: the job asks again, or stops.
+    """
     labels, cm = draft.labels, draft.cm
     if len(choices) != len(draft.questions):
         raise ValueError(f"{len(draft.questions)} questions, {len(choices)} choices")

@@ -472,18 +472,11 @@ async def annotate_rows(
     async def annotate_one(
         text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None
     ) -> dict[str, Any]:
-        if skip_first:
-            first = Answer(label=None, raw="", calls=0)
-        elif before is not None and (before["y_prime"] is not None or before["error_kind"] == "rejected"):
-            first = Answer(
-                before["y_prime"],
-                None,
-                before["calls"] if before["y_prime"] is None else 1,
-                error=before["error"] if before["y_prime"] is None else None,
-                error_kind=before["error_kind"] if before["y_prime"] is None else None,
-            )
-        else:
-            first = (await first_answers(strategy, engine, [text], labels))[0]
+        # Y', one rule: a first answer on file is kept, whether or not this fit weighs it (it was paid
+        # for, and a later fit may); else none is asked when it cannot change C; else the model is asked.
+        first = _stored_first(before)
+        if first is None:
+            first = _SKIPPED if skip_first else (await first_answers(strategy, engine, [text], labels))[0]
         record: dict[str, Any] = {
             "y_prime": first.label,
             "y_prime_probability": first.probability,
@@ -500,9 +493,8 @@ async def annotate_rows(
             "error_kind": first.error_kind,
             "y_neighbour": None,
         }
-        if before is not None:  # what was spent on this row before counts as spent
-            kept = ("calls", "prompt_tokens", "completion_tokens", "y_prime_probability")
-            record.update({key: before[key] for key in kept})
+        if before is not None:  # what was spent on this row before counts as spent, beside what is asked now
+            record.update({key: record[key] + before[key] for key in ("calls", "prompt_tokens", "completion_tokens")})
         if first.label is None and not skip_first:
             return record  # the call failed or its answer did not parse: recorded in error, error_kind
         if fitted is None:  # CM off: the answer is its own, single candidate (a free-text answer names none)
@@ -518,9 +510,9 @@ async def annotate_rows(
             y_neighbour=refinement.neighbour_vote,
         )
         y_hat = refinement.decided
-        asked_before = before is not None and before["y_hat"] is not None and before["source"] == "model"
-        if refinement.needs_second_call and asked_before and set(before["candidates"]) == set(refinement.candidates):
-            y_hat = before["y_hat"]  # the model already chose within this very set
+        chosen = _stored_choice(before, refinement.candidates) if refinement.needs_second_call else None
+        if chosen is not None:
+            y_hat = chosen  # the model already chose within this very set
         elif refinement.needs_second_call:
             second = (await strategy.classify(engine, [text], [refinement.candidates]))[0]
             y_hat = second.label
@@ -542,6 +534,33 @@ async def annotate_rows(
         if batched is not None:
             batched.flush()
     return _annotation_frame(rows, records)
+
+
+_SKIPPED = Answer(label=None, raw="", calls=0)
+"""The first answer of a row whose fit cannot use it (``needs_answer`` False): not asked for."""
+
+
+def _stored_first(before: dict[str, Any] | None) -> Answer | None:
+    """The outcome of the first call an earlier fit made on this row; None when there is none to keep.
+
+    Every outcome is kept but an engine failure (asked again, as on resume): a label, an answer
+    naming no label, a refusal for good. A row with no answer but candidates had its first call
+    skipped (that fit could not use it); a first call that gave no label leaves no candidates.
+    """
+    if before is None:
+        return None
+    if before["y_prime"] is not None:  # nothing is spent on it now: its cost is in the row's earlier calls
+        return Answer(before["y_prime"], None, 0, probability=before["y_prime_probability"])
+    if before["candidates"] or before["error_kind"] not in ("unparsed", "rejected"):
+        return None
+    return Answer(None, None, 0, error=before["error"], error_kind=before["error_kind"])
+
+
+def _stored_choice(before: dict[str, Any] | None, candidates: Sequence[str]) -> str | None:
+    """The model's earlier choice for this row if it was made among exactly ``candidates`` (a reviewer's is none)."""
+    if before is None or before["y_hat"] is None or before["source"] != "model":
+        return None
+    return before["y_hat"] if set(before["candidates"]) == set(candidates) else None
 
 
 def annotate_work(
@@ -594,20 +613,41 @@ async def _ask_questions(
     """Ask the model among the user samples' held-out candidate sets, once per job.
 
     The choices are kept beside the checkpoints, keyed by sample and set, so a resumed or finished
-    job fits the same way without asking (or loading the model) again.
+    job fits the same way without asking (or loading the model) again, and a refit after a review
+    asks only the questions it has not asked before. A question the engine failed on (a timeout,
+    its retries exhausted) is no answer: it is asked again, as the estimate asks its failed rows
+    again; one still failing stops the job with nothing kept, for a failure scored as a wrong
+    choice would lower the calibration and could switch second calls off.
     """
     if not questions:
         return []
     assert bank.samples is not None  # questions are drawn from them
-    asked = [{"id": bank.samples[q.sample].id, "candidates": list(q.candidates)} for q in questions]
-    if path.is_file() and (stored := orjson.loads(path.read_bytes()))["asked"] == asked:
-        return stored["choices"]
-    answers = await asyncio.gather(
-        *(strategy.classify(engine, [bank.samples[q.sample].text], [q.candidates]) for q in questions)
-    )
-    choices = [answer[0].label for answer in answers]
-    write_atomic(path, orjson.dumps({"asked": asked, "choices": choices}, option=orjson.OPT_INDENT_2))
-    return choices
+    samples = bank.samples
+    asked = [{"id": samples[q.sample].id, "candidates": list(q.candidates)} for q in questions]
+    stored = orjson.loads(path.read_bytes()) if path.is_file() else {"asked": [], "choices": []}
+    known = {(a["id"], tuple(a["candidates"])): c for a, c in zip(stored["asked"], stored["choices"], strict=True)}
+    choices = {n: known[key] for n, q in enumerate(asked) if (key := (q["id"], tuple(q["candidates"]))) in known}
+
+    async def ask(n: int) -> Answer:
+        return (await strategy.classify(engine, [samples[questions[n].sample].text], [questions[n].candidates]))[0]
+
+    answers: dict[int, Answer] = {}
+    todo: list[int] = [n for n in range(len(questions)) if n not in choices]
+    for _ in range(ESTIMATE_PASSES):  # a later pass asks again only the questions the engine failed on
+        if not todo:
+            break
+        answers |= dict(zip(todo, await _gather(ask(n) for n in todo), strict=True))
+        todo = [n for n in todo if answers[n].error_kind == "engine"]
+    if todo:
+        raise EngineError(
+            f"{len(todo)} of {len(questions)} held-out questions on user samples (the second-call trial) could "
+            f"not be answered ({answers[todo[0]].error}); nothing fitted is saved: rerun to retry them"
+        )
+    choices |= {n: answer.label for n, answer in answers.items()}
+    ordered = [choices[n] for n in range(len(questions))]
+    if stored["asked"] != asked:  # the file holds this fit's questions
+        write_atomic(path, orjson.dumps({"asked": asked, "choices": ordered}, option=orjson.OPT_INDENT_2))
+    return ordered
 
 
 @dataclass
@@ -663,21 +703,36 @@ async def _rescore(
     manifest: Manifest,
     embed: Embedder | None,
     reviewed: pl.DataFrame | None,
+    earlier: FittedCM | None,
 ) -> int:
-    """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored."""
+    """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored.
+
+    Chunks run as the first run annotated them: ``chunks_in_flight`` at once, a whole phase for an
+    engine that answers phases (one batch of second calls for the corpus, not one per chunk).
+    ``earlier`` is the fit that scored them, when it can be read.
+    """
     finished = checkpoint.finished(manifest, "annotate")
     total = 0
-    for number, chunk in inputs.corpus.chunks(spec.output.chunk_size):
-        if number not in finished:
-            continue  # annotated with this fit when its turn comes
+    # An earlier label is the model's choice within its set only if that fit made second calls; with
+    # cm.second_call auto its own trial decided (not known when it cannot be read: the model is asked).
+    chose_within_sets = earlier.asks_second_call if earlier is not None else spec.cm.second_call != "auto"
+
+    async def one(number: int, chunk: pl.DataFrame) -> None:
+        nonlocal total
         shard = pl.read_parquet(checkpoint.shard_path("annotate", number))
         rows = chunk.join(shard.select("id"), on="id", how="semi", maintain_order="left")
         previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
+        if not chose_within_sets:  # labels decided without asking: no choice of the model's to reuse
+            previous = previous.with_columns(pl.lit(None, dtype=pl.String).alias("y_hat"))
         rescored = await annotate_rows(
             rows, engine, strategy, inputs.labels, fitted, spec.dataset.max_text_chars, embed, previous
         )
         checkpoint.write_shard(manifest, "annotate", number, mark_reviewed(rescored, reviewed))
         total += rescored.height
+
+    chunks = inputs.corpus.chunks(spec.output.chunk_size)
+    # a chunk not finished is annotated with this fit when its turn comes
+    await _bounded((partial(one, n, chunk) for n, chunk in chunks if n in finished), _in_flight(spec, engine))
     return total
 
 
@@ -768,10 +823,15 @@ async def _run_job(
         reviewed = read_reviewed(checkpoint.directory)
         if bank is not None:
             key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
+            # fit_key None: no fit recorded for the shards on file. Shards scored with another fit (reviewed
+            # rows came back) or with one not recorded are scored anew; no shard, nothing to score
+            rescore = bool(checkpoint.finished(manifest, "annotate")) and manifest.fit_key != key
+            # the fit that scored them, read before this one replaces it on disk
+            earlier = load_fitted(checkpoint.directory, manifest.fit_key) if rescore and manifest.fit_key else None
             fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
-            if manifest.fit_key not in (None, key):  # reviewed rows came back: the corpus is scored anew
+            if rescore:
                 run["rows_rescored"] = await _rescore(
-                    spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed
+                    spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed, earlier
                 )
             manifest.fit_key = key
             checkpoint.save(manifest)

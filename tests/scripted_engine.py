@@ -25,6 +25,7 @@ class ScriptedEngine:
         crash_after: int | None = None,
         failing: set[str] = frozenset(),
         free_text: dict[str, str] | None = None,
+        failing_within: dict[str, int] | None = None,
     ):
         self.first = first
         self.second = second or {}
@@ -32,6 +33,8 @@ class ScriptedEngine:
         self.crash_after = crash_after  # raise after this many requests: a process dying mid-job
         self.failing = failing  # texts whose calls fail as a timed-out request would
         self.free_text = free_text  # text -> reply to an unconstrained request (no choices), if given
+        # text -> how many of its second calls (fewer choices than n_labels) time out before one is answered
+        self.failing_within = dict(failing_within or {})
         self.requests: list[ChoiceRequest] = []
         self.started = False
 
@@ -53,6 +56,10 @@ class ScriptedEngine:
                 completions.append(Completion(text=None, error="timed out after 3 retries"))
                 continue
             is_first = self.n_labels is None or len(request.choices) == self.n_labels
+            if not is_first and self.failing_within.get(text, 0) > 0:
+                self.failing_within[text] -= 1
+                completions.append(Completion(text=None, error="timed out after 3 retries"))
+                continue
             table = self.free_text if self.free_text is not None and not request.choices else None
             if table is None:
                 table = self.first if is_first else self.second

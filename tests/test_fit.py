@@ -501,3 +501,53 @@ def test_plain_confidence_with_reviewed_rows_in_a_row_of_their_own_is_the_random
     assert with_review.counts[LABELS.index("music"), LABELS.index("pets")] == 3  # in the bank
     assert with_review.calibration == alone.calibration and with_review.acceptance == alone.acceptance
     assert np.array_equal(with_review.held_out_confidence, alone.held_out_confidence)
+
+
+def _second_call_auto_job(tmp_path, toy_job):
+    """The job above: a model right within C on the loud music a neighbour gets wrong, so second calls pay."""
+    loud_music = ["loud dog dog band", "loud cat cat band", "dog cat loud band"]
+    samples = [*SAMPLES, *(Sample(id=text, text=text, answer="pets", truth="music") for text in loud_music)]
+    first = ANSWERS | {s.text: s.answer for s in samples}
+    right_within_c = {s.text: s.truth for s in samples} | dict(CORPUS)
+    cm = "{variant: neighbour_prior, tau: 0.98, neighbours: 3, likelihood_weight: 0, second_call: auto}"
+    return neighbour_job(toy_job, cm, samples), samples, first, right_within_c
+
+
+async def test_a_held_out_question_the_engine_failed_on_is_asked_again_never_scored_as_wrong(tmp_path, toy_job):
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    spec, samples, first, right_within_c = _second_call_auto_job(tmp_path, toy_job)
+    # every question on a user sample times out once (the engine's retries exhausted), then is answered
+    once = {s.text: 1 for s in samples}
+    engine = ScriptedEngine(first, right_within_c, n_labels=3, failing_within=once)
+    result = await run_job(spec, engine=engine, embed=toy_embed)
+    trial = orjson.loads((tmp_path / "out/second_call_trial.json").read_bytes())
+    texts = {s.id: s.text for s in result.bank.samples}
+    assert trial["choices"] == [right_within_c[texts[asked["id"]]] for asked in trial["asked"]]  # no None
+    questions = [r for r in engine.requests if len(r.choices) < 3 and r.messages[-1].content not in dict(CORPUS)]
+    assert len(questions) == 2 * len(trial["asked"])  # each asked again within the run, once
+    chosen = result.metrics["cm_settings"]
+    # the verdict of a run where nothing failed: second calls pay (with the failures as wrong answers they lose)
+    assert chosen["second_call"] == "when_ambiguous" and chosen["second_call_trial"]["losses"] == 0
+    assert chosen["second_call_trial"]["wins"] >= 2
+
+
+async def test_a_held_out_question_still_failing_stops_the_job_and_saves_no_fit(tmp_path, toy_job):
+    from runner import run_job
+    from runner.engines.base import EngineError
+    from tests.scripted_engine import ScriptedEngine
+
+    spec, samples, first, right_within_c = _second_call_auto_job(tmp_path, toy_job)
+    down = {s.text: 10 for s in samples}  # the engine keeps timing out on them
+    engine = ScriptedEngine(first, right_within_c, n_labels=3, failing_within=down)
+    with pytest.raises(EngineError, match=r"held-out questions .* could not be answered"):  # cm-run: exit 3
+        await run_job(spec, engine=engine, embed=toy_embed)
+    out = tmp_path / "out"
+    assert not (out / "second_call_trial.json").exists() and not (out / "fitted_cm.pkl").exists()
+    assert (out / "memory_bank.json").is_file()  # the paid estimate is kept
+    # the rerun, the engine back: the questions asked again, the verdict as if nothing had failed
+    rerun = ScriptedEngine(first, right_within_c, n_labels=3)
+    result = await run_job(spec, engine=rerun, embed=toy_embed)
+    assert all(len(r.choices) < 3 or r.messages[-1].content in dict(CORPUS) for r in rerun.requests)
+    assert result.metrics["cm_settings"]["second_call"] == "when_ambiguous"
