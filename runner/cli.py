@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner._quiet import engine_output_to
+from runner._storage import StorageError, local_side
 from runner.bank import BankError, load_bank
 from runner.checkpoint import ENGINE_LOG, CheckpointError
 from runner.data import DataError
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         job = run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress)
         if args.verbose:
             return asyncio.run(_stoppable(job))
-        with engine_output_to(Path(spec.output.dir) / ENGINE_LOG) as log:
+        with engine_output_to(local_side(spec.output.dir) / ENGINE_LOG) as log:
             try:
                 return asyncio.run(_stoppable(job))
             except EngineError as error:
@@ -479,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("runner.batch").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (SpecError, DataError, BankError, CheckpointError) as error:
+    except (SpecError, DataError, BankError, CheckpointError, StorageError) as error:
         print(f"cm-run: error: {error}", file=sys.stderr)
         return EXIT_INPUT
     except EngineDied as error:
