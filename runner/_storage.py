@@ -71,7 +71,9 @@ def _client() -> Any:
         raise StorageError("s3:// paths need boto3: pip install 'cm-runner[s3]'") from None
     # boto3 reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs (and polars) read
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.client("s3", region_name=region, config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    # a session of its own: boto3's default one keeps the credentials it first found
+    session = boto3.session.Session()
+    return session.client("s3", region_name=region, config=Config(retries={"mode": "standard", "max_attempts": 5}))
 
 
 def _problem(url: str, error: Exception) -> StorageError:
