@@ -274,6 +274,8 @@ def holder_is_dead(holder: str) -> bool:
     pid, _, host = holder.partition("@")
     if host != socket.gethostname() or not pid.isdigit():
         return False
+    if int(pid) == os.getpid():  # our pid, but not our lock (we have not made it): a restarted container's
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
