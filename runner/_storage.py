@@ -265,21 +265,27 @@ def local_side(directory: str | os.PathLike[str]) -> Path:
 
 
 def holder_line() -> str:
-    """Who holds a lock: pid and host, so a second run can name it (and spot a dead one on this host)."""
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """Who holds a lock: ``pid@host``, then the process's start time, so a second run can name the
+    holder and tell a live one from a dead one on this host whose pid was reused (a restarted container)."""
+    import psutil
+
+    return f"{os.getpid()}@{socket.gethostname()}\n{psutil.Process().create_time():.3f}"
 
 
 def holder_is_dead(holder: str) -> bool:
     """A lock left by a process of this host that no longer runs (a SIGKILLed cm-run); other hosts: unknown."""
-    pid, _, host = holder.partition("@")
+    import psutil
+
+    name, _, started = holder.partition("\n")
+    pid, _, host = name.partition("@")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    if int(pid) == os.getpid():  # our pid, but not our lock (we have not made it): a restarted container's
-        return True
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        process = psutil.Process(int(pid))
+        if started and abs(process.create_time() - float(started)) > 1:
+            return True  # that pid is another process now
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
+    except (psutil.AccessDenied, ValueError):
         return False
     return False

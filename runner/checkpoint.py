@@ -384,9 +384,9 @@ class Checkpoint:
                     holder = holder if created else _read_holder(lock)
                 if not created:
                     raise CheckpointError(
-                        f"{self.directory}: another cm-run ({holder}) is writing to this output directory "
-                        f"(lock object {lock}); wait for it to end, or choose another output.dir. If that run "
-                        "is gone (killed on another machine), delete the lock object and rerun."
+                        f"{self.directory}: another cm-run ({holder.splitlines()[0]}) is writing to this output "
+                        f"directory (lock object {lock}); wait for it to end, or choose another output.dir. "
+                        "If that run is gone (killed on another machine), delete the lock object and rerun."
                     )
         except StorageError as error:
             raise CheckpointError(f"output.dir: {error}") from None

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner._quiet import engine_output_to
-from runner._storage import StorageError, local_side
+from runner._storage import ObjectPath, StorageError, local_side, location
 from runner.bank import BankError, load_bank
 from runner.checkpoint import ENGINE_LOG, CheckpointError
 from runner.data import DataError
@@ -132,6 +132,12 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
     from runner.strategies import ZeroShot
 
     inputs = load_inputs(spec, args.data_dir)
+    output = location(spec.output.dir)
+    if isinstance(output, ObjectPath):  # nothing is written, but a bucket the job cannot reach is bad input
+        try:
+            output.check_bucket()
+        except StorageError as error:
+            raise CheckpointError(f"output.dir: {error}") from None
     labels = inputs.labels
     strategy = ZeroShot(labels, spec.generation, spec.strategy.instruction)
     max_chars = spec.dataset.max_text_chars

@@ -101,7 +101,7 @@ def test_the_lock_on_s3_refuses_a_second_run_naming_the_holder(job, s3_bucket):
     spec, _ = job
     directory = ObjectPath(f"{s3_bucket}/out")
     with Checkpoint(directory, spec).locked():
-        holder = ObjectPath(f"{directory}/{LOCK_NAME}").read_text().strip()
+        holder = ObjectPath(f"{directory}/{LOCK_NAME}").read_text().splitlines()[0]
         assert holder == f"{os.getpid()}@{socket.gethostname()}"
         with (
             pytest.raises(CheckpointError, match=rf"another cm-run \({holder}\) is writing"),
@@ -120,7 +120,11 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_on_its_host_only(job, s3_buck
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_bytes(f"{gone.stdout.strip()}@{socket.gethostname()}\n".encode())  # as a SIGKILLed run leaves it
     with Checkpoint(directory, spec).locked():
-        assert lock.read_text().strip() == f"{os.getpid()}@{socket.gethostname()}"
+        assert lock.read_text().splitlines()[0] == f"{os.getpid()}@{socket.gethostname()}"
+    # our own pid but another start time: a restarted container whose new cm-run got the killed one's pid
+    lock.write_bytes(f"{os.getpid()}@{socket.gethostname()}\n12345.000\n".encode())
+    with Checkpoint(directory, spec).locked():
+        pass
     lock.write_bytes(b"4242@another-node\n")  # another machine's: whether it runs cannot be seen from here
     with pytest.raises(CheckpointError, match=r"4242@another-node.*delete the lock object"):
         Checkpoint(directory, spec).locked().__enter__()
@@ -158,6 +162,22 @@ async def test_missing_credentials_are_named_with_the_spec_key_and_url(job, s3_b
         await run_job(local_output, engine=engine())
     with pytest.raises(CheckpointError, match=rf"^output\.dir: {s3_bucket}/out: no S3 credentials found"):
         await run_job(remote, engine=engine())
+
+
+def test_a_dry_run_checks_the_s3_output_bucket_too(job, s3_bucket, tmp_path, capsys):
+    from runner import cli
+
+    spec, _ = job
+    remote = on_s3(spec, s3_bucket, tmp_path)
+    text = (tmp_path / "job.yaml").read_text()
+    text = text.replace("path: user.jsonl", f"path: {remote.user_split.path}")
+    text = text.replace("path: corpus.jsonl", f"path: {remote.corpus.path}")
+    (tmp_path / "s3.yaml").write_text(text.replace(f"dir: {tmp_path / 'out'}", "dir: s3://no-such-bucket/out"))
+    assert cli.main([str(tmp_path / "s3.yaml"), "--dry-run"]) == 2
+    assert "output.dir: s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    (tmp_path / "ok.yaml").write_text(text.replace(f"dir: {tmp_path / 'out'}", f"dir: {s3_bucket}/out"))
+    assert cli.main([str(tmp_path / "ok.yaml"), "--dry-run"]) == 0
+    assert not objects(s3_bucket).keys() - {"data/user.jsonl", "data/corpus.jsonl"}  # a dry run writes nothing
 
 
 def test_schemes_other_than_s3_are_refused_naming_the_key(toy_job, write, tmp_path):
