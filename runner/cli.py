@@ -356,8 +356,10 @@ def _bank_import(args: argparse.Namespace) -> int:
 def _review_export(args: argparse.Namespace) -> int:
     from runner.review import export_csv
 
-    job_dir = Path(args.job_dir)
-    output = Path(args.output or job_dir / "review.csv")
+    job_dir = location(args.job_dir)
+    # a reviewer edits the CSV locally: a job on S3 exports it to the current directory
+    default = Path("review.csv") if isinstance(job_dir, ObjectPath) else job_dir / "review.csv"
+    output = Path(args.output) if args.output else default
     n = export_csv(job_dir, output)
     print(f"{output}: {n} rows to review, most uncertain first; fill in the 'label' column, then:")
     print(f"  cm-run review import {job_dir} {output}")
@@ -368,7 +370,7 @@ def _review_import(args: argparse.Namespace) -> int:
     from runner._fitted_store import fitted_labels
     from runner.review import REVIEWED_FILE, import_reviewed
 
-    job_dir = Path(args.job_dir)
+    job_dir = location(args.job_dir)
     labels = fitted_labels(job_dir)
     if labels is None:
         raise DataError(f"{job_dir}: not a finished cm-run job with a fitted CM (no fitted_cm.json)")
@@ -451,7 +453,9 @@ def _parser() -> argparse.ArgumentParser:
     export = review_sub.add_parser("export", help="review.parquet as CSV for a labelling tool")
     export.add_argument("job_dir", help="the job's output directory")
     export.add_argument("--csv", action="store_true", help="write CSV (the only format; the flag says so)")
-    export.add_argument("-o", "--output", help="where to write (default: JOB_DIR/review.csv)")
+    export.add_argument(
+        "-o", "--output", help="where to write (default: JOB_DIR/review.csv; ./review.csv for an s3:// job)"
+    )
     export.set_defaults(func=_review_export)
     imported = review_sub.add_parser("import", help="reviewed labels (columns id, label) back into the job")
     imported.add_argument("job_dir", help="the job's output directory")

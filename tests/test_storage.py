@@ -97,6 +97,21 @@ async def test_an_interrupted_job_on_s3_resumes_asking_only_what_was_in_flight(j
     assert annotations.equals(pl.read_parquet(tmp_path / "out/annotations.parquet"))
 
 
+async def test_review_export_and_import_on_a_job_on_s3(job, s3_bucket, tmp_path):
+    from runner import cli
+
+    spec, engine = job
+    await run_job(on_s3(spec, s3_bucket, tmp_path), engine=engine())
+    out = f"{s3_bucket}/out"
+    assert cli.main(["review", "export", out, "-o", str(tmp_path / "review.csv")]) == 0
+    review = pl.read_csv(tmp_path / "review.csv")
+    assert review.height == pl.read_parquet(ObjectPath(f"{out}/review.parquet")).height > 0
+    review.head(1).with_columns(pl.lit("a").alias("label")).write_csv(tmp_path / "reviewed.csv")
+    assert cli.main(["review", "import", out, str(tmp_path / "reviewed.csv")]) == 0
+    reviewed = pl.read_parquet(ObjectPath(f"{out}/reviewed.parquet"))
+    assert reviewed.select("id", "label").rows() == [(str(review["id"][0]), "a")]
+
+
 def test_the_lock_on_s3_refuses_a_second_run_naming_the_holder(job, s3_bucket):
     spec, _ = job
     directory = ObjectPath(f"{s3_bucket}/out")
