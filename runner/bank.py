@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runner._durable import write_atomic
+from runner._storage import location
 from runner.labels import LabelSet, free_text_key
 
 BANK_FORMAT_VERSION = 1
@@ -270,14 +271,14 @@ def estimate_bank(
 
 def save_bank(bank: MemoryBank, path: str | Path) -> None:
     """Write the bank as indented JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
+    path = location(path)
     body = orjson.dumps(bank.model_dump(), option=orjson.OPT_INDENT_2) + b"\n"
     write_atomic(path, body)
 
 
 def load_bank(path: str | Path, *, labels: Sequence[str] | None = None) -> MemoryBank:
     """Read and validate a bank; with ``labels``, also check it was made for that label set."""
-    path = Path(path)
+    path = location(path)
     try:
         raw = orjson.loads(path.read_bytes())
     except FileNotFoundError:

@@ -4,6 +4,9 @@ An output directory belongs to one job. The manifest records the spec that made 
 content of the files it read (so a rerun of the same command resumes, and a changed spec or a
 changed file at the same path is refused, naming what changed) and the finished shards (so a
 rerun redoes only what is missing). While a job runs, it holds an OS lock on the directory.
+
+The directory may be an ``s3://`` prefix (``_storage.ObjectPath``): the same files, written by one
+PUT each; the lock is then an object created by a conditional PUT (see ``Checkpoint.locked``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner._durable import atomic_path, write_atomic
+from runner._storage import ObjectPath, StorageError, holder_is_dead, holder_line, location, move
 from runner.spec import JobSpec
 
 __all__ = ["atomic_path", "write_atomic"]  # re-exported: callers import the one durable write from here
@@ -258,24 +262,27 @@ class FileStamp(BaseModel):
         return f"{self.size} bytes, sha256 {self.sha256[:16]}"
 
 
-def file_stamp(path: Path, known: FileStamp | None = None) -> FileStamp:
+def file_stamp(path: Path | ObjectPath, known: FileStamp | None = None) -> FileStamp:
     """``path``'s size and sha256, streamed; ``known`` is reused when path, size and mtime are unchanged."""
     stat = path.stat()
     if known is not None and (known.path, known.size, known.mtime_ns) == (str(path), stat.st_size, stat.st_mtime_ns):
         return known
-    with path.open("rb") as handle:
-        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:  # a local file or an object's streamed body alike
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    sha256 = digest.hexdigest()
     return FileStamp(path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=sha256)
 
 
-def job_files(spec: JobSpec, data_dir: str | Path | None = None) -> dict[str, Path]:
+def job_files(spec: JobSpec, data_dir: str | Path | None = None) -> dict[str, Path | ObjectPath]:
     """The files whose content decides the output, by the spec key that names them."""
     files = {
         "user_split.path": spec.resolve_data_path(spec.user_split.path, data_dir),
         "corpus.path": spec.resolve_data_path(spec.corpus.path, data_dir),
     }
     if spec.cm.enabled and spec.cm.bank is not None:
-        files["cm.bank"] = Path(spec.cm.bank)
+        files["cm.bank"] = location(spec.cm.bank)
     return files
 
 
@@ -305,13 +312,19 @@ class Manifest(BaseModel):
 class Checkpoint:
     """The output directory of one job: manifest, bank, shards."""
 
-    def __init__(self, directory: Path, spec: JobSpec, files: dict[str, Path] | None = None):
-        self.directory = directory
+    def __init__(self, directory: Path | ObjectPath, spec: JobSpec, files: dict[str, Path | ObjectPath] | None = None):
+        self.directory = location(directory)
         self.spec = spec
         self.files = files or {}
         self.manifest_path = directory / MANIFEST_NAME
 
     def _make_directory(self) -> None:
+        if isinstance(self.directory, ObjectPath):
+            try:
+                self.directory.mkdir()
+            except StorageError as error:
+                raise CheckpointError(f"output.dir: {error}") from None
+            return
         try:
             for name in SHARD_DIRS.values():
                 (self.directory / name).mkdir(parents=True, exist_ok=True)
@@ -324,9 +337,14 @@ class Checkpoint:
     def locked(self) -> Iterator[None]:
         """Hold the directory for this process: a second cm-run on it fails at once, naming this one.
 
-        An OS lock (flock), so it is released however the process ends; the file stays.
+        An OS lock (flock), so it is released however the process ends; the file stays. On an object
+        store, ``_locked_object``.
         """
         self._make_directory()
+        if isinstance(self.directory, ObjectPath):
+            with self._locked_object(self.directory / LOCK_NAME):
+                yield
+            return
         handle = (self.directory / LOCK_NAME).open("a+")
         try:
             try:
@@ -345,6 +363,39 @@ class Checkpoint:
             yield
         finally:
             handle.close()  # releases the lock
+
+    @contextlib.contextmanager
+    def _locked_object(self, lock: ObjectPath) -> Iterator[None]:
+        """The lock on a store: an object created by a PUT with ``If-None-Match: *``, deleted at the end.
+
+        S3 creates it for one writer only; a second run finds it and fails, naming the holder
+        (``pid@host``). A store has no process to tie the lock to, so a run that was killed leaves
+        it: a holder on this host that no longer runs is recognised and replaced; one on another host
+        cannot be checked from here, and the message says to delete the lock object if that run is gone.
+        """
+        mine = holder_line()
+        try:
+            created = lock.create_exclusive(f"{mine}\n".encode())
+            if not created:
+                holder = _read_holder(lock)
+                if holder_is_dead(holder):  # a SIGKILLed run of this host: its lock is taken over
+                    lock.unlink(missing_ok=True)
+                    created = lock.create_exclusive(f"{mine}\n".encode())
+                    holder = holder if created else _read_holder(lock)
+                if not created:
+                    raise CheckpointError(
+                        f"{self.directory}: another cm-run ({holder.splitlines()[0]}) is writing to this output "
+                        f"directory (lock object {lock}); wait for it to end, or choose another output.dir. "
+                        "If that run is gone (killed on another machine), delete the lock object and rerun."
+                    )
+        except StorageError as error:
+            raise CheckpointError(f"output.dir: {error}") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(StorageError, FileNotFoundError):
+                if _read_holder(lock) == mine:  # not another run's lock that replaced a stale one
+                    lock.unlink(missing_ok=True)
 
     def open(self, *, restart: bool = False) -> Manifest:
         """Create the directory, or check it holds this job's earlier run and resume it."""
@@ -395,8 +446,9 @@ class Checkpoint:
             (self.directory / name).unlink(missing_ok=True)
         reviewed = self.directory / REVIEWED_FILE
         if reviewed.is_file():  # made durable by the manifest's write, which syncs this directory
-            reviewed.replace(self.directory / SET_ASIDE_REVIEW)
-        shutil.rmtree(self.directory / BATCH_DIR, ignore_errors=True)
+            move(reviewed, self.directory / SET_ASIDE_REVIEW)
+        if isinstance(self.directory, Path):  # the Batch API's state is local (refused with an s3:// output.dir)
+            shutil.rmtree(self.directory / BATCH_DIR, ignore_errors=True)
 
     def load(self) -> Manifest:
         try:
@@ -411,10 +463,10 @@ class Checkpoint:
         manifest.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
         write_atomic(self.manifest_path, orjson.dumps(manifest.model_dump(), option=orjson.OPT_INDENT_2))
 
-    def shard_path(self, phase: str, number: int) -> Path:
+    def shard_path(self, phase: str, number: int) -> Path | ObjectPath:
         return self.directory / SHARD_DIRS[phase] / f"part-{number:05d}.parquet"
 
-    def partial_path(self, phase: str, number: int) -> Path:
+    def partial_path(self, phase: str, number: int) -> Path | ObjectPath:
         return self.directory / SHARD_DIRS[phase] / f"partial-{number:05d}.parquet"
 
     def write_shard(self, manifest: Manifest, phase: str, number: int, rows: pl.DataFrame) -> None:
@@ -447,5 +499,13 @@ class Checkpoint:
         return pl.read_parquet(path) if path.is_file() else None
 
     def finished(self, manifest: Manifest, phase: str) -> set[int]:
-        """Shards the manifest records that are also on disk."""
-        return {n for n in manifest.finished_shards.get(phase, []) if self.shard_path(phase, n).is_file()}
+        """Shards the manifest records that are also on disk (one listing: on a store, one request, not one a shard)."""
+        present = {path.name for path in (self.directory / SHARD_DIRS[phase]).glob("part-*.parquet")}
+        return {n for n in manifest.finished_shards.get(phase, []) if self.shard_path(phase, n).name in present}
+
+
+def _read_holder(lock: ObjectPath) -> str:
+    try:
+        return lock.read_text().strip() or "unknown"
+    except FileNotFoundError:  # released between our PUT and this read
+        return "unknown"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner._quiet import engine_output_to
+from runner._storage import ObjectPath, StorageError, local_side, location
 from runner.bank import BankError, load_bank
 from runner.checkpoint import ENGINE_LOG, CheckpointError
 from runner.data import DataError
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         job = run_job(spec, data_dir=args.data_dir, restart=args.restart, progress=progress)
         if args.verbose:
             return asyncio.run(_stoppable(job))
-        with engine_output_to(Path(spec.output.dir) / ENGINE_LOG) as log:
+        with engine_output_to(local_side(spec.output.dir) / ENGINE_LOG) as log:
             try:
                 return asyncio.run(_stoppable(job))
             except EngineError as error:
@@ -131,6 +132,12 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
     from runner.strategies import ZeroShot
 
     inputs = load_inputs(spec, args.data_dir)
+    output = location(spec.output.dir)
+    if isinstance(output, ObjectPath):  # nothing is written, but a bucket the job cannot reach is bad input
+        try:
+            output.check_bucket()
+        except StorageError as error:
+            raise CheckpointError(f"output.dir: {error}") from None
     labels = inputs.labels
     strategy = ZeroShot(labels, spec.generation, spec.strategy.instruction)
     max_chars = spec.dataset.max_text_chars
@@ -349,8 +356,10 @@ def _bank_import(args: argparse.Namespace) -> int:
 def _review_export(args: argparse.Namespace) -> int:
     from runner.review import export_csv
 
-    job_dir = Path(args.job_dir)
-    output = Path(args.output or job_dir / "review.csv")
+    job_dir = location(args.job_dir)
+    # a reviewer edits the CSV locally: a job on S3 exports it to the current directory
+    default = Path("review.csv") if isinstance(job_dir, ObjectPath) else job_dir / "review.csv"
+    output = Path(args.output) if args.output else default
     n = export_csv(job_dir, output)
     print(f"{output}: {n} rows to review, most uncertain first; fill in the 'label' column, then:")
     print(f"  cm-run review import {job_dir} {output}")
@@ -361,7 +370,7 @@ def _review_import(args: argparse.Namespace) -> int:
     from runner._fitted_store import fitted_labels
     from runner.review import REVIEWED_FILE, import_reviewed
 
-    job_dir = Path(args.job_dir)
+    job_dir = location(args.job_dir)
     labels = fitted_labels(job_dir)
     if labels is None:
         raise DataError(f"{job_dir}: not a finished cm-run job with a fitted CM (no fitted_cm.json)")
@@ -445,7 +454,9 @@ def _parser() -> argparse.ArgumentParser:
     export = review_sub.add_parser("export", help="review.parquet as CSV for a labelling tool")
     export.add_argument("job_dir", help="the job's output directory")
     export.add_argument("--csv", action="store_true", help="write CSV (the only format; the flag says so)")
-    export.add_argument("-o", "--output", help="where to write (default: JOB_DIR/review.csv)")
+    export.add_argument(
+        "-o", "--output", help="where to write (default: JOB_DIR/review.csv; ./review.csv for an s3:// job)"
+    )
     export.set_defaults(func=_review_export)
     imported = review_sub.add_parser("import", help="reviewed labels (columns id, label) back into the job")
     imported.add_argument("job_dir", help="the job's output directory")
@@ -480,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("runner.batch").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (SpecError, DataError, BankError, CheckpointError) as error:
+    except (SpecError, DataError, BankError, CheckpointError, StorageError) as error:
         print(f"cm-run: error: {error}", file=sys.stderr)
         return EXIT_INPUT
     except EngineDied as error:

@@ -2,7 +2,8 @@
 
 Every row gets a string ``id`` (the id column, or the row number in the file) and a
 ``text``; labelled rows get a ``label``. Problems are reported with the file, column and
-row they were found in.
+row they were found in. A path may be an ``s3://`` URL (``_storage.ObjectPath``): polars reads it
+natively, streamed as a local file is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import polars as pl
 
+from runner._storage import ObjectPath
 from runner.spec import CorpusSpec, DatasetSpec, UserSplitSpec
+
+DataPath = Path | ObjectPath  # a local file or an s3:// object
 
 
 class DataError(ValueError):
@@ -29,7 +33,7 @@ _READERS = {
 }
 
 
-def scan_table(path: Path) -> pl.LazyFrame:
+def scan_table(path: DataPath) -> pl.LazyFrame:
     """A lazy frame over a jsonl, csv or parquet file, chosen by its suffix."""
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
@@ -39,7 +43,7 @@ def scan_table(path: Path) -> pl.LazyFrame:
     return reader(path)
 
 
-def _standard_columns(path: Path, frame: pl.LazyFrame, dataset: DatasetSpec, *, need_label: bool) -> pl.LazyFrame:
+def _standard_columns(path: DataPath, frame: pl.LazyFrame, dataset: DatasetSpec, *, need_label: bool) -> pl.LazyFrame:
     """Rename the spec's columns to id/text/label and check they exist."""
     try:
         available = frame.collect_schema().names()
@@ -63,7 +67,7 @@ def _standard_columns(path: Path, frame: pl.LazyFrame, dataset: DatasetSpec, *, 
     return frame
 
 
-def _check_rows(path: Path, rows: pl.DataFrame | pl.LazyFrame, labels: Sequence[str] | None) -> int:
+def _check_rows(path: DataPath, rows: pl.DataFrame | pl.LazyFrame, labels: Sequence[str] | None) -> int:
     """Empty texts, duplicate ids and unknown labels, each named by row id; the number of rows.
 
     Works on a lazy frame in a few streaming passes, so a corpus is checked without being held
@@ -100,12 +104,12 @@ def _check_rows(path: Path, rows: pl.DataFrame | pl.LazyFrame, labels: Sequence[
 class UserSplit:
     """D_user: labelled rows (id, text, label) and the label set they define."""
 
-    path: Path
+    path: DataPath
     rows: pl.DataFrame
     labels: tuple[str, ...]
 
 
-def load_user_split(path: Path, dataset: DatasetSpec, split: UserSplitSpec) -> UserSplit:
+def load_user_split(path: DataPath, dataset: DatasetSpec, split: UserSplitSpec) -> UserSplit:
     """Read the labelled pool and draw the user split (stratified: at least one row per label)."""
     pool = _standard_columns(path, scan_table(path), dataset, need_label=True).collect()
     null_labels = pool.filter(pl.col("label").is_null())
@@ -144,7 +148,7 @@ class Corpus:
 
     def __init__(
         self,
-        path: Path,
+        path: DataPath,
         dataset: DatasetSpec,
         spec: CorpusSpec,
         labels: Sequence[str] | None,

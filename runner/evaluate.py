@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner._durable import write_atomic
 from runner.engines import ChoiceRequest, Completion, Engine, EngineError, make_engine
@@ -88,6 +88,13 @@ class GridSpec(BaseModel):
     )
     output_dir: str = Field(description="Where cells, tables and plots go, relative to the current directory.")
     chunk_size: Annotated[int, Field(gt=0)] = 512
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_local(cls, value: str) -> str:
+        if "://" in value:  # the report's HTML, plots and tables are written as local files
+            raise ValueError(f"{value}: an evaluation grid's output_dir must be a local directory")
+        return value
 
     @model_validator(mode="before")
     @classmethod

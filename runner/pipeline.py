@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ import polars as pl
 from runner import apply
 from runner._fitted_store import load_fitted, save_fitted
 from runner._memory import PeakMemory
+from runner._storage import StorageError, location, on_object_store
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
 from runner.checkpoint import (
     BATCH_DIR,
@@ -36,7 +37,7 @@ from runner.checkpoint import (
     spec_digest,
     write_atomic,
 )
-from runner.data import Corpus, UserSplit, load_user_split
+from runner.data import Corpus, DataError, UserSplit, load_user_split
 from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
@@ -140,11 +141,13 @@ class JobInputs:
 
 def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> JobInputs:
     """Read and check every data file before any engine starts (errors cost nothing yet)."""
-    user_path = spec.resolve_data_path(spec.user_split.path, data_dir)
-    user = load_user_split(user_path, spec.dataset, spec.user_split)
+    with _naming("user_split.path"):
+        user_path = spec.resolve_data_path(spec.user_split.path, data_dir)
+        user = load_user_split(user_path, spec.dataset, spec.user_split)
     labels = LabelSet.build(user.labels, spec.dataset.label_descriptions)
-    corpus_path = spec.resolve_data_path(spec.corpus.path, data_dir)
-    corpus = Corpus(corpus_path, spec.dataset, spec.corpus, user.labels)
+    with _naming("corpus.path"):
+        corpus_path = spec.resolve_data_path(spec.corpus.path, data_dir)
+        corpus = Corpus(corpus_path, spec.dataset, spec.corpus, user.labels)
     absent = sorted(set(user.labels) - set(user.rows["label"].unique().to_list()))
     if absent:
         # Such a label is never a truth in M, so no candidate set can hold it: CM can only output it
@@ -155,6 +158,15 @@ def load_inputs(spec: JobSpec, data_dir: str | Path | None = None) -> JobInputs:
             ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else ""),
         )
     return JobInputs(user=user, labels=labels, corpus=corpus, labels_without_user_samples=absent)
+
+
+@contextlib.contextmanager
+def _naming(key: str) -> Iterator[None]:
+    """An object store's refusal (no bucket, no credentials) as a data error naming the spec key."""
+    try:
+        yield
+    except StorageError as error:
+        raise DataError(f"{key}: {error}") from None
 
 
 def _prompt_texts(rows: pl.DataFrame, max_chars: int | None) -> list[str]:
@@ -776,7 +788,7 @@ async def run_job(
     neighbour-based CM variants use. The output directory is locked from the first read to the
     last write: a second run on it fails at once, naming this one.
     """
-    with Checkpoint(Path(spec.output.dir), spec).locked():
+    with Checkpoint(location(spec.output.dir), spec).locked():
         return await _run_job(spec, data_dir=data_dir, restart=restart, engine=engine, progress=progress, embed=embed)
 
 
@@ -791,7 +803,7 @@ async def _run_job(
 ) -> JobResult:
     """``run_job``'s body, run under the output directory's lock."""
     inputs = load_inputs(spec, data_dir)
-    checkpoint = Checkpoint(Path(spec.output.dir), spec, job_files(spec, data_dir))
+    checkpoint = Checkpoint(location(spec.output.dir), spec, job_files(spec, data_dir))
     manifest = checkpoint.open(restart=restart)
     examples = None
     if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
@@ -802,7 +814,9 @@ async def _run_job(
 
     owned = engine is None
     # loaded on the first request: a finished job, or one whose bank needs no answers, loads no model
-    engine = engine or LazyEngine(make_engine(spec.engine, checkpoint.directory / BATCH_DIR))
+    # the Batch API's record is local only (the spec refuses engine.batch with an s3:// output.dir)
+    state_dir = None if on_object_store(checkpoint.directory) else checkpoint.directory / BATCH_DIR
+    engine = engine or LazyEngine(make_engine(spec.engine, state_dir))
     run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
     stack = contextlib.AsyncExitStack()
     fit: _Fit | None = None
@@ -917,4 +931,4 @@ async def _run_job(
 
 
 def read_annotations(output_dir: str | Path) -> pl.DataFrame:
-    return pl.read_parquet(Path(output_dir) / ANNOTATIONS_FILE)
+    return pl.read_parquet(location(output_dir) / ANNOTATIONS_FILE)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from runner._storage import ObjectPath, location
 from runner.checkpoint import Checkpoint, Manifest
 from runner.data import Corpus
 from runner.engines import Engine, make_engine
@@ -51,7 +52,7 @@ class _ChunkJob:
     """What every worker needs, pickled once by Ray for the whole pool."""
 
     spec: JobSpec
-    corpus_path: Path
+    corpus_path: Path | ObjectPath
     labels: LabelSet
     strategy: Strategy
     fitted: FittedCM | None
@@ -98,7 +99,7 @@ class _ChunkWorker:
         self._job = job
         self._loop = asyncio.new_event_loop()
         self._corpus = Corpus(job.corpus_path, spec.dataset, spec.corpus, job.labels.labels, checked=False)
-        self._checkpoint = _TimedCheckpoint(Path(spec.output.dir), spec)
+        self._checkpoint = _TimedCheckpoint(location(spec.output.dir), spec)
         self._engine = _worker_engine(job)
         self._loop.run_until_complete(self._engine.__aenter__())
         embed = _embedder(spec) if job.fitted is not None and job.fitted.uses_neighbours else None

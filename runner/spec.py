@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runner._storage import ObjectPath, StorageError, is_url, location
+
 DATA_DIR_ENV = "CM_DATA_DIR"
 
 
@@ -66,7 +68,9 @@ class DatasetSpec(_Strict):
 class UserSplitSpec(_Strict):
     """D_user: the small labelled split the memory bank is estimated on."""
 
-    path: str = Field(description="Labelled file (jsonl, csv or parquet), relative to the data dir.")
+    path: str = Field(
+        description="Labelled file (jsonl, csv or parquet), relative to the data dir, or an s3://bucket/key URL."
+    )
     fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
         default=0.05,
         description="Share of the file to use, e.g. 0.01 or 0.05; null uses the whole file.",
@@ -78,7 +82,9 @@ class UserSplitSpec(_Strict):
 class CorpusSpec(_Strict):
     """D_large: the corpus to annotate. Gold labels in it, if any, are used only for evaluation."""
 
-    path: str = Field(description="File to annotate (jsonl, csv or parquet), relative to the data dir.")
+    path: str = Field(
+        description="File to annotate (jsonl, csv or parquet), relative to the data dir, or an s3://bucket/key URL."
+    )
     limit: Annotated[int, Field(gt=0)] | None = Field(
         default=None,
         description="Annotate only this many rows, a seeded random sample (for demos).",
@@ -398,7 +404,10 @@ class CMSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    dir: str = Field(description="Output directory, relative to the current directory.")
+    dir: str = Field(
+        description="Output directory, relative to the current directory, or an s3://bucket/prefix URL "
+        "(credentials from the environment, as the AWS SDKs read them)."
+    )
     chunk_size: Annotated[int, Field(gt=0)] = Field(
         default=512, description="Rows per parquet shard; also bounds rows held in memory."
     )
@@ -483,6 +492,24 @@ class JobSpec(_Strict):
             raise ValueError("executor.kind 'ray' does not take engine.batch: true; use executor.kind 'local'")
         return self
 
+    @model_validator(mode="after")
+    def _urls_are_served(self) -> JobSpec:
+        for key, value in (
+            ("user_split.path", self.user_split.path),
+            ("corpus.path", self.corpus.path),
+            ("output.dir", self.output.dir),
+            ("data_dir", self.data_dir),
+        ):
+            if value is not None and is_url(value):
+                try:
+                    location(value)
+                except StorageError as error:
+                    raise ValueError(f"{key}: {error}") from None
+        if is_url(self.output.dir) and self.engine.kind == "openai" and self.engine.batch:
+            # the Batch API's record is appended to, line by line: a local file's job, not an object's
+            raise ValueError("engine.batch: true needs a local output.dir (its record is appended to as answers come)")
+        return self
+
     @property
     def runs_on_ray(self) -> bool:
         """Whether the corpus goes through the Ray Data executor (``executor.kind``, auto: the engine's choice)."""
@@ -490,8 +517,10 @@ class JobSpec(_Strict):
             return self.engine.kind == "vllm" and self.engine.uses_ray
         return self.executor.kind == "ray"
 
-    def resolve_data_path(self, relative: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
-        """A dataset path made absolute against the data directory (flag > env > spec)."""
+    def resolve_data_path(self, relative: str, data_dir: str | os.PathLike[str] | None = None) -> Path | ObjectPath:
+        """A dataset path made absolute against the data directory (flag > env > spec); a URL is taken as it is."""
+        if is_url(relative):
+            return location(relative)
         path = Path(relative).expanduser()
         if path.is_absolute():
             return path
@@ -501,7 +530,7 @@ class JobSpec(_Strict):
                 f"'{relative}' is relative but no data directory is set: pass --data-dir, "
                 f"set ${DATA_DIR_ENV}, or add data_dir to the spec"
             )
-        return Path(base).expanduser() / path
+        return location(base) / relative if is_url(os.fspath(base)) else Path(base).expanduser() / path
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -65,3 +65,31 @@ output: {{dir: {tmp_path / "out"}{more_output}}}
         return load_spec(write("job.yaml", job))
 
     return _toy_job
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server (moto's) on 127.0.0.1 for the session; stopped at the end."""
+    from tests._s3_server import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
+    """The AWS environment pointed at the local S3 server, and a fresh bucket; returns ``s3://bucket``."""
+    import re
+
+    from runner import _storage
+    from tests._s3_server import environment, make_bucket
+
+    for name, value in environment(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    _storage._client.cache_clear()  # a client reads the environment once: this test's
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-" + str(id(request) % 10_000)
+    make_bucket(bucket)
+    yield f"s3://{bucket}"
+    _storage._client.cache_clear()

@@ -175,6 +175,9 @@ def test_grid_spec_errors_name_the_key(datasets, write):
         load_grid(grid_file(datasets, write, budgets=[2]))
     with pytest.raises(SpecError, match=r"strategies\.0\.nme"):
         load_grid(grid_file(datasets, write, strategies=[{"nme": "zero_shot"}]))
+    # its report is local files: an s3:// output_dir would have been taken as a folder named 's3:'
+    with pytest.raises(SpecError, match=r"output_dir.*s3://b/grid: an evaluation grid's output_dir must be a local"):
+        load_grid(grid_file(datasets, write, output_dir="s3://b/grid"))
 
 
 def test_grid_paths_are_relative_to_the_grid_file(datasets, write):

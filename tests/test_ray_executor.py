@@ -28,6 +28,7 @@ import pytest
 from runner import load_spec, run_job
 from runner.data import Corpus
 from tests._ray_cluster import LocalCluster
+from tests._s3_server import environment as s3_environment
 from tests.fault_server import served, serving_process
 
 pytestmark = pytest.mark.slow  # a Ray cluster, a server and cm-run subprocesses
@@ -46,9 +47,10 @@ def fault_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def cluster(s3_endpoint) -> Iterator[LocalCluster]:
     root = Path(tempfile.mkdtemp(prefix="cmrayx-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    cluster = LocalCluster(root)
+    # the nodes' processes see the local S3 server as a cluster's nodes see their store (an instance role)
+    cluster = LocalCluster(root, extra_env=s3_environment(s3_endpoint))
     try:
         cluster.start()
         yield cluster
@@ -132,6 +134,36 @@ def test_the_ray_executor_writes_the_one_machine_rows_and_its_driver_reads_no_co
     executor = result.metrics["run"]["executor"]
     assert executor["kind"] == "ray" and executor["worker_processes"] == 2
     assert set(executor["worker_cpu_ms_per_row"]) == {"read", "annotate", "embed", "write"}
+
+
+def test_a_job_reading_from_and_writing_to_s3_runs_on_ray_and_writes_the_one_machine_rows(
+    tmp_path, data, fault_server, cluster, local_run, s3_bucket
+):
+    """Workers read their chunks of the corpus from S3 and write their shards there; the driver records them.
+
+    ``cm-run`` as a subprocess, with the cluster's environment (the S3 server's credentials included).
+    """
+    import boto3
+
+    from runner._storage import ObjectPath
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for name in ("user.jsonl", "corpus.parquet"):
+        s3.upload_file(str(data / name), s3_bucket.removeprefix("s3://"), f"data/{name}")
+    spec = write_spec(tmp_path, data, fault_server, ray_executor(cluster))
+    text = spec.read_text().replace(f"data_dir: {data}", f"data_dir: {s3_bucket}/data")
+    spec.write_text(text.replace(f"dir: {tmp_path / 'out'}", f"dir: {s3_bucket}/out"))
+    process = cm_run(spec, cluster)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    out = ObjectPath(f"{s3_bucket}/out")
+    assert pl.read_parquet(out / "annotations.parquet").equals(annotations(local_run[0]))
+    ours = orjson.loads((out / "metrics.json").read_bytes())
+    assert ours["run"]["executor"]["worker_processes"] == 2
+    theirs = metrics(local_run[0])
+    assert {k: v for k, v in ours.items() if k != "run"} == {k: v for k, v in theirs.items() if k != "run"}
+    assert len(list((out / "annotations").glob("part-*.parquet"))) == -(-N_CORPUS // CHUNK)
+    assert not (tmp_path / "out").exists()  # nothing went to a local directory
 
 
 def cm_run(spec: Path, cluster: LocalCluster) -> subprocess.Popen[str]:

@@ -19,7 +19,7 @@ import orjson
 import polars as pl
 import pytest
 
-from tests.fault_server import serving_process
+from tests.fault_server import served, serving_process
 
 pytestmark = pytest.mark.slow  # kills cm-run processes
 REPO = Path(__file__).resolve().parents[1]
@@ -155,3 +155,35 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_say_how_to_resume(stop, code, job, 
     assert len(manifest["finished_shards"]["annotate"]) >= 2 and not manifest["complete"]
     finish(spec)
     assert_same_as_reference(output, reference)
+
+
+def test_a_job_on_s3_sigkilled_then_rerun_equals_an_uninterrupted_run(tmp_path, server, data_dir, reference, s3_bucket):
+    """Data and output on the local S3 server: the rerun takes over the killed run's lock, resumes, asks
+    only for the chunks not finished when it was killed, and writes the reference's rows."""
+    import boto3
+
+    from runner._storage import ObjectPath
+    from runner.checkpoint import LOCK_NAME
+
+    s3 = boto3.client("s3", region_name=os.environ["AWS_REGION"])
+    for name in ("massive/en-US/train.jsonl", "massive/en-US/test.jsonl"):
+        s3.upload_file(str(data_dir / name), s3_bucket.removeprefix("s3://"), f"data/{name}")
+    output = ObjectPath(f"{s3_bucket}/out")
+    spec = write_spec(tmp_path / "s3.yaml", output, server, f"{s3_bucket}/data")  # data_dir on S3 too
+    n_shards = lambda: sum(1 for _ in (output / "annotations").glob("part-*.parquet"))  # noqa: E731
+
+    process = start(spec)
+    wait_for(lambda: n_shards() >= 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (output / LOCK_NAME).is_file()  # a killed run cannot release its lock: the rerun sees it is dead
+    finished = orjson.loads((output / "manifest.json").read_bytes())["finished_shards"]["annotate"]
+    before = served(server)["requests"]
+    finish(spec)
+    asked = served(server)["requests"] - before
+    unfinished = 240 - 20 * len(finished)
+    assert asked <= 2 * unfinished  # at most a first and a second call for each row not already in a shard
+    ours = pl.read_parquet(output / "annotations.parquet")
+    assert ours["id"].n_unique() == ours.height == reference.height
+    assert ours.drop("prompt_tokens", "completion_tokens").equals(reference.drop("prompt_tokens", "completion_tokens"))
+    assert not (output / LOCK_NAME).is_file()
