@@ -77,19 +77,13 @@ class Acceptance:
     n: int  # held-out samples the threshold was chosen on
 
 
-def clopper_pearson(right: int, n: int, level: float) -> float:
-    """The exact one-sided lower confidence bound on a binomial proportion (scipy's Clopper-Pearson).
+def clopper_pearson(right: IntArray | FloatArray, n: IntArray | FloatArray, level: float) -> FloatArray:
+    """The exact one-sided lower confidence bound on a binomial proportion, for many (right, n) at once.
 
-    One-sided, as the claim is: the accepted rows are right at least this often, with
-    probability ``level``.
+    One-sided, as the claim is: the accepted rows are right at least this often, with probability
+    ``level``. It is the beta quantile scipy's binomtest reports (tests/test_trust.py), computed for
+    every tested threshold in one call; 0 where none is right.
     """
-    from scipy.stats import binomtest
-
-    return float(binomtest(right, n, alternative="greater").proportion_ci(confidence_level=level, method="exact").low)
-
-
-def lower_bounds(right: IntArray | FloatArray, n: IntArray | FloatArray, level: float) -> FloatArray:
-    """``clopper_pearson`` for many (right, n) pairs at once: the beta quantile it is (0 where right is 0)."""
     from scipy.stats import beta
 
     right, n = np.asarray(right, dtype=float), np.asarray(n, dtype=float)
@@ -109,13 +103,13 @@ def choose_threshold(
 
     Thresholds are the held-out confidences from the highest down; the first tested is the highest
     that accepts at least ``min_accepted`` samples (half of them when there are fewer than twice
-    that: a rule fixed by n alone, so the level holds). Each is
-    tested by the one-sided Clopper-Pearson lower bound at ``confidence_level`` on its accepted
-    samples' accuracy; testing stops at the first that fails and the last one passing is chosen.
-    Stopping there is what keeps the level with no correction: the chance of passing a threshold
-    whose accepted rows are right less than ``target_accuracy`` of the time is at most
-    1 - confidence_level (scanning on past a failure, as this did before, passed such thresholds in
-    11-21% of runs at 0.95). The ranks depend on the confidences alone, so this holds given them.
+    that: a rule fixed by n alone, so the level holds). Each is tested by the one-sided Clopper-
+    Pearson lower bound at ``confidence_level`` on its accepted samples' accuracy; testing stops at
+    the first that fails and the last one passing is chosen. Stopping there is what keeps the level
+    with no correction: the chance of passing a threshold whose accepted rows are right less than
+    ``target_accuracy`` of the time is at most 1 - confidence_level (scanning on past a failure, as
+    this did before, passed such thresholds in 11-21% of runs at 0.95). The ranks depend on the
+    confidences alone, so this holds given them.
 
     Power rests on the first test: a failure there accepts nothing, so it must see enough samples to
     survive a few errors (tests/bench/README.md, "Acceptance threshold", measures the trade-off).
@@ -132,14 +126,14 @@ def choose_threshold(
     # one test per distinct threshold: the last position of each run of equal confidences
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
     ends = ends[ends + 1 >= min(min_accepted, (n + 1) // 2)]  # too few accepted: not tested yet
-    passes = lower_bounds(n_right[ends], ends + 1, confidence_level) >= target_accuracy
-    failed = np.flatnonzero(~passes)
+    bounds = clopper_pearson(n_right[ends], ends + 1, confidence_level)
+    failed = np.flatnonzero(bounds < target_accuracy)
     last = (failed[0] if len(failed) else len(ends)) - 1
     if last < 0:
         return nothing
     end = int(ends[last])
     n_accepted, k = end + 1, int(n_right[end])
-    low = float(lower_bounds(k, n_accepted, confidence_level))
+    low = float(bounds[last])
     return Acceptance(target_accuracy, confidence_level, float(ranked[end]), n_accepted / n, k / n_accepted, low, n)
 
 

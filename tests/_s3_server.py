@@ -15,21 +15,17 @@ import sys
 import time
 from collections.abc import Iterator
 
+from tests._ray_cluster import free_ports
+
 # Any key works with moto; a recognisable one lets a test check it is written nowhere.
 ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "secret-never-written-anywhere-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def s3_server() -> Iterator[str]:
     """Start ``moto_server`` on a free port; yield its endpoint URL; stop it (no process left)."""
-    port = _free_port()
+    port = free_ports(1)[0]
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import beta
+from scipy.stats import beta, binomtest
 from sklearn.linear_model import LogisticRegression
 
 from runner.posterior import mass_candidates
@@ -29,7 +29,9 @@ def beta_lower(k: int, n: int, level: float) -> float:
 
 def test_clopper_pearson_matches_the_beta_quantile():
     for k, n in ((0, 10), (9, 10), (95, 100), (480, 500), (10, 10)):
+        exact = binomtest(k, n, alternative="greater").proportion_ci(confidence_level=0.95, method="exact").low
         assert clopper_pearson(k, n, 0.95) == pytest.approx(beta_lower(k, n, 0.95), abs=1e-9)
+        assert clopper_pearson(k, n, 0.95) == pytest.approx(exact, abs=1e-9)  # scipy's Clopper-Pearson
     assert clopper_pearson(10, 10, 0.95) == pytest.approx(0.05 ** (1 / 10))  # all right: alpha^(1/n)
 
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from scipy.stats import beta
 
-from runner.trust import choose_threshold
+from runner.trust import choose_threshold, clopper_pearson
 
 TARGET = LEVEL = 0.95
 
@@ -29,8 +28,7 @@ def scan_every_threshold(
     """The replaced rule: the lowest threshold whose Clopper-Pearson bound passes, each at the full level."""
     order = np.argsort(-confidences, kind="stable")
     ranked, n_right = confidences[order], np.cumsum(right[order])
-    accepted = np.arange(1, len(confidences) + 1)
-    bounds = np.where(n_right > 0, beta.ppf(1 - level, n_right, accepted - n_right + 1), 0.0)
+    bounds = clopper_pearson(n_right, np.arange(1, len(confidences) + 1), level)
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))  # one test per distinct threshold
     passing = ends[bounds[ends] >= target]
     return float(ranked[passing[-1]]) if len(passing) else None
