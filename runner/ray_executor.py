@@ -93,7 +93,7 @@ class _ChunkWorker:
     """A Ray Data actor: annotates each chunk number it is given, writing the chunk's shard."""
 
     def __init__(self, job: _ChunkJob):
-        from runner.pipeline import _embedder, annotate_work
+        from runner.pipeline import StageWork, _embedder, annotate_work
 
         spec = job.spec
         self._job = job
@@ -104,15 +104,10 @@ class _ChunkWorker:
         self._loop.run_until_complete(self._engine.__aenter__())
         embed = _embedder(spec) if job.fitted is not None and job.fitted.uses_neighbours else None
         self._embed_seconds = 0.0
-        self._work = annotate_work(
-            self._engine,
-            job.strategy,
-            job.labels,
-            job.fitted,
-            spec.dataset.max_text_chars,
-            self._timed_embed(embed) if embed is not None else None,
-            job.reviewed,
-        )
+        ((stage, _),) = spec.stages()  # the spec refuses a cascade of several stages on Ray
+        timed = self._timed_embed(embed) if embed is not None else None
+        work = StageWork(stage, self._engine, job.strategy, job.fitted, None, timed)
+        self._work = annotate_work([work], job.labels, spec.dataset.max_text_chars, job.reviewed)
 
     def _timed_embed(self, embed: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         def timed(texts: Any) -> np.ndarray:
