@@ -145,3 +145,19 @@ def test_a_stage_that_asks_nothing_must_say_so_consistently(toy_job):
         toy_job(USER, CORPUS, labels=LABELS, extra="cascade:\n  - {name: a}\n  - {name: b, cm: {accept: null}}\n")
     with pytest.raises((SpecError, ValueError), match=r"cascade\[0\] \(a\): cm.variant"):
         toy_job(USER, CORPUS, labels=LABELS, extra="cascade:\n  - {name: a, cm: {variant: nope}}\n")
+
+
+def test_a_dry_run_prices_each_stage_and_the_one_that_asks_nothing_at_nothing(toy_job, tmp_path, capsys):
+    from runner.cli import main
+
+    cascade_job(toy_job, "http://127.0.0.1:9/v1")  # nothing is called: no server needed
+    assert main([str(tmp_path / "job.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    n_user, n_corpus = len(USER), len(CORPUS)
+    assert "stage 1, neighbours" in out and "asks the model nothing" in out
+    # the two model stages each price the whole user split and every corpus row's first call (counts,
+    # second_call never: no second call), as if every row reached them
+    expected = f"answers: estimate {n_user:,} + annotate {n_corpus:,} first + up to 0 second"
+    assert out.count(expected) == 2
+    assert "stage 3, api: openai fault-model" in out
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
