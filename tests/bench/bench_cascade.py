@@ -31,13 +31,13 @@ from runner.engines._cache import CachingEngine
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = "variant: neighbour_prior, prior: probe"
+ACCEPT = "accept: {target_accuracy: TARGET}"
+LLM = f"cm: {{{PROBE}, first_call: always, second_call: when_ambiguous, {ACCEPT}}}"
 SETTINGS = {
-    "probe alone": f"cm: {{{PROBE}, first_call: never, second_call: never, accept: {{target_accuracy: TARGET}}}}",
-    "LLM alone": f"cm: {{{PROBE}, first_call: always, second_call: when_ambiguous, accept: {{target_accuracy: TARGET}}}}",
-    "cascade probe -> LLM": (
-        f"cm: {{{PROBE}, first_call: always, second_call: when_ambiguous, accept: {{target_accuracy: TARGET}}}}\n"
-        "cascade:\n  - {name: probe, cm: {first_call: never, second_call: never}}\n  - {name: llm}"
-    ),
+    "probe alone": f"cm: {{{PROBE}, first_call: never, second_call: never, {ACCEPT}}}",
+    "LLM alone": LLM,
+    "cascade probe -> LLM": LLM
+    + "\ncascade:\n  - {name: probe, cm: {first_call: never, second_call: never}}\n  - {name: llm}",
 }
 
 
