@@ -9,6 +9,8 @@ answers "music" on the hard texts of every label (a row of M that is right a thi
 
 from __future__ import annotations
 
+import pickle
+
 import polars as pl
 import pytest
 
@@ -161,3 +163,25 @@ def test_a_dry_run_prices_each_stage_and_the_one_that_asks_nothing_at_nothing(to
     assert out.count(expected) == 2
     assert "stage 3, api: openai fault-model" in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+async def test_a_review_of_a_cascades_rows_comes_back_to_every_stage_as_its_own(toy_job, tmp_path, api, write):
+    from runner.review import import_reviewed
+
+    spec = cascade_job(toy_job, api.base_url)
+    await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+    first = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    unsure = first.filter(pl.col("stage") == "api")
+    write("reviewed.csv", "id,label\n" + "".join(f"{i},{y}\n" for i, y in zip(unsure["id"], unsure["gold"])))
+    import_reviewed(tmp_path / "out", tmp_path / "reviewed.csv", LABELS)
+    await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+    again = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    assert again.height == first.height and again["id"].n_unique() == first.height
+    human = again.filter(pl.col("source") == "human")
+    assert sorted(human["id"]) == sorted(unsure["id"]) and (human["y_hat"] == human["gold"]).all()
+    # the api stage answered those rows: its fit counts its own answers on them; the others learn only
+    # the texts and labels (the scripted model's answers on them were never given, the neighbours ask nothing)
+    for stage, answered in (("api", len(USER) + unsure.height), ("scripted", len(USER)), ("neighbours", 0)):
+        fitted = pickle.loads((tmp_path / "out/stages" / stage / "fitted_cm.pkl").read_bytes())["fitted"]
+        assert fitted.counts.sum() == answered
+        assert len(fitted.user_truths) == len(USER) + unsure.height
