@@ -172,7 +172,9 @@ async def test_a_review_of_a_cascades_rows_comes_back_to_every_stage_as_its_own(
     await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
     first = pl.read_parquet(tmp_path / "out/annotations.parquet")
     unsure = first.filter(pl.col("stage") == "api")
-    write("reviewed.csv", "id,label\n" + "".join(f"{i},{y}\n" for i, y in zip(unsure["id"], unsure["gold"])))
+    write(
+        "reviewed.csv", "id,label\n" + "".join(f"{i},{y}\n" for i, y in zip(unsure["id"], unsure["gold"], strict=True))
+    )
     import_reviewed(tmp_path / "out", tmp_path / "reviewed.csv", LABELS)
     await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
     again = pl.read_parquet(tmp_path / "out/annotations.parquet")
