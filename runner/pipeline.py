@@ -1102,7 +1102,9 @@ async def _run_job(
         if hasattr(job_engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
             run["engine"] = job_engine.stats()
         if len(stages) > 1:
-            run["engines"] = {s.name: s.engine.stats() for s in stages if hasattr(s.engine, "stats")}
+            # per engine, named by the first stage that uses it: stages sharing one share its figures
+            distinct = {id(s.engine): s for s in reversed(stages)}.values()
+            run["engines"] = {s.name: s.engine.stats() for s in distinct if hasattr(s.engine, "stats")}
     finally:
         for stage in stages:  # stopped while the model was being asked: ask no more
             if stage.fit is not None and not stage.fit.final.done():
@@ -1140,6 +1142,7 @@ async def _run_job(
     }
     if len(stages) > 1:
         metrics["stages"] = stage_metrics(annotations_path, [stage.name for stage in stages])
+    metrics["per_accepted_row"] = _per_accepted_row(metrics, run)
     if fitted is not None:
         with atomic_path(checkpoint.directory / REVIEW_FILE) as tmp:
             write_review(annotations_path, tmp)
@@ -1150,6 +1153,17 @@ async def _run_job(
     checkpoint.save(manifest)
     bank = stages[0].bank if stages else None
     return JobResult(output_dir=checkpoint.directory, bank=bank, metrics=metrics)
+
+
+def _per_accepted_row(metrics: dict[str, Any], run: dict[str, Any]) -> dict[str, Any] | None:
+    """What the job spent per row it accepted: corpus calls, and the API engines' estimated USD (estimate included)."""
+    n_accepted = (metrics.get("trust") or {}).get("n_accepted")
+    if not n_accepted:
+        return None
+    calls = (metrics.get("calls_per_item") or 0) * (metrics.get("n_annotated") or 0)
+    engines = run.get("engines") or ({"main": run["engine"]} if "engine" in run else {})
+    costs = [stats["estimated_cost_usd"] for stats in engines.values() if "estimated_cost_usd" in stats]
+    return {"calls": calls / n_accepted, "usd": sum(costs) / n_accepted if costs else None}
 
 
 def read_annotations(output_dir: str | Path) -> pl.DataFrame:

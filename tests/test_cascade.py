@@ -187,3 +187,12 @@ async def test_a_review_of_a_cascades_rows_comes_back_to_every_stage_as_its_own(
         fitted = pickle.loads((tmp_path / "out/stages" / stage / "fitted_cm.pkl").read_bytes())["fitted"]
         assert fitted.counts.sum() == answered
         assert len(fitted.user_truths) == len(USER) + unsure.height
+
+
+async def test_the_cost_per_accepted_row_counts_every_stages_calls(toy_job, tmp_path, api):
+    spec = cascade_job(toy_job, api.base_url)
+    result = await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+    accepted = len(CORPUS_EASY) + len(CORPUS_SURE)
+    corpus_calls = len(CORPUS_SURE) + 2 * len(CORPUS_UNSURE)  # the scripted stage's, then the api stage's
+    assert result.metrics["per_accepted_row"]["calls"] == pytest.approx(corpus_calls / accepted)
+    assert set(result.metrics["run"]["engines"]) == {"api"}  # the scripted engine keeps no API figures
