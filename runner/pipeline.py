@@ -1059,11 +1059,12 @@ async def _run_job(
             checkpoint.save(manifest)
         started, started_cpu = time.perf_counter(), time.process_time()
         if spec.runs_on_ray:
-            from runner.ray_executor import annotate_on_ray  # imports Ray: only for a job that runs on it
+            from runner.ray_executor import RayStage, annotate_on_ray  # imports Ray: only for a job on it
 
-            fitted = (await accepted)[0] if accepted else None  # the workers apply the final fit, no draft
+            finals = await accepted if accepted else [None] * len(stages)  # the workers apply final fits, no draft
+            on_ray = tuple(RayStage(s.name, s.spec, s.strategy, f) for s, f in zip(stages, finals, strict=True))
             annotated_now, run["executor"] = await annotate_on_ray(
-                spec, inputs, stages[0].strategy, fitted, reviewed, job_engine, checkpoint, manifest, progress
+                spec, inputs, on_ray, reviewed, job_engine, checkpoint, manifest, progress
             )
         else:
             work = [

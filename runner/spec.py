@@ -570,8 +570,14 @@ class JobSpec(_Strict):
         if len(stages) > 1:
             if self.cm.accept is None:
                 raise ValueError("cascade: stages escalate the rows they do not accept; cm.accept cannot be null")
-            if any(spec.runs_on_ray for _, spec in stages):
-                raise ValueError("cascade: a cascade of several stages runs on one machine (executor.kind local)")
+            for n, (name, stage) in enumerate(stages):
+                own = stage.engine != self.engine
+                if self.runs_on_ray and own and (stage.engine.kind != "openai" or stage.engine.batch):
+                    # the workers share the job engine's replicas; another model would load in every worker
+                    raise ValueError(
+                        f"cascade[{n}] ({name}).engine: on Ray a stage's own engine is an online API "
+                        "(kind openai, no batch); the job's engine is the one its replicas serve"
+                    )
         return self
 
     def stages(self) -> list[tuple[str, JobSpec]]:
