@@ -37,6 +37,7 @@ ENGINE_LOG = "engine.log"  # what the engine libraries print, kept out of the te
 TRIAL_FILE = "second_call_trial.json"  # the model's choices on user samples, for cm.second_call: auto
 BATCH_DIR = "batch"  # an engine's own resumable state (the Batch API's batches and answered lines)
 PHASES = ("estimate", "annotate")
+STAGES_DIR = "stages"  # a cascade's stages, each a directory of its own bank, fit and manifest
 SHARD_DIRS = {"estimate": "estimate", "annotate": "annotations"}
 MANIFEST_FORMAT_VERSION = 2
 
@@ -317,6 +318,7 @@ class Checkpoint:
         self.spec = spec
         self.files = files or {}
         self.manifest_path = directory / MANIFEST_NAME
+        self.created = False  # open() started it afresh: nothing below it (a cascade's stages) is kept
 
     def _make_directory(self) -> None:
         if isinstance(self.directory, ObjectPath):
@@ -419,6 +421,7 @@ class Checkpoint:
                 )
             self._clear()
             self.save(fresh)
+            self.created = True
             return fresh
         if previous.spec_digest != fresh.spec_digest or previous.files != fresh.files:
             changed = changed_keys(previous.spec, fresh.spec)
@@ -436,7 +439,8 @@ class Checkpoint:
         return previous
 
     def _only_our_layout(self) -> bool:
-        return all(p.name in (*SHARD_DIRS.values(), BATCH_DIR, LOCK_NAME, ENGINE_LOG) for p in self.directory.iterdir())
+        layout = (*SHARD_DIRS.values(), BATCH_DIR, LOCK_NAME, ENGINE_LOG, STAGES_DIR)
+        return all(p.name in layout for p in self.directory.iterdir())
 
     def _clear(self) -> None:
         for name in SHARD_DIRS.values():

@@ -155,24 +155,40 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
         for _, rows in inputs.corpus.chunks(spec.output.chunk_size)
     )
     user_chars = inputs.user.rows["text"].str.len_chars().sum()
-    n_user = inputs.user.rows.height if spec.cm.enabled and spec.cm.bank is None else 0
-    n_corpus = inputs.corpus.height
-    n_second = n_corpus if spec.cm.enabled else 0
     # few-shot examples are user samples, each a user turn and an assistant turn (the label)
     example = user_chars / max(inputs.user.rows.height, 1) / 4 + estimator.raw([Message("user", "")]) * 2 + 2
-    per_answer = partial(answer_usage, spec.strategy, spec.generation, example=example)
-    usage = Usage(0, 0, 0)
-    if n_user:
-        usage += per_answer(overhead + user_chars / 4 / n_user) * n_user
-    if n_corpus:
-        usage += per_answer(overhead + corpus_chars / 4 / n_corpus) * (n_corpus + n_second)
+    n_corpus = inputs.corpus.height
+    stages = spec.stages()
+    if len(stages) > 1:
+        print(f"\na cascade of {len(stages)} stages; each is priced as if every corpus row reached it (an upper")
+        print("bound: a stage sees only the rows earlier ones did not accept; metrics.json 'stages' says how many did)")
+    for position, (name, stage) in enumerate(stages):
+        if len(stages) > 1:
+            print(f"\nstage {position + 1}, {name}: {stage.engine.kind} {stage.engine.model}, {stage.strategy.name}")
+        asks = stage.cm.first_call != "never"
+        n_user = inputs.user.rows.height if asks and stage.cm.enabled and stage.cm.bank is None else 0
+        n_first = n_corpus if asks else 0
+        n_second = n_corpus if stage.cm.enabled and stage.cm.second_call != "never" else 0
+        per_answer = partial(answer_usage, stage.strategy, stage.generation, example=example)
+        usage = Usage(0, 0, 0)
+        if n_user:
+            usage += per_answer(overhead + user_chars / 4 / n_user) * n_user
+        if n_corpus:
+            usage += per_answer(overhead + corpus_chars / 4 / n_corpus) * (n_first + n_second)
+        _print_usage(stage, usage, n_user, n_first, n_second, per_answer(overhead))
+    return 0
+
+
+def _print_usage(spec: JobSpec, usage: Any, n_user: int, n_first: int, n_second: int, per: Any) -> None:
     calls, prompt_tokens, completion_tokens = (
         round(usage.calls),
         round(usage.prompt_tokens),
         round(usage.completion_tokens),
     )
-    per = per_answer(overhead)
-    print(f"\nanswers: estimate {n_user:,} + annotate {n_corpus:,} first + up to {n_second:,} second")
+    if not calls:
+        print("  asks the model nothing (cm.first_call never): its prior labels alone")
+        return
+    print(f"answers: estimate {n_user:,} + annotate {n_first:,} first + up to {n_second:,} second")
     print(f"  {spec.strategy.name} makes up to {round(per.calls)} call(s) per answer")
     print(f"  at most {calls:,} requests, about {prompt_tokens:,} prompt tokens (chars/4, an upper bound: second")
     print(f"  calls list fewer labels), at most {completion_tokens:,} completion tokens")
@@ -191,7 +207,6 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
         chosen = "engine.batch is on" if spec.engine.batch else "with engine.batch: true"
         print(f"  through the Batch API ({chosen}): at most about ${batch:,.2f} (online ${cost:,.2f}),")
         print(f"  up to {spec.engine.batch_completion_window} per phase (estimate; first calls; second calls)")
-    return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:

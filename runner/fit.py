@@ -21,14 +21,15 @@ corpus. In this order:
 6. the confidence: sigmoid (Platt) calibration of each held-out sample's score (the posterior
    probability of the label CM gives it; for the paper's CM the bank's count share of that
    label in row Y'; without CM the share of Y' among the samples that answered Y');
-7. the acceptance threshold (``cm.accept``): fixed-sequence testing from the strictest threshold
-   down of the accepted held-out samples' Clopper-Pearson lower bound against the target.
+7. the acceptance threshold (``cm.accept``), ``accept_cascade``: one threshold for every stage of
+   the job's cascade (a job without one is one stage), by fixed-sequence testing from the strictest
+   down of the Clopper-Pearson lower bound of the held-out samples the cascade accepts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -37,7 +38,7 @@ from runner import posterior as post
 from runner import trust
 from runner.bank import MemoryBank
 from runner.probe import Probe, fit_probe
-from runner.spec import CMSpec
+from runner.spec import AcceptSpec, CMSpec
 
 # What the user split chooses among when the spec leaves a setting unset.
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -70,6 +71,8 @@ class _KnownBeforeAsking:
     @property
     def needs_answer(self) -> bool:
         """False when the first answer Y' cannot change the result: the job then skips that call."""
+        if self.cm.first_call == "never":
+            return False
         return self.variant in ("plain", "paper") or self.cm.first_call == "always" or self.weight > 0
 
 
@@ -95,6 +98,7 @@ class FittedCM(_KnownBeforeAsking):
     acceptance: trust.Acceptance | None
     held_out_confidence: np.ndarray = field(repr=False)  # per held-out sample, for the risk-coverage plot
     held_out_right: np.ndarray = field(repr=False)
+    held_out_ids: tuple[str, ...] = field(default=(), repr=False)  # the user sample of each held-out entry
     # plain and paper: the bank's free-text answers, rows K, K+1, ... of counts (runner.bank.MemoryBank)
     free_text: tuple[str, ...] = ()
 
@@ -158,6 +162,7 @@ class FitDraft(_KnownBeforeAsking):
     weight: float
     tau: float
     held: np.ndarray  # the user samples scored held out (their answer parsed)
+    held_ids: tuple[str, ...]  # their ids, for aligning the stages of a cascade
     held_out_sets: tuple[tuple[int, ...], ...]  # per held sample: its candidate labels, most probable first
     held_out_scores: np.ndarray  # per held sample and label: the score a label would get (posterior or share)
     asks_second_call: bool | None  # None: cm.second_call auto, decided by the questions
@@ -197,15 +202,16 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     # rows (or any correction) were picked, e.g. for low confidence, and are not exchangeable with the corpus.
     # They stay in the counts, the neighbours and the probe.
     drawn = np.array([s.source == "user_split" for s in samples], dtype=bool)
-    held = np.flatnonzero((answers >= 0) & drawn)
+    asks_nothing = cm.first_call == "never"  # the prior alone: every drawn sample is scored, none answered
+    held = np.flatnonzero(((answers >= 0) | asks_nothing) & drawn)
     asks = None if cm.second_call == "auto" else cm.second_call == "when_ambiguous"
     neighbours = cm.neighbours or NEIGHBOUR_GRID[0]
     temperature = cm.neighbour_temperature or TEMPERATURE_GRID[0]
-    weight = 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
+    weight = 0.0 if asks_nothing else 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
     tau = 1.0 if cm.tau is None else cm.tau
     common = dict(variant=variant, labels=labels, cm=cm, counts=counts, user_answers=answers, user_truths=truths)
     common |= dict(free_text=free_text)
-    common |= dict(user_vectors=user_vectors, probe=probe, held=held)
+    common |= dict(user_vectors=user_vectors, probe=probe, held=held, held_ids=tuple(samples[i].id for i in held))
 
     if variant in ("plain", "paper"):
         # held-out rows of the bank: counts without the sample's own (answer, truth) pair
@@ -239,8 +245,11 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
             )
         else:
             priors = post.held_out_class_priors(counts, truths[held])
-        likelihood_rows = _held_out_likelihood_rows(variant, cm, counts, answers, truths, held, similarities)
-        if cm.likelihood_weight is None:
+        if asks_nothing:  # no answer, so a flat likelihood: the posterior is the prior
+            likelihood_rows = np.ones((len(held), n_labels))
+        else:
+            likelihood_rows = _held_out_likelihood_rows(variant, cm, counts, answers, truths, held, similarities)
+        if cm.likelihood_weight is None and not asks_nothing:
             weight = _earned_weight(likelihood_rows, priors, truths[held])
         scores = post.posteriors(likelihood_rows, priors, weight)
         if cm.tau is None:
@@ -297,12 +306,6 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
             right[n] = index[y_hat] == truths[sample]
     calibration = trust.fit_calibration(scores, right)
     confidence = calibration.apply(scores)
-    acceptance = None
-    if cm.accept is not None:
-        accept = cm.accept
-        acceptance = trust.choose_threshold(
-            confidence, right, accept.target_accuracy, accept.confidence_level, accept.min_accepted
-        )
     return FittedCM(
         variant=draft.variant,
         labels=labels,
@@ -319,9 +322,10 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         asks_second_call=bool(asks),
         trial_outcome=outcome,
         calibration=calibration,
-        acceptance=acceptance,
+        acceptance=None,  # accept_cascade: the threshold is the cascade's, over all its stages
         held_out_confidence=confidence,
         held_out_right=right,
+        held_out_ids=draft.held_ids,
         free_text=draft.free_text,
     )
 
@@ -329,8 +333,31 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
 def fit_cm(
     bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = None, choices: Sequence[str | None] = ()
 ) -> FittedCM:
-    """``prepare_fit`` then ``finish_fit``, for callers that know the choices (or need none)."""
-    return finish_fit(prepare_fit(bank, cm, user_vectors), choices)
+    """``prepare_fit``, ``finish_fit`` and ``accept_cascade`` for one stage, for callers that know the choices."""
+    return accept_cascade([finish_fit(prepare_fit(bank, cm, user_vectors), choices)], cm.accept)[0]
+
+
+def accept_cascade(stages: Sequence[FittedCM], accept: AcceptSpec | None) -> tuple[FittedCM, ...]:
+    """The stages with the cascade's one acceptance: a threshold every stage's confidence is held to.
+
+    The user split runs through the whole cascade: a held-out sample is accepted by the first stage
+    whose held-out confidence reaches the threshold, and right if that stage's answer is. Samples
+    are aligned by id; a stage that scored no answer for one (its answer unparsed) cannot accept it.
+    """
+    if accept is None:
+        return tuple(replace(fitted, acceptance=None) for fitted in stages)
+    ids = list(dict.fromkeys(i for fitted in stages for i in fitted.held_out_ids))
+    column = {sample: n for n, sample in enumerate(ids)}
+    confidences = np.full((len(stages), len(ids)), -np.inf)
+    right = np.zeros((len(stages), len(ids)), dtype=bool)
+    for s, fitted in enumerate(stages):
+        where = [column[sample] for sample in fitted.held_out_ids]
+        confidences[s, where] = fitted.held_out_confidence
+        right[s, where] = fitted.held_out_right
+    acceptance = trust.choose_threshold(
+        confidences, right, accept.target_accuracy, accept.confidence_level, accept.min_accepted
+    )
+    return tuple(replace(fitted, acceptance=acceptance) for fitted in stages)
 
 
 def _held_out_answer(

@@ -29,6 +29,7 @@ from runner._storage import StorageError, location, on_object_store
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
 from runner.checkpoint import (
     BATCH_DIR,
+    STAGES_DIR,
     TRIAL_FILE,
     Checkpoint,
     Manifest,
@@ -41,9 +42,9 @@ from runner.data import Corpus, DataError, UserSplit, load_user_split
 from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
-from runner.fit import FitDraft, FittedCM, Question, finish_fit, prepare_fit
+from runner.fit import FitDraft, FittedCM, Question, accept_cascade, finish_fit, prepare_fit
 from runner.labels import LabelSet
-from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, trust_metrics
+from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, stage_metrics, trust_metrics
 from runner.review import (
     mark_reviewed,
     read_reviewed,
@@ -52,7 +53,7 @@ from runner.review import (
     with_reviewed,
     write_review,
 )
-from runner.spec import JobSpec
+from runner.spec import MAIN_STAGE, JobSpec
 from runner.strategies import Answer, Strategy, first_answers, make_strategy
 
 logger = logging.getLogger("runner")
@@ -191,12 +192,15 @@ async def _estimate_chunk(
     labels: LabelSet,
     max_chars: int | None,
     finished: RowSink | None = None,
+    *,
+    asks: bool = True,
 ) -> pl.DataFrame:
     texts = _prompt_texts(rows, max_chars)
     batched = _BatchedSink(finished, rows, _with_answers) if finished is not None else None
 
     async def one(index: int) -> Answer:
-        answer = (await first_answers(strategy, engine, [texts[index]], labels))[0]
+        # cm.first_call never: the stage's prior labels alone, and the model is asked nothing here either
+        answer = (await first_answers(strategy, engine, [texts[index]], labels))[0] if asks else _SKIPPED
         if batched is not None:
             batched.add(index, answer)
         return answer
@@ -230,7 +234,13 @@ async def estimate_phase(
             chunks,
             rows.height,
             lambda chunk, finished: _estimate_chunk(
-                chunk, engine, strategy, inputs.labels, spec.dataset.max_text_chars, finished
+                chunk,
+                engine,
+                strategy,
+                inputs.labels,
+                spec.dataset.max_text_chars,
+                finished,
+                asks=spec.cm.first_call != "never",
             ),
             checkpoint,
             manifest,
@@ -444,19 +454,19 @@ async def annotate_rows(
     fitted: FittedCM | Awaitable[FittedCM] | None,
     max_chars: int | None = None,
     embed: Embedder | None = None,
-    previous: pl.DataFrame | None = None,
+    previous: Sequence[dict[str, Any] | None] | None = None,
     *,
     draft: FitDraft | None = None,
     finished: RowSink | None = None,
 ) -> pl.DataFrame:
-    """CM on a chunk: Y' from all labels, C from the fitted CM, Y_hat = G(X, C) when |C| > 1; its confidence.
+    """One stage's CM on a chunk: Y' from all labels, C from the fitted CM, Y_hat = G(X, C) when |C| > 1.
 
     Without a fitted CM (CM off and no acceptance asked for) Y_hat is Y' and has no confidence.
     ``fitted`` may still be on its way (the model being asked among held-out sets): given its
     ``draft``, first calls go out meanwhile, and each row waits for the fit only to refine.
-    With ``previous`` (these rows as an earlier fit annotated them) the chunk is re-scored: first
-    answers are reused, and a second call is made only where the new candidate set is ambiguous
-    and differs from the one the earlier answer was chosen in.
+    With ``previous`` (these rows as an earlier fit annotated them, None for a row it did not) the
+    chunk is re-scored: first answers are reused, and a second call is made only where the new
+    candidate set is ambiguous and differs from the one the earlier answer was chosen in.
     ``finished`` gets the rows as they are annotated, in batches (``_BatchedSink``).
     """
     known = draft if draft is not None else fitted if isinstance(fitted, FittedCM) else None
@@ -468,7 +478,7 @@ async def annotate_rows(
         assert embed is not None
         # embedding is CPU work: off the event loop, so other chunks' requests keep their timeouts
         contexts = apply.neighbourhoods(known, await asyncio.to_thread(embed, texts))
-    earlier = previous.to_dicts() if previous is not None else [None] * len(texts)
+    earlier = previous if previous is not None else [None] * len(texts)
 
     skip_first = known is not None and not known.needs_answer  # Y' cannot change C (cm.first_call)
     batched = _BatchedSink(finished, rows, _annotation_frame) if finished is not None else None
@@ -575,32 +585,107 @@ def _stored_choice(before: dict[str, Any] | None, candidates: Sequence[str]) -> 
     return before["y_hat"] if set(before["candidates"]) == set(candidates) else None
 
 
-def annotate_work(
-    engine: Engine,
-    strategy: Strategy,
+@dataclass(frozen=True)
+class StageWork:
+    """One stage of the cascade as the block function runs it: its engine, strategy and fit."""
+
+    name: str
+    engine: Engine
+    strategy: Strategy
+    fitted: FittedCM | Awaitable[FittedCM] | None
+    draft: FitDraft | None = None
+    embed: Embedder | None = None
+
+
+async def annotate_block(
+    rows: pl.DataFrame,
+    stages: Sequence[StageWork],
     labels: LabelSet,
-    fitted: FittedCM | Awaitable[FittedCM] | None,
     max_chars: int | None,
-    embed: Embedder | None,
     reviewed: pl.DataFrame | None,
     *,
-    draft: FitDraft | None = None,
+    previous: pl.DataFrame | None = None,
+    finished: RowSink | None = None,
+) -> pl.DataFrame:
+    """The annotate phase's block function, as both executors run it: the cascade, reviewed rows marked.
+
+    Each stage answers the rows no earlier stage accepted (``annotate_rows``); the last keeps what it
+    gets, accepted or not. A row's calls and tokens add up over the stages it passed through, and
+    ``stage_calls`` keeps each stage's part. With ``previous`` (a rescore) a stage reuses the paid
+    answers of the rows it answered before. ``finished`` gets rows as each is settled.
+    """
+    order = rows.select("id").with_row_index("_order")
+    spent: pl.DataFrame | None = None  # the escalated rows' calls and tokens at earlier stages
+    settled: list[pl.DataFrame] = []
+    todo = rows
+    for position, stage in enumerate(stages):
+        last = position == len(stages) - 1
+
+        def settle(frame: pl.DataFrame, name: str = stage.name, spent: pl.DataFrame | None = spent) -> pl.DataFrame:
+            frame = frame.with_columns(
+                pl.lit(name).alias("stage"), pl.concat_list(pl.col("calls")).alias("stage_calls")
+            )
+            if spent is None:
+                return frame
+            costs = ("calls", "prompt_tokens", "completion_tokens")
+            joined = frame.join(spent, on="id", how="left", suffix="_before", maintain_order="left")
+            return joined.with_columns(
+                *(pl.col(key) + pl.col(f"{key}_before").fill_null(0) for key in costs),
+                pl.concat_list(pl.col("stage_calls_before").fill_null([]), pl.col("stage_calls")).alias("stage_calls"),
+            ).drop(f"{key}_before" for key in (*costs, "stage_calls"))
+
+        def hand_over(
+            done: pl.DataFrame, settle: Callable[[pl.DataFrame], pl.DataFrame] = settle, last: bool = last
+        ) -> None:
+            assert finished is not None
+            kept = done if last else done.filter(pl.col("accepted").fill_null(False))
+            if kept.height:
+                finished(mark_reviewed(settle(kept), reviewed))
+
+        answered = settle(
+            await annotate_rows(
+                todo,
+                stage.engine,
+                stage.strategy,
+                labels,
+                stage.fitted,
+                max_chars,
+                stage.embed,
+                _answered_by(previous, todo, stage.name),
+                draft=stage.draft,
+                finished=hand_over if finished is not None else None,
+            )
+        )
+        accepted = answered["accepted"].fill_null(False)
+        settled.append(answered if last else answered.filter(accepted))
+        if last:
+            break
+        escalated = answered.filter(~accepted)
+        spent = escalated.select("id", "calls", "prompt_tokens", "completion_tokens", "stage_calls")
+        todo = rows.join(escalated.select("id"), on="id", how="semi", maintain_order="left")
+        if not todo.height:
+            break
+    block = pl.concat(settled).join(order, on="id").sort("_order").drop("_order")
+    return mark_reviewed(block, reviewed)
+
+
+def _answered_by(previous: pl.DataFrame | None, rows: pl.DataFrame, stage: str) -> list[dict[str, Any] | None] | None:
+    """Per row, how ``stage`` annotated it before (a rescore); None where another stage answered it."""
+    if previous is None:
+        return None
+    if "stage" not in previous.columns:  # shards written before cascades: one stage
+        previous = previous.with_columns(pl.lit(MAIN_STAGE).alias("stage"))
+    by_id = {row["id"]: row for row in previous.filter(pl.col("stage") == stage).iter_rows(named=True)}
+    return [by_id.get(row_id) for row_id in rows["id"]]
+
+
+def annotate_work(
+    stages: Sequence[StageWork], labels: LabelSet, max_chars: int | None, reviewed: pl.DataFrame | None
 ) -> ChunkWork:
-    """The annotate phase's block function, as both executors run it: ``annotate_rows``, reviewed rows marked."""
+    """``annotate_block`` as a chunk's work, for both executors."""
 
     async def work(rows: pl.DataFrame, finished: RowSink) -> pl.DataFrame:
-        annotated = await annotate_rows(
-            rows,
-            engine,
-            strategy,
-            labels,
-            fitted,
-            max_chars,
-            embed,
-            draft=draft,
-            finished=lambda done: finished(mark_reviewed(done, reviewed)),
-        )
-        return mark_reviewed(annotated, reviewed)
+        return await annotate_block(rows, stages, labels, max_chars, reviewed, finished=finished)
 
     return work
 
@@ -708,26 +793,21 @@ async def _start_fit(
 async def _rescore(
     spec: JobSpec,
     inputs: JobInputs,
-    fitted: FittedCM,
-    engine: Engine,
-    strategy: Strategy,
+    stages: Sequence[StageWork],
     checkpoint: Checkpoint,
     manifest: Manifest,
-    embed: Embedder | None,
     reviewed: pl.DataFrame | None,
-    earlier: FittedCM | None,
+    chose_within_sets: bool,
+    in_flight: int,
 ) -> int:
     """Shards an earlier fit annotated, scored again with this one (after a review import); rows re-scored.
 
-    Chunks run as the first run annotated them: ``chunks_in_flight`` at once, a whole phase for an
-    engine that answers phases (one batch of second calls for the corpus, not one per chunk).
-    ``earlier`` is the fit that scored them, when it can be read.
+    Chunks run as the first run annotated them: ``in_flight`` at once, a whole phase for an engine
+    that answers phases (one batch of second calls for the corpus, not one per chunk). An earlier
+    label is reused as the model's choice within its set only if ``chose_within_sets``.
     """
     finished = checkpoint.finished(manifest, "annotate")
     total = 0
-    # An earlier label is the model's choice within its set only if that fit made second calls; with
-    # cm.second_call auto its own trial decided (not known when it cannot be read: the model is asked).
-    chose_within_sets = earlier.asks_second_call if earlier is not None else spec.cm.second_call != "auto"
 
     async def one(number: int, chunk: pl.DataFrame) -> None:
         nonlocal total
@@ -736,15 +816,15 @@ async def _rescore(
         previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
         if not chose_within_sets:  # labels decided without asking: no choice of the model's to reuse
             previous = previous.with_columns(pl.lit(None, dtype=pl.String).alias("y_hat"))
-        rescored = await annotate_rows(
-            rows, engine, strategy, inputs.labels, fitted, spec.dataset.max_text_chars, embed, previous
+        rescored = await annotate_block(
+            rows, stages, inputs.labels, spec.dataset.max_text_chars, reviewed, previous=previous
         )
-        checkpoint.write_shard(manifest, "annotate", number, mark_reviewed(rescored, reviewed))
+        checkpoint.write_shard(manifest, "annotate", number, rescored)
         total += rescored.height
 
     chunks = inputs.corpus.chunks(spec.output.chunk_size)
     # a chunk not finished is annotated with this fit when its turn comes
-    await _bounded((partial(one, n, chunk) for n, chunk in chunks if n in finished), _in_flight(spec, engine))
+    await _bounded((partial(one, n, chunk) for n, chunk in chunks if n in finished), in_flight)
     return total
 
 
@@ -792,6 +872,101 @@ async def run_job(
         return await _run_job(spec, data_dir=data_dir, restart=restart, engine=engine, progress=progress, embed=embed)
 
 
+@dataclass
+class _Stage:
+    """One stage of the job's cascade: its own spec, engine, strategy and output directory (bank, fit)."""
+
+    name: str
+    spec: JobSpec
+    engine: Engine
+    strategy: Strategy
+    checkpoint: Checkpoint
+    manifest: Manifest
+    embed: Embedder | None
+    bank: MemoryBank | None = None
+    fit: _Fit | None = None
+    key: str = ""
+
+
+def _stage_strategy(spec: JobSpec, inputs: JobInputs) -> Strategy:
+    examples = None
+    if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
+        examples = ExamplePool.from_rows(
+            inputs.user.rows, max_chars=spec.dataset.max_text_chars, seed=spec.generation.seed
+        )
+    return make_strategy(spec.strategy, inputs.labels, spec.generation, examples)
+
+
+def _state_dir(checkpoint: Checkpoint) -> Path | None:
+    # the Batch API's record is local only (the spec refuses engine.batch with an s3:// output.dir)
+    return None if on_object_store(checkpoint.directory) else checkpoint.directory / BATCH_DIR
+
+
+def _open_stages(
+    spec: JobSpec,
+    inputs: JobInputs,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    job_engine: Engine,
+    embed: Embedder | None,
+    data_dir: str | Path | None,
+    restart: bool,
+    stack: contextlib.AsyncExitStack,
+) -> list[_Stage]:
+    """The cascade's stages. One stage keeps its bank and fit in the job's directory; several, each in
+    ``stages/NAME`` with a manifest of its own, so a stage resumes (or refuses a changed spec) by itself.
+    A stage with an engine spec other than the job's gets its own engine (one per distinct spec)."""
+    named = spec.stages()
+    engines: dict[str, Engine] = {}
+    stages = []
+    for name, stage_spec in named:
+        if len(named) == 1:
+            stage_checkpoint, stage_manifest = checkpoint, manifest
+        else:
+            stage_checkpoint = Checkpoint(
+                checkpoint.directory / STAGES_DIR / name, stage_spec, job_files(stage_spec, data_dir)
+            )
+            stage_manifest = stage_checkpoint.open(restart=restart or checkpoint.created)
+        engine = job_engine
+        if stage_spec.engine != spec.engine:
+            key = stage_spec.engine.model_dump_json()
+            if key not in engines:  # loaded on its first request: a stage no row reaches loads nothing
+                engines[key] = LazyEngine(make_engine(stage_spec.engine, _state_dir(stage_checkpoint)))
+                stack.push_async_exit(engines[key].__aexit__)
+            engine = engines[key]
+        stage_embed = embed or _embedder(stage_spec)
+        strategy = _stage_strategy(stage_spec, inputs)
+        stages.append(_Stage(name, stage_spec, engine, strategy, stage_checkpoint, stage_manifest, stage_embed))
+    return stages
+
+
+def _reviewed_for(reviewed: pl.DataFrame | None, stage: str) -> pl.DataFrame | None:
+    """The reviewed rows as a stage's bank takes them: the first answer only where this stage gave it.
+
+    Another stage's model answered the others: its y_prime is no sample of this stage's model, but the
+    text and the reviewer's label still teach its neighbours and its probe.
+    """
+    if reviewed is None:
+        return None
+    if "stage" not in reviewed.columns:
+        reviewed = reviewed.with_columns(pl.lit(MAIN_STAGE).alias("stage"))
+    mine = pl.col("stage").fill_null(MAIN_STAGE) == stage
+    return reviewed.with_columns(pl.when(mine).then(pl.col("y_prime")).otherwise(None).alias("y_prime"))
+
+
+async def _accepted(stages: Sequence[_Stage], spec: JobSpec) -> tuple[FittedCM, ...]:
+    """The stages' final fits with the cascade's one acceptance (``fit.accept_cascade``)."""
+    finals = []
+    for stage in stages:
+        assert stage.fit is not None
+        finals.append(await stage.fit.final)
+    return accept_cascade(finals, spec.cm.accept)
+
+
+async def _pick(fits: Awaitable[tuple[FittedCM, ...]], position: int) -> FittedCM:
+    return (await fits)[position]
+
+
 async def _run_job(
     spec: JobSpec,
     *,
@@ -805,21 +980,14 @@ async def _run_job(
     inputs = load_inputs(spec, data_dir)
     checkpoint = Checkpoint(location(spec.output.dir), spec, job_files(spec, data_dir))
     manifest = checkpoint.open(restart=restart)
-    examples = None
-    if spec.strategy.name == "few_shot" and current_pool() is None:  # an evaluation grid shares its own pool
-        examples = ExamplePool.from_rows(
-            inputs.user.rows, max_chars=spec.dataset.max_text_chars, seed=spec.generation.seed
-        )
-    strategy = make_strategy(spec.strategy, inputs.labels, spec.generation, examples)
 
     owned = engine is None
     # loaded on the first request: a finished job, or one whose bank needs no answers, loads no model
-    # the Batch API's record is local only (the spec refuses engine.batch with an s3:// output.dir)
-    state_dir = None if on_object_store(checkpoint.directory) else checkpoint.directory / BATCH_DIR
-    engine = engine or LazyEngine(make_engine(spec.engine, state_dir))
-    run: dict[str, Any] = {"model": engine.model_id, "strategy": strategy.name}
+    job_engine = engine or LazyEngine(make_engine(spec.engine, _state_dir(checkpoint)))
     stack = contextlib.AsyncExitStack()
-    fit: _Fit | None = None
+    stages: list[_Stage] = []
+    accepted: asyncio.Future[tuple[FittedCM, ...]] | None = None
+    run: dict[str, Any] = {}
     try:
         memory = stack.enter_context(PeakMemory())
         if spec.runs_on_ray:
@@ -827,58 +995,101 @@ async def _run_job(
 
             stack.enter_context(ray_session(spec))  # before the engine: Ray outlives its replicas
         if owned:
-            stack.push_async_exit(engine.__aexit__)  # before entering: an engine that failed half-started is closed
-            await engine.__aenter__()
+            stack.push_async_exit(job_engine.__aexit__)  # before entering: an engine that failed half-started is closed
+            await job_engine.__aenter__()
+        stages = _open_stages(spec, inputs, checkpoint, manifest, job_engine, embed, data_dir, restart, stack)
+        run |= {"model": stages[0].engine.model_id, "strategy": stages[0].strategy.name}
+        if len(stages) > 1:
+            run["stages"] = [{"stage": s.name, "model": s.engine.model_id, "strategy": s.strategy.name} for s in stages]
         started = time.perf_counter()
-        bank = await _bank_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
+        for stage in stages:
+            stage.bank = await _bank_phase(
+                stage.spec, stage.engine, stage.strategy, inputs, stage.checkpoint, stage.manifest, progress
+            )
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 
-        embed = embed or _embedder(spec)
         reviewed = read_reviewed(checkpoint.directory)
-        if bank is not None:
-            key = f"{spec_digest(spec)}:{bank.digest()}:{reviewed_digest(reviewed)}"
+        in_flight = max(_in_flight(spec, stage.engine) for stage in stages)
+        if stages[0].bank is not None:  # every stage has one: a cascade of several needs cm.accept
+            for stage in stages:
+                assert stage.bank is not None
+                mine = _reviewed_for(reviewed, stage.name)
+                stage.key = f"{spec_digest(stage.spec)}:{stage.bank.digest()}:{reviewed_digest(mine)}"
+            key = "|".join(stage.key for stage in stages)
             # fit_key None: no fit recorded for the shards on file. Shards scored with another fit (reviewed
             # rows came back) or with one not recorded are scored anew; no shard, nothing to score
             rescore = bool(checkpoint.finished(manifest, "annotate")) and manifest.fit_key != key
-            # the fit that scored them, read before this one replaces it on disk
-            earlier = load_fitted(checkpoint.directory, manifest.fit_key) if rescore and manifest.fit_key else None
-            fit = await _start_fit(spec, with_reviewed(bank, reviewed), engine, strategy, checkpoint, embed, key)
+            # the fits that scored them, read before these replace them on disk
+            earlier = (
+                [
+                    load_fitted(stage.checkpoint.directory, old)
+                    for stage, old in zip(stages, (manifest.fit_key or "").split("|"), strict=False)
+                ]
+                if rescore and manifest.fit_key
+                else []
+            )
+            for stage in stages:
+                assert stage.bank is not None
+                stage.fit = await _start_fit(
+                    stage.spec,
+                    with_reviewed(stage.bank, _reviewed_for(reviewed, stage.name)),
+                    stage.engine,
+                    stage.strategy,
+                    stage.checkpoint,
+                    stage.embed,
+                    stage.key,
+                )
+            accepted = asyncio.ensure_future(_accepted(stages, spec))
             if rescore:
+                # An earlier label is the model's choice within its set only if that fit made second calls;
+                # with cm.second_call auto its own trial decided (not known when it cannot be read: asked again).
+                chose = all(
+                    old.asks_second_call if old is not None else stage.spec.cm.second_call != "auto"
+                    for stage, old in zip(stages, earlier or [None] * len(stages), strict=False)
+                )
+                final = await accepted
+                work = [
+                    StageWork(s.name, s.engine, s.strategy, f, None, s.embed)
+                    for s, f in zip(stages, final, strict=True)
+                ]
                 run["rows_rescored"] = await _rescore(
-                    spec, inputs, await fit.final, engine, strategy, checkpoint, manifest, embed, reviewed, earlier
+                    spec, inputs, work, checkpoint, manifest, reviewed, chose, in_flight
                 )
             manifest.fit_key = key
             checkpoint.save(manifest)
         started, started_cpu = time.perf_counter(), time.process_time()
         if spec.runs_on_ray:
-            from runner.ray_executor import annotate_on_ray  # imports Ray: only for a job that runs on it
+            from runner.ray_executor import RayStage, annotate_on_ray  # imports Ray: only for a job on it
 
-            fitted = await fit.final if fit else None  # the workers apply the final fit, no draft
+            finals = await accepted if accepted else [None] * len(stages)  # the workers apply final fits, no draft
+            on_ray = tuple(RayStage(s.name, s.spec, s.strategy, f) for s, f in zip(stages, finals, strict=True))
             annotated_now, run["executor"] = await annotate_on_ray(
-                spec, inputs, strategy, fitted, reviewed, engine, checkpoint, manifest, progress
+                spec, inputs, on_ray, reviewed, job_engine, checkpoint, manifest, progress
             )
         else:
+            work = [
+                StageWork(
+                    stage.name,
+                    stage.engine,
+                    stage.strategy,
+                    asyncio.ensure_future(_pick(accepted, n)) if accepted else None,
+                    stage.fit.draft if stage.fit else None,  # type: ignore[arg-type]
+                    stage.embed,
+                )
+                for n, stage in enumerate(stages)
+            ]
             annotated_now = await _run_chunks(
                 "annotate",
                 inputs.corpus.chunks(spec.output.chunk_size),
                 inputs.corpus.height,
-                annotate_work(
-                    engine,
-                    strategy,
-                    inputs.labels,
-                    fit.final if fit else None,
-                    spec.dataset.max_text_chars,
-                    embed,
-                    reviewed,
-                    draft=fit.draft if fit else None,
-                ),
+                annotate_work(work, inputs.labels, spec.dataset.max_text_chars, reviewed),
                 checkpoint,
                 manifest,
                 progress,
-                _in_flight(spec, engine),
+                in_flight,
                 spec.output.checkpoint_seconds,
             )
-        fitted = await fit.final if fit else None  # a corpus with no row to refine never waited for it
+        fits = await accepted if accepted else None  # a corpus with no row to refine never waited for them
         elapsed = time.perf_counter() - started
         run["annotate_seconds"] = round(elapsed, 2)
         run["items_annotated_this_run"] = annotated_now
@@ -886,16 +1097,24 @@ async def _run_job(
         # this process's CPU while annotating (threads included): the driver's cost per row, whichever executor
         driver_cpu = time.process_time() - started_cpu
         run["driver_cpu_ms_per_row"] = round(1000 * driver_cpu / annotated_now, 4) if annotated_now else None
-        run["engine_load_seconds"] = getattr(engine, "load_seconds", None)  # None: never loaded
-        if (dtype := getattr(engine, "dtype", None)) is not None:  # a local vLLM model that was loaded
+        run["engine_load_seconds"] = getattr(job_engine, "load_seconds", None)  # None: never loaded
+        if (dtype := getattr(job_engine, "dtype", None)) is not None:  # a local vLLM model that was loaded
             run["engine_dtype"] = {"dtype": dtype.dtype, "reason": dtype.reason}
-        if hasattr(engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
-            run["engine"] = engine.stats()
+        if hasattr(job_engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
+            run["engine"] = job_engine.stats()
+        if len(stages) > 1:
+            # per engine, named by the first stage that uses it: stages sharing one share its figures
+            distinct = {id(s.engine): s for s in reversed(stages)}.values()
+            run["engines"] = {s.name: s.engine.stats() for s in distinct if hasattr(s.engine, "stats")}
     finally:
-        if fit is not None and not fit.final.done():  # stopped while the model was being asked: ask no more
-            fit.final.cancel()
+        for stage in stages:  # stopped while the model was being asked: ask no more
+            if stage.fit is not None and not stage.fit.final.done():
+                stage.fit.final.cancel()
+        if accepted is not None and not accepted.done():
+            accepted.cancel()
         await stack.aclose()
 
+    fitted = fits[0] if fits else None
     annotations_path = checkpoint.directory / ANNOTATIONS_FILE
     n_chunks = -(-inputs.corpus.height // spec.output.chunk_size)
     shard_paths = [checkpoint.shard_path("annotate", n) for n in range(n_chunks)]
@@ -905,6 +1124,9 @@ async def _run_job(
             pl.scan_parquet(shard_paths).sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
         else:
             pl.DataFrame(schema=ANNOTATION_SCHEMA).write_parquet(tmp)
+    settings: Any = fitted.settings if fitted is not None else None
+    if fits and len(fits) > 1:
+        settings = {stage.name: fit.settings for stage, fit in zip(stages, fits, strict=True)}
     metrics = {
         "job": spec.name,
         "dataset": spec.dataset.name,
@@ -913,12 +1135,15 @@ async def _run_job(
         "user_seed": spec.user_split.seed,
         "cm_enabled": spec.cm.enabled,
         "labels_without_user_samples": inputs.labels_without_user_samples,
-        "cm_settings": fitted.settings if fitted is not None else None,
+        "cm_settings": settings,
         **compute_metrics(pl.read_parquet(path, columns=METRIC_COLUMNS) for path in shard_paths),
         "trust": trust_metrics(annotations_path, fitted),
         # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},
     }
+    if len(stages) > 1:
+        metrics["stages"] = stage_metrics(annotations_path, [stage.name for stage in stages])
+    metrics["per_accepted_row"] = _per_accepted_row(metrics, run)
     if fitted is not None:
         with atomic_path(checkpoint.directory / REVIEW_FILE) as tmp:
             write_review(annotations_path, tmp)
@@ -927,7 +1152,19 @@ async def _run_job(
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     manifest.complete = True
     checkpoint.save(manifest)
+    bank = stages[0].bank if stages else None
     return JobResult(output_dir=checkpoint.directory, bank=bank, metrics=metrics)
+
+
+def _per_accepted_row(metrics: dict[str, Any], run: dict[str, Any]) -> dict[str, Any] | None:
+    """What the job spent per row it accepted: corpus calls, and the API engines' estimated USD (estimate included)."""
+    n_accepted = (metrics.get("trust") or {}).get("n_accepted")
+    if not n_accepted:
+        return None
+    calls = (metrics.get("calls_per_item") or 0) * (metrics.get("n_annotated") or 0)
+    engines = run.get("engines") or ({"main": run["engine"]} if "engine" in run else {})
+    costs = [stats["estimated_cost_usd"] for stats in engines.values() if "estimated_cost_usd" in stats]
+    return {"calls": calls / n_accepted, "usd": sum(costs) / n_accepted if costs else None}
 
 
 def read_annotations(output_dir: str | Path) -> pl.DataFrame:

@@ -48,14 +48,23 @@ PHASE = "annotate"
 
 
 @dataclass(frozen=True)
+class RayStage:
+    """A stage of the job's cascade as a worker builds it: its spec (engine, embedder), strategy and frozen fit."""
+
+    name: str
+    spec: JobSpec
+    strategy: Strategy
+    fitted: FittedCM | None
+
+
+@dataclass(frozen=True)
 class _ChunkJob:
     """What every worker needs, pickled once by Ray for the whole pool."""
 
     spec: JobSpec
     corpus_path: Path | ObjectPath
     labels: LabelSet
-    strategy: Strategy
-    fitted: FittedCM | None
+    stages: tuple[RayStage, ...]
     reviewed: pl.DataFrame | None
     replica_actors: list[Any] | None  # the driver's vLLM replicas; None: each worker makes its own engine
     workers: int
@@ -93,26 +102,27 @@ class _ChunkWorker:
     """A Ray Data actor: annotates each chunk number it is given, writing the chunk's shard."""
 
     def __init__(self, job: _ChunkJob):
-        from runner.pipeline import _embedder, annotate_work
+        from runner.pipeline import StageWork, _embedder, annotate_work
 
         spec = job.spec
         self._job = job
         self._loop = asyncio.new_event_loop()
         self._corpus = Corpus(job.corpus_path, spec.dataset, spec.corpus, job.labels.labels, checked=False)
         self._checkpoint = _TimedCheckpoint(location(spec.output.dir), spec)
-        self._engine = _worker_engine(job)
-        self._loop.run_until_complete(self._engine.__aenter__())
-        embed = _embedder(spec) if job.fitted is not None and job.fitted.uses_neighbours else None
         self._embed_seconds = 0.0
-        self._work = annotate_work(
-            self._engine,
-            job.strategy,
-            job.labels,
-            job.fitted,
-            spec.dataset.max_text_chars,
-            self._timed_embed(embed) if embed is not None else None,
-            job.reviewed,
-        )
+        # one engine per distinct engine spec (the job's own is the one over the driver's replicas)
+        self._engines: dict[str, Engine] = {}
+        work = []
+        for stage in job.stages:
+            key = stage.spec.engine.model_dump_json()
+            if key not in self._engines:
+                self._engines[key] = _worker_engine(job, stage.spec)
+                self._loop.run_until_complete(self._engines[key].__aenter__())
+            fitted = stage.fitted
+            embed = _embedder(stage.spec) if fitted is not None and fitted.uses_neighbours else None
+            timed = self._timed_embed(embed) if embed is not None else None
+            work.append(StageWork(stage.name, self._engines[key], stage.strategy, fitted, None, timed))
+        self._work = annotate_work(work, job.labels, spec.dataset.max_text_chars, job.reviewed)
 
     def _timed_embed(self, embed: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         def timed(texts: Any) -> np.ndarray:
@@ -166,14 +176,16 @@ class _ChunkWorker:
         loop = getattr(self, "_loop", None)
         if loop is not None and not loop.is_closed():
             try:
-                loop.run_until_complete(self._engine.__aexit__(None, None, None))
+                for engine in getattr(self, "_engines", {}).values():
+                    loop.run_until_complete(engine.__aexit__(None, None, None))
             finally:
                 loop.close()
 
 
-def _worker_engine(job: _ChunkJob) -> Engine:
-    """A worker's engine: a dispatcher over the driver's replicas, or an API client with its share of the limits."""
-    engine = job.spec.engine
+def _worker_engine(job: _ChunkJob, spec: JobSpec) -> Engine:
+    """A worker's engine for a stage: a dispatcher over the driver's replicas (the job's own engine), or an
+    API client with its share of the limits."""
+    engine = spec.engine
     # the spec's limits are the whole job's (an account's rate limits, a replica's queue): each worker keeps its share
     shares: dict[str, float] = {"max_concurrency": max(1, math.ceil(engine.max_concurrency / job.workers))}
     if engine.kind == "openai":
@@ -183,7 +195,7 @@ def _worker_engine(job: _ChunkJob) -> Engine:
             if (value := getattr(engine, key)) is not None
         }
     engine = engine.model_copy(update=shares)
-    if job.replica_actors is not None:
+    if job.replica_actors is not None and spec.engine == job.spec.engine:
         from runner.engines.ray_replicas import RayReplicaEngine
 
         return RayReplicaEngine(engine, actors=job.replica_actors)
@@ -225,8 +237,7 @@ def ray_session(spec: JobSpec) -> Iterator[None]:
 async def annotate_on_ray(
     spec: JobSpec,
     inputs: Any,
-    strategy: Strategy,
-    fitted: FittedCM | None,
+    stages: tuple[RayStage, ...],
     reviewed: pl.DataFrame | None,
     engine: Engine,
     checkpoint: Checkpoint,
@@ -243,8 +254,7 @@ async def annotate_on_ray(
         spec=spec,
         corpus_path=inputs.corpus.path,
         labels=inputs.labels,
-        strategy=strategy,
-        fitted=fitted,
+        stages=stages,
         reviewed=reviewed,
         replica_actors=await _replica_actors(engine),
         workers=workers,

@@ -7,7 +7,7 @@ alone; run facts (timings, memory) are kept apart under ``run``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,8 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     # "engine" (failed, redone on resume), "rejected" (cannot succeed), "unparsed" (fit no label)
     "error_kind": pl.String(),
     "y_neighbour": pl.String(),  # the vote of X's nearest user samples, where the CM variant computes it
+    "stage": pl.String(),  # the cascade stage that answered the row (spec.MAIN_STAGE for a job without one)
+    "stage_calls": pl.List(pl.Int32()),  # the calls each stage made on the row, cheapest first, up to its own
 }
 
 
@@ -139,6 +141,46 @@ def compute_metrics(annotations: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataF
             "agreement_with_gold": share(totals["human_agree"], totals["n_human_gold"]),
         },
     }
+
+
+def stage_metrics(annotations: Path, stages: Sequence[str]) -> list[dict[str, Any]]:
+    """Per cascade stage: the rows it answered and accepted, their accuracy on gold, the calls it made.
+
+    A stage's calls count every row it saw, the ones it escalated included (``stage_calls``); shares
+    are of the whole corpus. Accuracy is on the model's rows with gold (a reviewer's are apart).
+    """
+    table = pl.scan_parquet(annotations)
+    n = table.select(pl.len()).collect().item()
+    right = (pl.col("y_hat") == pl.col("gold")).fill_null(False)
+    gold = pl.col("gold").is_not_null() & ~_HUMAN
+    accepted = pl.col("accepted").fill_null(False) & ~_HUMAN
+    report = []
+    for position, name in enumerate(stages):
+        calls = pl.col("stage_calls").list.get(position, null_on_oob=True).fill_null(0)
+        row = (
+            table.select(
+                seen=(pl.col("stage_calls").list.len() > position).sum(),
+                calls=calls.sum(),
+                answered=(pl.col("stage") == name).sum(),
+                accepted=(accepted & (pl.col("stage") == name)).sum(),
+                gold_accepted=(gold & accepted & (pl.col("stage") == name)).sum(),
+                right_accepted=(right & gold & accepted & (pl.col("stage") == name)).sum(),
+            )
+            .collect()
+            .row(0, named=True)
+        )
+        report.append(
+            {
+                "stage": name,
+                "rows_seen": row["seen"],
+                "answered_share": row["answered"] / n if n else None,
+                "accepted_share": row["accepted"] / n if n else None,
+                "accuracy_accepted": row["right_accepted"] / row["gold_accepted"] if row["gold_accepted"] else None,
+                "calls": int(row["calls"]),
+                "calls_per_corpus_row": int(row["calls"]) / n if n else None,
+            }
+        )
+    return report
 
 
 def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] | None:

@@ -117,6 +117,10 @@ def _unquoted(path: Path, table: pl.DataFrame, column: str, known: list[str]) ->
     return table.with_columns(pl.when(quoted).then(bare).otherwise(value).alias(column))
 
 
+def _has(path: Path, column: str) -> bool:
+    return column in pl.read_parquet_schema(path)
+
+
 def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     """Keep the rows of ``reviewed`` whose ``label`` is filled in, as ``job_dir/reviewed.parquet``.
 
@@ -138,7 +142,11 @@ def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     if unknown.height:
         row = unknown.row(0, named=True)
         raise DataError(f"{reviewed}: row {row['row']}: label {row['label']!r} is not one of the job's labels")
-    annotations = pl.read_parquet(job_dir / "annotations.parquet", columns=["id", "text", "y_prime"])
+    annotated = job_dir / "annotations.parquet"
+    # the stage whose model gave y_prime: a cascade's corrections teach each stage only its own answers
+    annotations = pl.read_parquet(annotated, columns=["id", "text", "y_prime"] + ["stage"] * _has(annotated, "stage"))
+    if "stage" not in annotations.columns:  # annotated before cascades
+        annotations = annotations.with_columns(pl.lit(None, dtype=pl.String).alias("stage"))
     table = _unquoted(reviewed, table, "id", annotations["id"].to_list())
     conflicts = (
         table.group_by("id", maintain_order=True).agg("row", "label").filter(pl.col("label").list.n_unique() > 1)
@@ -156,11 +164,11 @@ def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     if missing.height:
         row = missing.row(0, named=True)
         raise DataError(f"{reviewed}: row {row['row']}: id {row['id']!r} is not a row of {job_dir}/annotations.parquet")
-    fresh = matched.select("id", "text", "label", "y_prime")
+    fresh = matched.select("id", "text", "label", "y_prime", "stage")
     target = job_dir / REVIEWED_FILE
     if target.is_file():
         earlier = pl.read_parquet(target).filter(~pl.col("id").is_in(fresh["id"].implode()))
-        fresh = pl.concat([earlier, fresh])
+        fresh = pl.concat([earlier, fresh], how="diagonal_relaxed")
     with atomic_path(target) as tmp:
         fresh.write_parquet(tmp)
     return fresh.height

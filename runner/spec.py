@@ -330,14 +330,15 @@ class CMSpec(_Strict):
             "by more than one standard error."
         ),
     )
-    first_call: Literal["always", "when_weighted"] = Field(
+    first_call: Literal["always", "when_weighted", "never"] = Field(
         default="always",
         description=(
             "Posterior variants: always ask the model for Y' on the corpus, or only when_weighted: "
             "when the likelihood weight is 0 the answer cannot change the posterior, so the call is "
             "skipped (y_prime stays empty, no baseline accuracy) and the neighbour vote or the "
             "second call decides. The estimate always asks every user sample: that is how the "
-            "weight is chosen."
+            "weight is chosen. never (neighbour_prior only, with second_call never): the model is asked "
+            "nothing, not even on the user split; the prior alone labels, a cascade's cheapest stage."
         ),
     )
     neighbours: Annotated[int, Field(gt=0)] | None = Field(
@@ -402,6 +403,18 @@ class CMSpec(_Strict):
         ),
     )
 
+    @model_validator(mode="after")
+    def _never_asking_needs_no_answer(self) -> CMSpec:
+        if self.first_call != "never":
+            return self
+        if not self.enabled or self.variant != "neighbour_prior":
+            raise ValueError("cm.first_call 'never' needs cm.variant 'neighbour_prior': only its prior labels alone")
+        if self.second_call != "never":
+            raise ValueError("cm.first_call 'never' asks the model nothing: set cm.second_call 'never' too")
+        if self.likelihood_weight not in (None, 0):
+            raise ValueError("cm.first_call 'never' has no answer to weigh: leave cm.likelihood_weight unset (or 0)")
+        return self
+
 
 class OutputSpec(_Strict):
     dir: str = Field(
@@ -451,6 +464,29 @@ class ExecutorSpec(_Strict):
     )
 
 
+MAIN_STAGE = "main"
+"""The stage name of a job without ``cascade``: a one-stage cascade."""
+
+
+class StageSpec(_Strict):
+    """One stage of a cascade: the job's configuration with its own engine, strategy or cm settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the stage in outputs.")
+    engine: EngineSpec | None = Field(default=None, description="Replaces the job's engine for this stage.")
+    strategy: StrategySpec | None = Field(default=None, description="Replaces the job's strategy for this stage.")
+    cm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="cm keys this stage sets over the job's cm (all but accept: one acceptance for the cascade).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_kind_defaults_to_vllm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("engine"), dict) and "kind" not in data["engine"]:
+            data = {**data, "engine": {"kind": "vllm", **data["engine"]}}
+        return data
+
+
 class JobSpec(_Strict):
     """A whole job: estimate the bank on the user split, annotate the corpus, evaluate."""
 
@@ -468,6 +504,16 @@ class JobSpec(_Strict):
     cm: CMSpec = CMSpec()
     output: OutputSpec
     executor: ExecutorSpec = ExecutorSpec()
+    cascade: list[StageSpec] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Stages, cheapest first: each answers the corpus rows earlier stages did not accept, and what the "
+            "last does not accept goes to review. One confidence threshold for all, tested on the user split run "
+            "through the whole cascade (cm.accept), so the guarantee holds for the accepted rows pooled. Unset: "
+            f"one stage, named {MAIN_STAGE!r}, with the job's own engine, strategy and cm."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -509,6 +555,51 @@ class JobSpec(_Strict):
             # the Batch API's record is appended to, line by line: a local file's job, not an object's
             raise ValueError("engine.batch: true needs a local output.dir (its record is appended to as answers come)")
         return self
+
+    @model_validator(mode="after")
+    def _stages_are_jobs(self) -> JobSpec:
+        if self.cascade is None:
+            return self
+        names = [stage.name for stage in self.cascade]
+        if len(set(names)) < len(names):
+            raise ValueError(f"cascade: stage names repeat ({names}); each names its outputs")
+        for n, stage in enumerate(self.cascade):
+            if "accept" in stage.cm:
+                raise ValueError(f"cascade[{n}].cm.accept: the cascade has one acceptance; set it in the job's cm")
+        stages = self.stages()  # each stage's cm keys validated here, the error naming the stage
+        if len(stages) > 1:
+            if self.cm.accept is None:
+                raise ValueError("cascade: stages escalate the rows they do not accept; cm.accept cannot be null")
+            for n, (name, stage) in enumerate(stages):
+                own = stage.engine != self.engine
+                if self.runs_on_ray and own and (stage.engine.kind != "openai" or stage.engine.batch):
+                    # the workers share the job engine's replicas; another model would load in every worker
+                    raise ValueError(
+                        f"cascade[{n}] ({name}).engine: on Ray a stage's own engine is an online API "
+                        "(kind openai, no batch); the job's engine is the one its replicas serve"
+                    )
+        return self
+
+    def stages(self) -> list[tuple[str, JobSpec]]:
+        """The cascade as (name, the stage's own one-stage spec), cheapest first; a job without one is one stage."""
+        if self.cascade is None:
+            return [(MAIN_STAGE, self)]
+        base = self.model_dump(exclude={"cascade"})
+        stages = []
+        for n, stage in enumerate(self.cascade):
+            data = dict(base)
+            if stage.engine is not None:
+                data["engine"] = stage.engine.model_dump()
+            if stage.strategy is not None:
+                data["strategy"] = stage.strategy.model_dump()
+            data["cm"] = {**base["cm"], **stage.cm}
+            try:
+                stages.append((stage.name, JobSpec.model_validate(data)))
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"cascade[{n}] ({stage.name}): {where}: {first['msg']}") from None
+        return stages
 
     @property
     def runs_on_ray(self) -> bool:

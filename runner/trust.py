@@ -101,6 +101,11 @@ def choose_threshold(
 ) -> Acceptance:
     """The threshold by fixed-sequence testing (Learn-then-Test, Angelopoulos et al., 2021).
 
+    ``confidences`` and ``right`` are per held-out sample, or per stage and sample (shape S x n) for
+    a cascade: a sample is accepted at threshold t by the first stage whose confidence reaches t,
+    and is right if that stage is (a stage that could not answer it holds -inf). One threshold for
+    every stage is one scalar path, fixed by the confidences alone before any test.
+
     Thresholds are the held-out confidences from the highest down; the first tested is the highest
     that accepts at least ``min_accepted`` samples (half of them when there are fewer than twice
     that: a rule fixed by n alone, so the level holds). Each is tested by the one-sided Clopper-
@@ -108,33 +113,46 @@ def choose_threshold(
     the first that fails and the last one passing is chosen. Stopping there is what keeps the level
     with no correction: the chance of passing a threshold whose accepted rows are right less than
     ``target_accuracy`` of the time is at most 1 - confidence_level (scanning on past a failure, as
-    this did before, passed such thresholds in 11-21% of runs at 0.95). The ranks depend on the
-    confidences alone, so this holds given them.
+    this did before, passed such thresholds in 11-21% of runs at 0.95). The path depends on the
+    confidences alone, so this holds given them, for the accepted rows of all stages pooled.
 
     Power rests on the first test: a failure there accepts nothing, so it must see enough samples to
     survive a few errors (tests/bench/README.md, "Acceptance threshold", measures the trade-off).
     """
-    confidences = np.asarray(confidences, dtype=float)
-    right = np.asarray(right, dtype=bool)
-    n = len(confidences)
+    confidences = np.atleast_2d(np.asarray(confidences, dtype=float))
+    right = np.atleast_2d(np.asarray(right, dtype=bool))
+    n = confidences.shape[1]
     nothing = Acceptance(target_accuracy, confidence_level, None, 0.0, None, None, n)
     if n == 0:
         return nothing
-    order = np.argsort(-confidences, kind="stable")
-    ranked = confidences[order]
-    n_right = np.cumsum(right[order])
-    # one test per distinct threshold: the last position of each run of equal confidences
+    # Each (stage, sample) confidence is an event: lowering t past it lets that stage accept the sample.
+    # Per sample, in its own order of events, the answering stage is the lowest stage reached so far;
+    # an event adds the sample (its first) or changes which stage's answer counts (a lower stage's).
+    per_sample = np.argsort(-confidences, axis=0, kind="stable")
+    reached = np.take_along_axis(confidences, per_sample, axis=0)
+    answering = np.minimum.accumulate(per_sample, axis=0)
+    right_after = np.take_along_axis(right, answering, axis=0).astype(np.int64)
+    right_change = np.diff(right_after, axis=0, prepend=0)
+    accepted_change = np.zeros_like(right_change)
+    accepted_change[0] = 1
+    events = np.isfinite(reached).ravel()
+    thresholds = reached.ravel()[events]
+    order = np.argsort(-thresholds, kind="stable")
+    ranked = thresholds[order]
+    n_right = np.cumsum(right_change.ravel()[events][order])
+    n_accepted = np.cumsum(accepted_change.ravel()[events][order])
+    # one test per distinct threshold: the last event of each run of equal confidences
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
-    ends = ends[ends + 1 >= min(min_accepted, (n + 1) // 2)]  # too few accepted: not tested yet
-    bounds = clopper_pearson(n_right[ends], ends + 1, confidence_level)
+    ends = ends[n_accepted[ends] >= min(min_accepted, (n + 1) // 2)]  # too few accepted: not tested yet
+    bounds = clopper_pearson(n_right[ends], n_accepted[ends], confidence_level)
     failed = np.flatnonzero(bounds < target_accuracy)
     last = (failed[0] if len(failed) else len(ends)) - 1
     if last < 0:
         return nothing
     end = int(ends[last])
-    n_accepted, k = end + 1, int(n_right[end])
+    accepted, k = int(n_accepted[end]), int(n_right[end])
     low = float(bounds[last])
-    return Acceptance(target_accuracy, confidence_level, float(ranked[end]), n_accepted / n, k / n_accepted, low, n)
+    return Acceptance(target_accuracy, confidence_level, float(ranked[end]), accepted / n, k / accepted, low, n)
 
 
 def expected_calibration_error(confidences: FloatArray, right: BoolArray, bins: int = 10) -> float | None:

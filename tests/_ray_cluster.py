@@ -90,10 +90,11 @@ class LocalCluster:
         Ray caches the auth token per process on first use, so a test that ran Ray earlier in the same
         pytest process would otherwise present that token and be refused ("Failed to connect").
         """
-        from ray._raylet import AuthenticationTokenLoader
-
         monkeypatch.setenv("RAY_AUTH_TOKEN", self.env["RAY_AUTH_TOKEN"])
         monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        # after the environment: Ray reads RAY_AUTH_MODE once, when this process first imports it
+        from ray._raylet import AuthenticationTokenLoader
+
         AuthenticationTokenLoader.instance().reset_cache()
 
     def node_ids(self) -> set[str]:

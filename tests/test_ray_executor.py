@@ -70,7 +70,9 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def write_spec(directory: Path, data: Path, base_url: str, executor: str, corpus: str = "corpus.parquet") -> Path:
+def write_spec(
+    directory: Path, data: Path, base_url: str, executor: str, corpus: str = "corpus.parquet", extra: str = ""
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     spec = directory / "job.yaml"
     spec.write_text(
@@ -86,6 +88,7 @@ cm: {{variant: counts, accept: {{target_accuracy: 0.5}}}}
 generation: {{max_tokens: 8}}
 output: {{dir: {directory / "out"}, chunk_size: {CHUNK}, checkpoint_seconds: 0.2}}
 executor: {executor}
+{extra}
 """
     )
     return spec
@@ -134,6 +137,29 @@ def test_the_ray_executor_writes_the_one_machine_rows_and_its_driver_reads_no_co
     executor = result.metrics["run"]["executor"]
     assert executor["kind"] == "ray" and executor["worker_processes"] == 2
     assert set(executor["worker_cpu_ms_per_row"]) == {"read", "annotate", "embed", "write"}
+
+
+def test_a_cascade_runs_on_ray_as_on_one_machine(tmp_path, data, fault_server, cluster, monkeypatch):
+    """Two stages, the second over its own API engine (a model of the same server): the workers build both."""
+    second = (
+        f"{{kind: openai, model: fault-model-b, base_url: {fault_server}, api_key_env: {KEY_ENV}, "
+        "structured_output: vllm_choice}"
+    )
+    cascade = f"cascade:\n  - {{name: counts}}\n  - {{name: paper, engine: {second}, cm: {{variant: paper}}}}"
+    local = write_spec(tmp_path / "local", data, fault_server, "{kind: local}", extra=cascade)
+    on_ray = write_spec(tmp_path / "ray", data, fault_server, ray_executor(cluster), extra=cascade)
+    monkeypatch.setenv(KEY_ENV, "x")
+    asyncio.run(run_job(load_spec(local)))
+    cluster.join_from_this_process(monkeypatch)
+    result = asyncio.run(run_job(load_spec(on_ray)))
+    assert result.metrics["run"]["executor"]["kind"] == "ray"
+    rows = annotations(on_ray)
+    assert rows.equals(annotations(local))
+    escalated = rows.filter(pl.col("stage") == "paper")
+    assert escalated.height and (escalated["stage_calls"].list.len() == 2).all()
+    assert rows.filter(pl.col("stage") == "counts")["accepted"].all()  # a first-stage row kept is accepted
+    ours, theirs = metrics(on_ray), metrics(local)
+    assert {k: v for k, v in ours.items() if k != "run"} == {k: v for k, v in theirs.items() if k != "run"}
 
 
 def test_a_job_reading_from_and_writing_to_s3_runs_on_ray_and_writes_the_one_machine_rows(

@@ -85,7 +85,7 @@ async def test_a_rescore_puts_the_whole_phase_in_flight_for_a_batch_engine(revie
 async def test_a_rescore_keeps_a_paid_first_answer_the_new_fit_does_not_weigh(toy_job, tmp_path):
     from runner.checkpoint import Checkpoint, job_files
     from runner.fit import fit_cm
-    from runner.pipeline import _rescore, load_inputs
+    from runner.pipeline import StageWork, _rescore, load_inputs
     from runner.spec import CMSpec
     from runner.strategies import make_strategy
     from tests.test_fit import ANSWERS, LABELS, neighbour_job, toy_embed
@@ -107,7 +107,8 @@ async def test_a_rescore_keeps_a_paid_first_answer_the_new_fit_does_not_weigh(to
         assert refit.labels == tuple(LABELS)
         engine = ScriptedEngine(ANSWERS, n_labels=3)
         manifest = checkpoint.load()
-        await _rescore(spec, inputs, refit, engine, strategy, checkpoint, manifest, toy_embed, None, None)
+        stages = [StageWork("main", engine, strategy, refit, None, toy_embed)]
+        await _rescore(spec, inputs, stages, checkpoint, manifest, None, True, spec.output.chunks_in_flight)
         return engine, pl.read_parquet(checkpoint.shard_path("annotate", 0))
 
     # a refit that no longer weighs the first answer need not ask for it, but keeps the one paid for

@@ -187,3 +187,50 @@ def test_testing_stops_at_the_first_failing_threshold():
     assert choose_threshold(confidences, right, 0.90, 0.95, min_accepted=100).threshold == 0.99
     # fewer accepted samples than min_accepted at the strictest threshold: it is not tested alone
     assert choose_threshold(confidences, right, 0.90, 0.95, min_accepted=150).threshold is None
+
+
+def _cascade_by_hand(confidences, right, target, level, min_accepted):
+    """Every threshold from the strictest down, each sample taken by the first stage reaching it: (t, n, k)."""
+    n = confidences.shape[1]
+    chosen = None
+    for t in sorted(set(confidences[np.isfinite(confidences)].tolist()), reverse=True):
+        reaches = confidences >= t
+        taken = reaches.any(axis=0)
+        if taken.sum() < min(min_accepted, (n + 1) // 2):
+            continue
+        k = int(right[reaches.argmax(axis=0), np.arange(n)][taken].sum())
+        if beta_lower(k, int(taken.sum()), level) < target:
+            break
+        chosen = (t, int(taken.sum()), k)
+    return chosen
+
+
+def test_a_cascades_threshold_is_the_one_a_stage_by_stage_count_finds():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        stages, n = int(rng.integers(1, 4)), int(rng.integers(20, 300))
+        confidences = np.round(rng.uniform(0.3, 1.0, size=(stages, n)), 2)  # ties within and across stages
+        confidences[rng.uniform(size=(stages, n)) < 0.1] = -np.inf  # a stage that gave no answer
+        right = rng.uniform(size=(stages, n)) < confidences**0.3
+        chosen = choose_threshold(confidences, right, 0.85, 0.9, min_accepted=30)
+        expected = _cascade_by_hand(confidences, right, 0.85, 0.9, 30)
+        if expected is None:
+            assert chosen.threshold is None
+            continue
+        t, accepted, k = expected
+        assert (chosen.threshold, chosen.accepted_share, chosen.accuracy) == (t, accepted / n, k / accepted)
+        assert chosen.lower_bound == pytest.approx(beta_lower(k, accepted, 0.9))
+
+
+def test_a_cascades_one_threshold_keeps_the_nominal_false_pass_rate_pooled():
+    # Two stages, each right 0.945-0.949 of the time whatever its confidence: any threshold the
+    # cascade accepts at is a false pass of the pooled accepted rows.
+    rng = np.random.default_rng(11)
+    runs, passes = 2000, 0
+    for run in range(runs):
+        n = int(rng.integers(400, 1001))
+        accuracy = (0.945, 0.947, 0.948, 0.949)[run % 4]
+        confidences = rng.uniform(0.5, 1.0, size=(2, n))
+        right = rng.uniform(size=(2, n)) < accuracy
+        passes += choose_threshold(confidences, right, 0.95, 0.95, DEFAULT_MIN).threshold is not None
+    assert passes / runs <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / runs)
