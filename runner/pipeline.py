@@ -618,7 +618,16 @@ async def annotate_block(
     spent: pl.DataFrame | None = None  # the escalated rows' calls and tokens at earlier stages
     settled: list[pl.DataFrame] = []
     todo = rows
+    if previous is not None and reviewed is not None and reviewed.height:
+        # a rescore: a reviewer's label stands, so the model is asked nothing more about that row
+        kept = previous.join(reviewed.select("id"), on="id", how="semi")
+        if "stage" not in kept.columns:  # shards written before cascades: one stage
+            kept = kept.with_columns(pl.lit(MAIN_STAGE).alias("stage"), pl.concat_list("calls").alias("stage_calls"))
+        settled.append(kept.select(list(ANNOTATION_SCHEMA)).cast(ANNOTATION_SCHEMA))
+        todo = rows.join(kept.select("id"), on="id", how="anti", maintain_order="left")
     for position, stage in enumerate(stages):
+        if not todo.height:
+            break
         last = position == len(stages) - 1
 
         def settle(frame: pl.DataFrame, name: str = stage.name, spent: pl.DataFrame | None = spent) -> pl.DataFrame:
@@ -663,8 +672,6 @@ async def annotate_block(
         escalated = answered.filter(~accepted)
         spent = escalated.select("id", "calls", "prompt_tokens", "completion_tokens", "stage_calls")
         todo = rows.join(escalated.select("id"), on="id", how="semi", maintain_order="left")
-        if not todo.height:
-            break
     block = pl.concat(settled).join(order, on="id").sort("_order").drop("_order")
     return mark_reviewed(block, reviewed)
 

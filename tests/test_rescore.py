@@ -68,18 +68,24 @@ async def test_a_rescore_runs_chunks_in_flight_at_once(reviewed_job, tmp_path):
     engine, metrics = await reviewed_job()
     asked = [request for request in engine.requests if request.messages[-1].content.startswith("c")]
     assert metrics["run"]["rows_rescored"] == 12
-    # second calls only, no first call again: one a row (the reviewed rows are no held-out questions)
-    assert [request.choices for request in asked] == [("a", "b")] * 12
-    # chunks_in_flight: 2 chunks of 3 rows, every row of a chunk asked at once (one chunk at a time: 3)
+    # second calls only, no first call again: one a row, but none for the two reviewed rows (their label is
+    # the reviewer's; they are no held-out questions either)
+    assert [request.choices for request in asked] == [("a", "b")] * 10
+    # chunks_in_flight: 2 chunks of 3 rows, every row of a chunk asked at once (one chunk at a time: 3); the
+    # first chunk holds the two reviewed rows, so at most 1 + 3 rows wait at once there, then 3 + 3
     assert engine.most_waiting == 6
     table = pl.read_parquet(tmp_path / "out/annotations.parquet")
-    assert table["candidates"].to_list() == [["a", "b"]] * 12 and table["calls"].to_list() == [2] * 12
+    reviewed = table["source"] == "human"
+    assert reviewed.sum() == 2 and table.filter(reviewed)["calls"].to_list() == [1, 1]  # kept as first annotated
+    assert table.filter(~reviewed)["candidates"].to_list() == [["a", "b"]] * 10
+    assert table.filter(~reviewed)["calls"].to_list() == [2] * 10
 
 
 async def test_a_rescore_puts_the_whole_phase_in_flight_for_a_batch_engine(reviewed_job):
     engine, metrics = await reviewed_job(whole_phase=True)
     assert metrics["run"]["rows_rescored"] == 12
-    assert engine.most_waiting == 12  # the phase's second calls at once: one batch, not one a chunk
+    # the phase's second calls at once (the 10 rows no reviewer labelled): one batch, not one a chunk
+    assert engine.most_waiting == 10
 
 
 async def test_a_rescore_keeps_a_paid_first_answer_the_new_fit_does_not_weigh(toy_job, tmp_path):
