@@ -4,8 +4,11 @@ and (marked slow) the round trip through a real Label Studio server on 127.0.0.1
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import xml.etree.ElementTree as ET
 
+import httpx
 import orjson
 import polars as pl
 import pytest
@@ -181,3 +184,88 @@ def test_bad_label_studio_input_names_the_file_and_the_task_and_writes_nothing(j
     assert cli.main(["review", "import", str(out), str(bad)]) == cli.EXIT_INPUT
     assert message in capsys.readouterr().err
     assert not (out / "reviewed.parquet").exists()
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """One real Label Studio server for the module (its first start migrates a fresh SQLite: ~1 min)."""
+    from tests._label_studio_server import binary, label_studio_server
+
+    executable = binary()
+    if executable is None or not executable.is_file():
+        reason = "needs the Label Studio server: `make label-studio` (a virtualenv of its own), or set $CM_LABEL_STUDIO"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; `make test` installs it")
+        pytest.skip(reason)
+    with label_studio_server(executable, tmp_path_factory.mktemp("label-studio")) as server:
+        yield server
+
+
+def _items(answer: httpx.Response) -> list[dict]:
+    answer.raise_for_status()
+    body = answer.json()
+    return body["tasks"] if isinstance(body, dict) else body
+
+
+@pytest.mark.slow
+def test_a_review_goes_through_a_real_label_studio_server_and_back(job, label_studio, tmp_path):
+    spec, engine, out = job
+    tasks, _ = _export(out, tmp_path)
+    before = pl.read_parquet(out / "annotations.parquet")
+    with label_studio.client() as client:
+        project = client.post(
+            "/api/projects", json={"title": "cm-runner review", "label_config": (tmp_path / "tasks.xml").read_text()}
+        )
+        project.raise_for_status()
+        project_id = project.json()["id"]
+        client.post(f"/api/projects/{project_id}/import", json=tasks).raise_for_status()
+        stored = _items(client.get("/api/tasks", params={"project": project_id, "page_size": 100, "fields": "all"}))
+        assert len(stored) == 9
+        by_row = {task["data"]["row_id"]: task for task in stored}
+        confidence = dict(zip(before["id"], before["confidence"], strict=True))
+        for row_id, task in by_row.items():  # Label Studio kept each prediction's score and stage
+            (prediction,) = task["predictions"]
+            assert prediction["score"] == pytest.approx(confidence[row_id]) and prediction["model_version"] == "main"
+
+        def annotate(row_id: str, label: str | None, *, cancelled: bool = False) -> None:
+            result = (
+                []
+                if label is None
+                else [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+            )
+            body = {"result": result, "was_cancelled": cancelled}
+            client.post(f"/api/tasks/{by_row[row_id]['id']}/annotations", json=body).raise_for_status()
+
+        # The reviewer: cc0 is a c (the model said b), cb0 a b as predicted; cb1 first labelled a, then
+        # relabelled b in a later annotation (the latest counts); cb2 skipped (a cancelled annotation).
+        annotate(IDS["cc0"], "c")
+        annotate(IDS["cb0"], "b")
+        annotate(IDS["cb1"], "a")
+        time.sleep(0.05)  # a later updated_at
+        annotate(IDS["cb1"], "b")
+        annotate(IDS["cb2"], None, cancelled=True)
+        export = client.get(f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
+        export.raise_for_status()
+    (tmp_path / "exported.json").write_bytes(export.content)
+    assert cli.main(["review", "import", str(out), str(tmp_path / "exported.json")]) == 0
+    human_labels = {IDS["cc0"]: "c", IDS["cb0"]: "b", IDS["cb1"]: "b"}
+
+    asyncio.run(run_job(spec, engine=engine()))
+    after = pl.read_parquet(out / "annotations.parquet")
+    human = after.filter(pl.col("source") == "human")
+    assert dict(zip(human["id"], human["y_hat"], strict=True)) == human_labels
+    assert human["accepted"].all() and (human["confidence"] == 1.0).all()
+    # Nothing else changed: the other rows are the model's, with its first answers and texts ...
+    rest = ["id", "text", "y_prime", "gold"]
+    assert (
+        after.filter(pl.col("source") != "human")
+        .select(rest)
+        .equals(before.filter(~pl.col("id").is_in(list(human_labels))).select(rest))
+    )
+    assert (after.filter(pl.col("source") != "human")["source"] == "model").all()
+    # ... and the whole table is what the same three labels give through the CSV import.
+    (out / "reviewed.parquet").unlink()
+    (tmp_path / "reviewed.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in human_labels.items()))
+    assert cli.main(["review", "import", str(out), str(tmp_path / "reviewed.csv")]) == 0
+    asyncio.run(run_job(spec, engine=engine()))
+    assert pl.read_parquet(out / "annotations.parquet").equals(after)
