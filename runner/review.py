@@ -3,7 +3,9 @@
 - ``write_review``: ``review.parquet`` beside the annotations, most uncertain first, each row with
   its candidate set as the reviewer's options (most probable first).
 - ``export_csv``: the same rows as CSV for labelling tools, with an empty ``label`` column.
-- ``import_reviewed``: a reviewed CSV (or parquet/jsonl) back into the job directory as
+- ``export_label_studio``: the same rows as Label Studio tasks with predictions, and the labeling
+  config a project needs (``runner.label_studio``).
+- ``import_reviewed``: a reviewed CSV (or parquet/jsonl, or Label Studio's JSON export) back into the job directory as
   ``reviewed.parquet``. The next run of the job adds those rows to the bank as corrections (the
   bank update; the priors refit; tau, calibration and thresholds stay on the random user split:
   ``runner.fit``), re-scores the corpus with the refit CM, and marks them ``source = human``.
@@ -16,11 +18,12 @@ import codecs
 import hashlib
 from pathlib import Path
 
+import orjson
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from runner import trust
+from runner import label_studio, trust
 from runner._durable import atomic_path
 from runner.bank import MemoryBank, Sample, update_bank
 from runner.checkpoint import REVIEWED_FILE
@@ -58,10 +61,7 @@ def export_csv(job_dir: Path, output: Path) -> int:
     A cell a spreadsheet would evaluate gets a leading single quote; the import takes it off ids
     and labels again (text is not read back: it comes from the annotations).
     """
-    source = job_dir / "review.parquet"
-    if not source.is_file():
-        raise DataError(f"{source}: no review file; run the job first (it needs a user split: cm.accept)")
-    review = pl.read_parquet(source)
+    review = _review_rows(job_dir)
     table = review.select(
         _inert(pl.col("id")),
         _inert(pl.col("text")),
@@ -72,6 +72,33 @@ def export_csv(job_dir: Path, output: Path) -> int:
     )
     table.write_csv(output)
     return table.height
+
+
+def _review_rows(job_dir: Path) -> pl.DataFrame:
+    source = job_dir / "review.parquet"
+    if not source.is_file():
+        raise DataError(f"{source}: no review file; run the job first (it needs a user split: cm.accept)")
+    return pl.read_parquet(source)
+
+
+def export_label_studio(job_dir: Path, tasks_path: Path, config_path: Path, labels: list[str]) -> int:
+    """review.parquet as Label Studio tasks (JSON) and the project's labeling config (XML); returns the rows.
+
+    ``model_version`` is the stage that answered each row: the annotations' ``stage`` column, or
+    "main" for a job without one.
+    """
+    review = _review_rows(job_dir)
+    if "stage" not in review.columns:
+        annotations = job_dir / "annotations.parquet"
+        if "stage" in pl.scan_parquet(annotations).collect_schema().names():
+            stages = pl.read_parquet(annotations, columns=["id", "stage"])
+            review = review.join(stages, on="id", how="left", maintain_order="left")
+        else:
+            review = review.with_columns(pl.lit(None, pl.String).alias("stage"))
+    review = review.with_columns(pl.col("stage").cast(pl.String).fill_null("main"))
+    tasks_path.write_bytes(orjson.dumps(label_studio.tasks(review), option=orjson.OPT_INDENT_2))
+    config_path.write_text(label_studio.label_config(labels), encoding="utf-8")
+    return review.height
 
 
 def _read_review_file(path: Path) -> pl.DataFrame:
@@ -124,30 +151,44 @@ def _has(path: Path, column: str) -> bool:
 def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     """Keep the rows of ``reviewed`` whose ``label`` is filled in, as ``job_dir/reviewed.parquet``.
 
+    ``reviewed`` is a table with columns ``id`` and ``label``, or Label Studio's JSON export of a
+    project made from ``export_label_studio`` (a ``.json`` file, or content that is a JSON array):
+    each task's latest annotation not cancelled, errors naming the task.
+
     Rows are matched to annotations by ``id``; an id the job never annotated or a label outside
     the label set is an error naming the row. An id twice in the file with two labels is an error
     naming both rows: a file's order does not say which label is meant (sorting a spreadsheet
     reorders it); the same label twice counts once. Earlier imports are kept; a row reviewed again
     in a later import keeps that import's label. Returns the number of reviewed rows now on file.
     """
-    table = _read_review_file(reviewed)
-    for column in ("id", "label"):
-        if column not in table.columns:
-            raise DataError(f"{reviewed}: no column '{column}'; columns are {table.columns}")
-    table = table.with_row_index("row", offset=2 if reviewed.suffix.lower() == ".csv" else 1)
-    table = table.with_columns(pl.col("id").cast(pl.String), pl.col("label").cast(pl.String).str.strip_chars())
-    table = table.filter(pl.col("label").is_not_null() & (pl.col("label") != ""))
-    table = _unquoted(reviewed, table, "label", labels)
-    unknown = table.filter(~pl.col("label").is_in(labels))
-    if unknown.height:
-        row = unknown.row(0, named=True)
-        raise DataError(f"{reviewed}: row {row['row']}: label {row['label']!r} is not one of the job's labels")
     annotated = job_dir / "annotations.parquet"
     # the stage whose model gave y_prime: a cascade's corrections teach each stage only its own answers
     annotations = pl.read_parquet(annotated, columns=["id", "text", "y_prime"] + ["stage"] * _has(annotated, "stage"))
     if "stage" not in annotations.columns:  # annotated before cascades
         annotations = annotations.with_columns(pl.lit(None, dtype=pl.String).alias("stage"))
-    table = _unquoted(reviewed, table, "id", annotations["id"].to_list())
+    if label_studio.is_export(reviewed):
+        # Label Studio's own export: nothing in it went through a spreadsheet, so nothing is unquoted
+        unit = "task"
+        table = label_studio.read_export(reviewed).rename({"task": "row"})
+        table = table.with_columns(pl.col("label").str.strip_chars())
+    else:
+        unit = "row"
+        table = _read_review_file(reviewed)
+        for column in ("id", "label"):
+            if column not in table.columns:
+                raise DataError(f"{reviewed}: no column '{column}'; columns are {table.columns}")
+        table = table.with_row_index("row", offset=2 if reviewed.suffix.lower() == ".csv" else 1)
+        table = table.with_columns(pl.col("id").cast(pl.String), pl.col("label").cast(pl.String).str.strip_chars())
+        table = table.filter(pl.col("label").is_not_null() & (pl.col("label") != ""))
+        table = _unquoted(reviewed, table, "label", labels)
+        table = _unquoted(reviewed, table, "id", annotations["id"].to_list())
+    unknown = table.filter(~pl.col("label").is_in(labels))
+    if unknown.height:
+        row = unknown.row(0, named=True)
+        raise DataError(
+            f"{reviewed}: {unit} {row['row']}: label {row['label']!r} is not one of the job's labels"
+            + (f" (id {row['id']!r})" if unit == "task" else "")
+        )
     conflicts = (
         table.group_by("id", maintain_order=True).agg("row", "label").filter(pl.col("label").list.n_unique() > 1)
     )
@@ -155,7 +196,7 @@ def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
         id_, rows, given = conflicts.row(0)
         other = next(i for i, label in enumerate(given) if label != given[0])
         raise DataError(
-            f"{reviewed}: id {id_!r} is on rows {rows[0]} ({given[0]!r}) and {rows[other]} ({given[other]!r}); "
+            f"{reviewed}: id {id_!r} is on {unit}s {rows[0]} ({given[0]!r}) and {rows[other]} ({given[other]!r}); "
             "a file's order does not say which label is meant: keep one and import again"
         )
     table = table.unique("id", keep="first", maintain_order=True)
@@ -163,7 +204,9 @@ def import_reviewed(job_dir: Path, reviewed: Path, labels: list[str]) -> int:
     missing = matched.filter(pl.col("text").is_null())
     if missing.height:
         row = missing.row(0, named=True)
-        raise DataError(f"{reviewed}: row {row['row']}: id {row['id']!r} is not a row of {job_dir}/annotations.parquet")
+        raise DataError(
+            f"{reviewed}: {unit} {row['row']}: id {row['id']!r} is not a row of {job_dir}/annotations.parquet"
+        )
     fresh = matched.select("id", "text", "label", "y_prime", "stage")
     target = job_dir / REVIEWED_FILE
     if target.is_file():
