@@ -1,7 +1,7 @@
 """A real Label Studio server on 127.0.0.1 for tests/test_label_studio.py: the PyPI package ``label-studio``,
 SQLite in a scratch folder, a user with a known API token, started as a subprocess and stopped whatever happens.
 
-It lives in a virtualenv of its own (``make label-studio`` makes ``.venv-label-studio``; or point
+It lives in a virtualenv of its own (``make label-studio`` makes ``~/.cache/cm-runner/label-studio-1.23``; or point
 ``$CM_LABEL_STUDIO`` at a ``label-studio`` executable): it pins Django and many other packages.
 """
 
@@ -22,7 +22,7 @@ import httpx
 from tests._ray_cluster import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BINARY = REPO / ".venv-label-studio" / "bin" / "label-studio"
+VENV_BINARY = Path.home() / ".cache" / "cm-runner" / "label-studio-1.23" / "bin" / "label-studio"
 TOKEN = "cm-runner-test-token-0123456789abcdef0123"  # a legacy token: `Authorization: Token ...`
 USER = "reviewer@example.com"
 
