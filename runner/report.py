@@ -259,7 +259,19 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     if human := metrics.get("human", {}).get("n_rows"):
         lines.insert(2, f"{human} rows labelled by reviewers (source = human): not in the model's figures")
     if settings := metrics.get("cm_settings"):
-        lines.append("cm " + ", ".join(f"{key} {_setting(value)}" for key, value in settings.items()))
+        # a cascade's settings are per stage, by name
+        per_stage = settings if "stages" in metrics else {None: settings}
+        for stage, chosen in per_stage.items():
+            named = f"cm ({stage}) " if stage else "cm "
+            lines.append(named + ", ".join(f"{key} {_setting(value)}" for key, value in chosen.items()))
+    for stage in metrics.get("stages", []):
+        accuracy = (
+            f", {pct(stage['accuracy_accepted'])} right on gold" if stage["accuracy_accepted"] is not None else ""
+        )
+        lines.append(
+            f"stage {stage['stage']}: saw {stage['rows_seen']} rows, answered {pct(stage['answered_share'])}, "
+            f"accepted {pct(stage['accepted_share'])}{accuracy}; {stage['calls']} calls"
+        )
     if trusted := metrics.get("trust"):
         lines.append(_trust_line(trusted, pct))
     run = metrics.get("run", {})

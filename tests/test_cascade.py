@@ -100,6 +100,11 @@ async def test_each_stage_answers_only_what_earlier_stages_left_and_one_threshol
     assert stages["scripted"]["calls"] == len(CORPUS_SURE) + len(CORPUS_UNSURE)
     assert stages["scripted"]["accuracy_accepted"] == 1.0
     assert stages["api"]["answered_share"] == len(CORPUS_UNSURE) / n and stages["api"]["accepted_share"] == 0
+    from runner.report import summary_lines
+
+    summary = "\n".join(summary_lines(result.metrics))
+    assert f"stage neighbours: saw {n} rows, answered {100 * len(CORPUS_EASY) / n:.1f}%" in summary
+    assert "cm (neighbours) variant neighbour_prior" in summary and "cm (api) variant counts" in summary
     review = pl.read_parquet(tmp_path / "out/review.parquet")
     assert sorted(review["text"]) == sorted(t for t, _ in CORPUS_UNSURE)
 
