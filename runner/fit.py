@@ -97,6 +97,11 @@ class FittedCM(_KnownBeforeAsking):
     held_out_right: np.ndarray = field(repr=False)
     # plain and paper: the bank's free-text answers, rows K, K+1, ... of counts (runner.bank.MemoryBank)
     free_text: tuple[str, ...] = ()
+    # per held-out sample: the label index CM gave it (-1: none) and its truth, as a corpus row's y_hat and
+    # gold would be: the labelled side of the corpus-level estimates (runner.prevalence). None in a fit
+    # pickled before they were kept.
+    held_out_labels: np.ndarray | None = field(default=None, repr=False)
+    held_out_truths: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -290,11 +295,13 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         outcome = {"asked": len(draft.questions), "wins": wins, "losses": losses}
     index = {label: i for i, label in enumerate(labels)}
     scores, right = np.zeros(len(draft.held)), np.zeros(len(draft.held), dtype=bool)
+    given = np.full(len(draft.held), -1, dtype=np.int64)
     for n, (sample, candidates) in enumerate(zip(draft.held, draft.held_out_sets, strict=True)):
         y_hat = _held_out_answer(draft, int(sample), candidates, asks, chosen_for)
         if y_hat is not None:
-            scores[n] = draft.held_out_scores[n, index[y_hat]]
-            right[n] = index[y_hat] == truths[sample]
+            given[n] = index[y_hat]
+            scores[n] = draft.held_out_scores[n, given[n]]
+            right[n] = given[n] == truths[sample]
     calibration = trust.fit_calibration(scores, right)
     confidence = calibration.apply(scores)
     acceptance = None
@@ -323,6 +330,8 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         held_out_confidence=confidence,
         held_out_right=right,
         free_text=draft.free_text,
+        held_out_labels=given,
+        held_out_truths=truths[draft.held],
     )
 
 

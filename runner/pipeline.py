@@ -43,7 +43,8 @@ from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
 from runner.fit import FitDraft, FittedCM, Question, finish_fit, prepare_fit
 from runner.labels import LabelSet
-from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, trust_metrics
+from runner.plots import prevalence_chart
+from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, prevalence_metrics, trust_metrics
 from runner.review import (
     mark_reviewed,
     read_reviewed,
@@ -68,6 +69,7 @@ ESTIMATE_PASSES = 2
 
 REVIEW_FILE = "review.parquet"
 RISK_COVERAGE_FILE = "risk_coverage.png"
+PREVALENCE_FILE = "prevalence.png"
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(phase, done, total) as rows finish."""
@@ -916,6 +918,7 @@ async def _run_job(
         "cm_settings": fitted.settings if fitted is not None else None,
         **compute_metrics(pl.read_parquet(path, columns=METRIC_COLUMNS) for path in shard_paths),
         "trust": trust_metrics(annotations_path, fitted),
+        "prevalence": prevalence_metrics(annotations_path, fitted),
         # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},
     }
@@ -924,6 +927,9 @@ async def _run_job(
             write_review(annotations_path, tmp)
         with atomic_path(checkpoint.directory / RISK_COVERAGE_FILE) as tmp:
             risk_coverage_plot(annotations_path, fitted, tmp)
+    if metrics["prevalence"] is not None:
+        with atomic_path(checkpoint.directory / PREVALENCE_FILE) as tmp:
+            prevalence_chart(metrics["prevalence"], tmp)
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     manifest.complete = True
     checkpoint.save(manifest)
