@@ -166,3 +166,53 @@ async def test_a_jobs_metrics_hold_the_shares_of_its_corpus(toy_job, tmp_path):
     assert (tmp_path / "out/prevalence.png").stat().st_size > 1000
     line = next(line for line in summary_lines(result.metrics) if line.startswith("shares of the corpus"))
     assert "90% jointly over labels" in line and line.count("[") == 3
+
+
+async def test_reviewed_rows_enter_a_jobs_shares_as_known(toy_job, tmp_path):
+    from runner import cli
+
+    accept = "{target_accuracy: 0.9, confidence_level: 0.9, min_accepted: 40}"
+    spec = toy_job(
+        [(t, y) for t, y, _ in USER],
+        [(t, y) for t, y, _ in CORPUS],
+        labels=["a", "b", "c"],
+        extra=f"cm: {{variant: counts, second_call: never, accept: {accept}}}",
+    )
+    answers = {t: a for t, _, a in USER + CORPUS}
+    await run_job(spec, engine=ScriptedEngine(answers, n_labels=3))
+    out = tmp_path / "out"
+    gold = {t: y for t, y, _ in CORPUS}
+    review = pl.read_parquet(out / "review.parquet").select("id", pl.col("text").replace_strict(gold).alias("label"))
+    review.write_csv(tmp_path / "reviewed.csv")
+    assert cli.main(["review", "import", str(out), str(tmp_path / "reviewed.csv")]) == 0
+    result = await run_job(spec, engine=ScriptedEngine(answers, n_labels=3))
+
+    prevalence = result.metrics["prevalence"]
+    table = pl.read_parquet(out / "annotations.parquet")
+    human = table.filter(pl.col("source") == "human")
+    assert prevalence["n_reviewed_rows"] == human.height == 9 and prevalence["n_model_rows"] == 13
+    model = table.filter(pl.col("source") == "model")
+    index = {"a": 0, "b": 1, "c": 2}
+    from runner._fitted_store import load_fitted
+    from runner.checkpoint import spec_digest
+    from runner.review import read_reviewed, reviewed_digest, with_reviewed
+
+    reviewed = read_reviewed(out)
+    key = f"{spec_digest(spec)}:{with_reviewed(result.bank, None).digest()}:{reviewed_digest(reviewed)}"
+    cm = load_fitted(out, key)
+    assert cm is not None
+    alone = estimate_prevalence(
+        cm.labels,
+        cm.held_out_truths,
+        cm.held_out_labels,
+        cm.held_out_confidence,
+        np.array([index[y] for y in model["y_hat"]]),
+        model["confidence"].to_numpy(),
+        np.zeros(0, int),
+        0.9,
+    )
+    counted = {label: (human["y_hat"] == label).sum() / 22 for label in "abc"}
+    for k, label in enumerate("abc"):
+        entry = prevalence["labels"][label]
+        assert entry["estimate"] == pytest.approx(13 / 22 * alone.estimate[k] + counted[label])
+        assert entry["low"] == pytest.approx(max(0.0, 13 / 22 * alone.low[k] + counted[label]))
