@@ -23,6 +23,10 @@ the same f; what that assumes here:
 - samples whose first answer did not parse are not held out (``runner.fit``), while corpus rows with
   such answers are counted (as "no label", f uniform): with constrained answers there are none.
 
+The intervals are normal ones, valid as samples grow: a label with few user samples (15 of 300 in
+the simulation of tests/test_prevalence.py) gets one that holds a little less often than it says, as
+does the gold-only Wald interval beside it.
+
 The tests check the estimates against ``ppi_py``'s own on the same arrays and the joint coverage by
 simulation (tests/test_prevalence.py); tests/bench/README.md measures both on the datasets.
 """
