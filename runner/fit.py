@@ -101,6 +101,11 @@ class FittedCM(_KnownBeforeAsking):
     held_out_ids: tuple[str, ...] = field(default=(), repr=False)  # the user sample of each held-out entry
     # plain and paper: the bank's free-text answers, rows K, K+1, ... of counts (runner.bank.MemoryBank)
     free_text: tuple[str, ...] = ()
+    # per held-out sample: the label index CM gave it (-1: none) and its truth, as a corpus row's y_hat and
+    # gold would be: the labelled side of the corpus-level estimates (runner.prevalence). None in a fit
+    # pickled before they were kept.
+    held_out_labels: np.ndarray | None = field(default=None, repr=False)
+    held_out_truths: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -299,11 +304,13 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         outcome = {"asked": len(draft.questions), "wins": wins, "losses": losses}
     index = {label: i for i, label in enumerate(labels)}
     scores, right = np.zeros(len(draft.held)), np.zeros(len(draft.held), dtype=bool)
+    given = np.full(len(draft.held), -1, dtype=np.int64)
     for n, (sample, candidates) in enumerate(zip(draft.held, draft.held_out_sets, strict=True)):
         y_hat = _held_out_answer(draft, int(sample), candidates, asks, chosen_for)
         if y_hat is not None:
-            scores[n] = draft.held_out_scores[n, index[y_hat]]
-            right[n] = index[y_hat] == truths[sample]
+            given[n] = index[y_hat]
+            scores[n] = draft.held_out_scores[n, given[n]]
+            right[n] = given[n] == truths[sample]
     calibration = trust.fit_calibration(scores, right)
     confidence = calibration.apply(scores)
     return FittedCM(
@@ -327,6 +334,8 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         held_out_right=right,
         held_out_ids=draft.held_ids,
         free_text=draft.free_text,
+        held_out_labels=given,
+        held_out_truths=truths[draft.held],
     )
 
 
@@ -335,6 +344,45 @@ def fit_cm(
 ) -> FittedCM:
     """``prepare_fit``, ``finish_fit`` and ``accept_cascade`` for one stage, for callers that know the choices."""
     return accept_cascade([finish_fit(prepare_fit(bank, cm, user_vectors), choices)], cm.accept)[0]
+
+
+def through_cascade(stages: Sequence[FittedCM]) -> FittedCM:
+    """The held-out user samples as the whole cascade labels them, in the first stage's frame.
+
+    A sample goes to the first stage whose held-out confidence reaches the cascade's threshold, else
+    to the last stage that scored it, as a corpus row goes: what corpus-level estimates (PPI) compare
+    the corpus's labels with. One stage is itself.
+    """
+    if len(stages) == 1:
+        return stages[0]
+    if any(f.held_out_labels is None or f.held_out_truths is None for f in stages):
+        return replace(stages[0], held_out_labels=None, held_out_truths=None)
+    acceptance = stages[0].acceptance
+    threshold = acceptance.threshold if acceptance is not None and acceptance.threshold is not None else np.inf
+    chosen: dict[str, tuple[int, int, float, bool]] = {}
+    for fitted in stages:
+        rows = zip(
+            fitted.held_out_ids,
+            fitted.held_out_labels,
+            fitted.held_out_truths,
+            fitted.held_out_confidence,
+            fitted.held_out_right,
+            strict=True,
+        )
+        for sample, label, truth, confidence, right in rows:
+            settled = sample in chosen and chosen[sample][2] >= threshold
+            if not settled:  # not yet accepted: this later stage's answer stands
+                chosen[sample] = (int(label), int(truth), float(confidence), bool(right))
+    ids = tuple(chosen)
+    labels, truths, confidences, right = (np.array(column) for column in zip(*chosen.values(), strict=True))
+    return replace(
+        stages[0],
+        held_out_ids=ids,
+        held_out_labels=labels,
+        held_out_truths=truths,
+        held_out_confidence=confidences,
+        held_out_right=right.astype(bool),
+    )
 
 
 def accept_cascade(stages: Sequence[FittedCM], accept: AcceptSpec | None) -> tuple[FittedCM, ...]:

@@ -42,9 +42,17 @@ from runner.data import Corpus, DataError, UserSplit, load_user_split
 from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
 from runner.examples import ExamplePool, current_pool
-from runner.fit import FitDraft, FittedCM, Question, accept_cascade, finish_fit, prepare_fit
+from runner.fit import FitDraft, FittedCM, Question, accept_cascade, finish_fit, prepare_fit, through_cascade
 from runner.labels import LabelSet
-from runner.report import ANNOTATION_SCHEMA, METRIC_COLUMNS, compute_metrics, stage_metrics, trust_metrics
+from runner.plots import prevalence_chart
+from runner.report import (
+    ANNOTATION_SCHEMA,
+    METRIC_COLUMNS,
+    compute_metrics,
+    prevalence_metrics,
+    stage_metrics,
+    trust_metrics,
+)
 from runner.review import (
     mark_reviewed,
     read_reviewed,
@@ -69,6 +77,7 @@ ESTIMATE_PASSES = 2
 
 REVIEW_FILE = "review.parquet"
 RISK_COVERAGE_FILE = "risk_coverage.png"
+PREVALENCE_FILE = "prevalence.png"
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(phase, done, total) as rows finish."""
@@ -1145,6 +1154,7 @@ async def _run_job(
         "cm_settings": settings,
         **compute_metrics(pl.read_parquet(path, columns=METRIC_COLUMNS) for path in shard_paths),
         "trust": trust_metrics(annotations_path, fitted),
+        "prevalence": prevalence_metrics(annotations_path, through_cascade(fits) if fits else None),
         # PSS of this process and its children (e.g. vLLM's engine core); Ray actors live elsewhere
         "run": {**run, "peak_rss_mb": memory.mb},
     }
@@ -1156,6 +1166,9 @@ async def _run_job(
             write_review(annotations_path, tmp)
         with atomic_path(checkpoint.directory / RISK_COVERAGE_FILE) as tmp:
             risk_coverage_plot(annotations_path, fitted, tmp)
+    if metrics["prevalence"] is not None:
+        with atomic_path(checkpoint.directory / PREVALENCE_FILE) as tmp:
+            prevalence_chart(metrics["prevalence"], tmp)
     write_atomic(checkpoint.directory / METRICS_FILE, orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     manifest.complete = True
     checkpoint.save(manifest)

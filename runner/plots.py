@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -113,7 +114,38 @@ def accuracy_chart(summary: pl.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
+def prevalence_chart(prevalence: dict[str, Any], path: Path, top: int = 30) -> Path:
+    """The largest labels' shares: PPI++ interval and estimate beside the gold-only interval and the raw share.
+
+    ``prevalence`` is metrics.json's (``runner.report.prevalence_metrics``), labels largest first.
+    """
+    labels = list(prevalence["labels"].items())[:top]
+    figure = Figure(figsize=(7, max(2.5, 0.32 * len(labels) + 1.4)))
+    axes = figure.subplots()
+    rows = np.arange(len(labels))[::-1]  # largest at the top
+    for row, (_, entry) in zip(rows, labels, strict=True):
+        gold = entry["gold_only"]
+        axes.plot([gold["low"], gold["high"]], [row - 0.18] * 2, color=Z_COLOUR, linewidth=3, solid_capstyle="butt")
+        axes.plot([entry["low"], entry["high"]], [row + 0.18] * 2, color=CM_COLOUR, linewidth=3, solid_capstyle="butt")
+    axes.plot([e["estimate"] for _, e in labels], rows + 0.18, "|", color="black", markersize=9, label="PPI++ estimate")
+    axes.plot([e["raw_share"] for _, e in labels], rows, "x", color="#e6550d", markersize=5, label="raw share (y_hat)")
+    axes.plot([], [], color=CM_COLOUR, linewidth=3, label="PPI++ interval")
+    axes.plot([], [], color=Z_COLOUR, linewidth=3, label="gold-only interval (user split)")
+    axes.set_yticks(rows, [readable(label) for label, _ in labels], fontsize=8)
+    axes.set_xlim(0, None)
+    axes.set_xlabel("share of the corpus")
+    more = (
+        f"; the largest {len(labels)} of {len(prevalence['labels'])} labels" if len(prevalence["labels"]) > top else ""
+    )
+    axes.set_title(f"{100 * prevalence['confidence_level']:.0f}% intervals, jointly over labels{more}", fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    _save(figure, path)
+    return path
+
+
 def _save(figure: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)  # attaches the Agg renderer to the figure
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")  # the path may be a temp file's, whose suffix says nothing

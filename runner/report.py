@@ -231,6 +231,34 @@ def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] 
     }
 
 
+def prevalence_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] | None:
+    """Each label's share of the corpus with joint intervals (``runner.prevalence``), from the annotations'
+    ``y_hat``, ``confidence`` and ``source`` and the fit's held-out user samples; None without a fit or
+    with a fit that kept no held-out labels (pickled before they were kept: the next refit has them)."""
+    from runner.prevalence import DEFAULT_LEVEL, estimate_prevalence
+
+    if fitted is None or fitted.held_out_labels is None or fitted.held_out_truths is None:
+        return None
+    if len(fitted.held_out_truths) < 2:
+        return None
+    index = {label: i for i, label in enumerate(fitted.labels)}
+    given = pl.col("y_hat").replace_strict(index, default=-1, return_dtype=pl.Int64)
+    table = pl.scan_parquet(annotations).select(given.alias("given"), "confidence", _HUMAN.alias("human")).collect()
+    model, known = table.filter(~pl.col("human")), table.filter(pl.col("human"))
+    accept = fitted.cm.accept
+    estimated = estimate_prevalence(
+        fitted.labels,
+        fitted.held_out_truths,
+        fitted.held_out_labels,
+        fitted.held_out_confidence,
+        model["given"].to_numpy(),
+        model["confidence"].fill_null(0.0).to_numpy(),
+        known["given"].to_numpy(),
+        accept.confidence_level if accept is not None else DEFAULT_LEVEL,
+    )
+    return estimated.as_dict()
+
+
 def _setting(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -274,6 +302,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         )
     if trusted := metrics.get("trust"):
         lines.append(_trust_line(trusted, pct))
+    if prevalence := metrics.get("prevalence"):
+        lines.append(_prevalence_line(prevalence, pct))
     run = metrics.get("run", {})
     if run.get("items_per_second"):
         load = run.get("engine_load_seconds")  # None: no local model was loaded (nothing asked, or an API)
@@ -310,3 +340,21 @@ def _trust_line(trusted: dict[str, Any], pct: Any) -> str:
     if trusted.get("accuracy_accepted") is not None:
         line += f"; gold: accepted {pct(trusted['accuracy_accepted'])}, review {pct(trusted['accuracy_review'])}"
     return line
+
+
+SUMMARY_TOP_LABELS = 5
+
+
+def _prevalence_line(prevalence: dict[str, Any], pct: Any) -> str:
+    """The largest labels' estimated shares with their intervals (all labels' are in metrics.json)."""
+    labels = prevalence["labels"]
+    top = [
+        f"{label} {pct(entry['estimate'])} [{pct(entry['low'])}, {pct(entry['high'])}]"
+        for label, entry in list(labels.items())[:SUMMARY_TOP_LABELS]
+    ]
+    more = f", ... ({len(labels)} labels)" if len(labels) > SUMMARY_TOP_LABELS else ""
+    return (
+        f"shares of the corpus (PPI++, {100 * prevalence['confidence_level']:.0f}% jointly over labels): "
+        + ", ".join(top)
+        + more
+    )

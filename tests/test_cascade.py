@@ -100,7 +100,19 @@ async def test_each_stage_answers_only_what_earlier_stages_left_and_one_threshol
     assert stages["scripted"]["calls"] == len(CORPUS_SURE) + len(CORPUS_UNSURE)
     assert stages["scripted"]["accuracy_accepted"] == 1.0
     assert stages["api"]["answered_share"] == len(CORPUS_UNSURE) / n and stages["api"]["accepted_share"] == 0
+    # corpus-level shares compare the corpus with the user split as the whole cascade labels it
+    from runner.fit import accept_cascade, through_cascade
     from runner.report import summary_lines
+
+    stage_fits = [
+        pickle.loads((tmp_path / "out/stages" / name / "fitted_cm.pkl").read_bytes())["fitted"]
+        for name in ("neighbours", "scripted", "api")
+    ]
+    whole = through_cascade(accept_cascade(stage_fits, spec.cm.accept))
+    label_of = dict(zip(whole.held_out_ids, whole.held_out_labels, strict=True))
+    ids = {text: sample.id for text, sample in ((s.text, s) for s in result.bank.samples)}
+    assert all(label_of[ids[text]] == LABELS.index(label) for text, label in USER_EASY + USER_SURE)
+    assert result.metrics["prevalence"] is not None
 
     summary = "\n".join(summary_lines(result.metrics))
     assert f"stage neighbours: saw {n} rows, answered {100 * len(CORPUS_EASY) / n:.1f}%" in summary
