@@ -36,6 +36,7 @@ import numpy as np
 from runner import posterior as post
 from runner import trust
 from runner.bank import MemoryBank
+from runner.novelty import Novelty, fit_novelty
 from runner.probe import Probe, fit_probe
 from runner.spec import CMSpec
 
@@ -97,6 +98,7 @@ class FittedCM(_KnownBeforeAsking):
     held_out_right: np.ndarray = field(repr=False)
     # plain and paper: the bank's free-text answers, rows K, K+1, ... of counts (runner.bank.MemoryBank)
     free_text: tuple[str, ...] = ()
+    novelty: Novelty | None = None  # cm.ood, fitted on the random split's embeddings (variants that embed)
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -138,6 +140,8 @@ class FittedCM(_KnownBeforeAsking):
                 "user_split_accepted_accuracy": acceptance.accuracy,
                 "user_split_accepted_lower_bound": acceptance.lower_bound,
             }
+        if self.novelty is not None:
+            report["ood_level"] = self.novelty.level
         return report
 
 
@@ -163,6 +167,7 @@ class FitDraft(_KnownBeforeAsking):
     asks_second_call: bool | None  # None: cm.second_call auto, decided by the questions
     questions: tuple[Question, ...]
     free_text: tuple[str, ...] = ()
+    novelty: Novelty | None = None
 
 
 def _variant(cm: CMSpec) -> Variant:
@@ -206,6 +211,9 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     common = dict(variant=variant, labels=labels, cm=cm, counts=counts, user_answers=answers, user_truths=truths)
     common |= dict(free_text=free_text)
     common |= dict(user_vectors=user_vectors, probe=probe, held=held)
+    if uses_neighbours and cm.ood is not None:  # distances among the random split only: they are exchangeable
+        assert user_vectors is not None
+        common["novelty"] = fit_novelty(user_vectors[drawn], cm.ood.neighbours, cm.ood.level)
 
     if variant in ("plain", "paper"):
         # held-out rows of the bank: counts without the sample's own (answer, truth) pair
@@ -323,6 +331,7 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         held_out_confidence=confidence,
         held_out_right=right,
         free_text=draft.free_text,
+        novelty=draft.novelty,
     )
 
 

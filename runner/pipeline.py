@@ -504,6 +504,7 @@ async def annotate_rows(
             "error": first.error,
             "error_kind": first.error_kind,
             "y_neighbour": None,
+            "ood": None if context is None else context.ood,
         }
         if before is not None:  # what was spent on this row before counts as spent, beside what is asked now
             record.update({key: record[key] + before[key] for key in ("calls", "prompt_tokens", "completion_tokens")})
@@ -536,7 +537,7 @@ async def annotate_rows(
                 error_kind=second.error_kind,
             )
         confidence = apply.confidence(final, apply.score(final, refined, y_hat))
-        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat))
+        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat, record["ood"]))
         return record
 
     triples = enumerate(zip(texts, contexts, earlier, strict=True))
