@@ -23,6 +23,9 @@ corpus. In this order:
    label in row Y'; without CM the share of Y' among the samples that answered Y');
 7. the acceptance threshold (``cm.accept``): fixed-sequence testing from the strictest threshold
    down of the accepted held-out samples' Clopper-Pearson lower bound against the target.
+
+With ``cm.ood``, the variants that embed also fit the novelty check on the random split's embeddings
+(``runner.novelty``): a corpus row unlike the user split is then never accepted.
 """
 
 from __future__ import annotations

@@ -59,7 +59,9 @@ class Novelty:
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         """Distance of each row to its k-th nearest user sample."""
-        return _kth_distances(np.asarray(vectors, dtype=np.float32), self.reference, self.neighbours, leave_one_out=False)
+        return _kth_distances(
+            np.asarray(vectors, dtype=np.float32), self.reference, self.neighbours, leave_one_out=False
+        )
 
     def p_values(self, vectors: np.ndarray) -> np.ndarray:
         """Conformal p-values: small for rows farther from the user split than its own samples are from each other."""

@@ -537,7 +537,9 @@ async def annotate_rows(
                 error_kind=second.error_kind,
             )
         confidence = apply.confidence(final, apply.score(final, refined, y_hat))
-        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat, record["ood"]))
+        record.update(
+            y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat, record["ood"])
+        )
         return record
 
     triples = enumerate(zip(texts, contexts, earlier, strict=True))
