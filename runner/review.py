@@ -68,7 +68,8 @@ def export_csv(job_dir: Path, output: Path) -> int:
         _inert(pl.col("y_hat")).alias("suggested"),
         pl.col("confidence").round(4),
         _inert(pl.col("candidates").list.join(" | ")).alias("options"),
-        pl.col("ood"),  # why a confident row is here: unlike the user split
+        # why a confident row is here: unlike the user split (a file from before cm.ood has no such column)
+        pl.col("ood") if "ood" in review.columns else pl.lit(None, pl.Boolean).alias("ood"),
         pl.lit("").alias("label"),
     )
     table.write_csv(output)
