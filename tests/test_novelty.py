@@ -118,6 +118,7 @@ async def test_a_junk_row_in_the_corpus_is_not_accepted_and_is_in_review_saying_
     import polars as pl
 
     from runner import run_job
+    from runner.report import summary_lines
     from runner.review import export_csv
     from tests.scripted_engine import ScriptedEngine
 
@@ -147,6 +148,8 @@ async def test_a_junk_row_in_the_corpus_is_not_accepted_and_is_in_review_saying_
     assert others["ood"].to_list() == [False, False, False]
     assert review["text"].to_list() == [JUNK] and review["ood"].to_list() == [True]
     assert trust["n_ood"] == 1 and trust["n_review"] == 1 and trust["ood_level"] == 0.05
+    [line] = [line for line in summary_lines(result.metrics) if line.startswith("trust:")]
+    assert "; 1 rows to review (1 unlike the user split, whatever their confidence: ood);" in line
     export_csv(tmp_path / "out", tmp_path / "review.csv")
     exported = pl.read_csv(tmp_path / "review.csv")
     assert exported["ood"].to_list() == [True]
