@@ -3,7 +3,8 @@
 ``neighbourhoods`` turns a chunk's embeddings into what the user split says about each item
 before its first answer; ``refine`` turns one item's first answer into a candidate set (and the
 label, when no second call is needed); ``score`` is the raw score of the label finally given,
-and ``FittedCM.calibration`` maps it to the ``confidence`` column.
+and ``FittedCM.calibration`` maps it to the ``confidence`` column; ``accepted`` says whether a row
+is accepted (never one flagged unlike the user split: ``runner.novelty``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Neighbourhood:
     similarities: np.ndarray  # to each user sample
     prior: np.ndarray  # p(Y | X): the neighbour prior, or the probe's
     vote: str  # the neighbour vote, recorded beside the answer whichever prior is used
+    ood: bool | None  # unlike the user split (runner.novelty); None: cm.ood is off
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ def neighbourhoods(fitted: FittedCM | FitDraft, vectors: np.ndarray) -> list[Nei
     )
     priors = fitted.probe.prior(vectors) if fitted.probe else vote_priors
     votes = [fitted.labels[i] for i in vote_priors.argmax(axis=1)]
-    return [Neighbourhood(*item) for item in zip(similarities, priors, votes, strict=True)]
+    flags = [bool(f) for f in fitted.novelty.flags(vectors)] if fitted.novelty else [None] * len(vectors)
+    return [Neighbourhood(*item) for item in zip(similarities, priors, votes, flags, strict=True)]
 
 
 def refine(fitted: FittedCM, context: Neighbourhood | None, answer: str | None) -> Refined:
@@ -106,6 +109,11 @@ def confidence(fitted: FittedCM, raw: float) -> float:
     return float(fitted.calibration.apply(np.array([raw]))[0])
 
 
-def accepted(fitted: FittedCM, value: float, label: str | None) -> bool:
+def accepted(fitted: FittedCM, value: float, label: str | None, ood: bool | None = None) -> bool:
+    """Whether a row is accepted: a label whose confidence reaches the threshold, on a row not unlike the user split.
+
+    A row flagged ``ood`` goes to review whatever its confidence: the bound behind the threshold
+    holds for rows exchangeable with the user split, which it is not.
+    """
     threshold = fitted.acceptance.threshold if fitted.acceptance is not None else None
-    return label is not None and threshold is not None and value >= threshold
+    return label is not None and threshold is not None and value >= threshold and not ood

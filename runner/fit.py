@@ -24,6 +24,9 @@ corpus. In this order:
 7. the acceptance threshold (``cm.accept``), ``accept_cascade``: one threshold for every stage of
    the job's cascade (a job without one is one stage), by fixed-sequence testing from the strictest
    down of the Clopper-Pearson lower bound of the held-out samples the cascade accepts.
+
+With ``cm.ood``, the variants that embed also fit the novelty check on the random split's embeddings
+(``runner.novelty``): a corpus row unlike the user split is then never accepted.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 from runner import posterior as post
 from runner import trust
 from runner.bank import MemoryBank
+from runner.novelty import Novelty, fit_novelty
 from runner.probe import Probe, fit_probe
 from runner.spec import AcceptSpec, CMSpec
 
@@ -106,6 +110,7 @@ class FittedCM(_KnownBeforeAsking):
     # pickled before they were kept.
     held_out_labels: np.ndarray | None = field(default=None, repr=False)
     held_out_truths: np.ndarray | None = field(default=None, repr=False)
+    novelty: Novelty | None = None  # cm.ood, fitted on the random split's embeddings (variants that embed)
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -147,6 +152,8 @@ class FittedCM(_KnownBeforeAsking):
                 "user_split_accepted_accuracy": acceptance.accuracy,
                 "user_split_accepted_lower_bound": acceptance.lower_bound,
             }
+        if self.novelty is not None:
+            report["ood_level"] = self.novelty.level
         return report
 
 
@@ -173,6 +180,7 @@ class FitDraft(_KnownBeforeAsking):
     asks_second_call: bool | None  # None: cm.second_call auto, decided by the questions
     questions: tuple[Question, ...]
     free_text: tuple[str, ...] = ()
+    novelty: Novelty | None = None
 
 
 def _variant(cm: CMSpec) -> Variant:
@@ -217,6 +225,9 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     common = dict(variant=variant, labels=labels, cm=cm, counts=counts, user_answers=answers, user_truths=truths)
     common |= dict(free_text=free_text)
     common |= dict(user_vectors=user_vectors, probe=probe, held=held, held_ids=tuple(samples[i].id for i in held))
+    if uses_neighbours and cm.ood is not None:  # distances among the random split only: they are exchangeable
+        assert user_vectors is not None
+        common["novelty"] = fit_novelty(user_vectors[drawn], cm.ood.neighbours, cm.ood.level)
 
     if variant in ("plain", "paper"):
         # held-out rows of the bank: counts without the sample's own (answer, truth) pair
@@ -336,6 +347,7 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         free_text=draft.free_text,
         held_out_labels=given,
         held_out_truths=truths[draft.held],
+        novelty=draft.novelty,
     )
 
 

@@ -523,6 +523,7 @@ async def annotate_rows(
             "error": first.error,
             "error_kind": first.error_kind,
             "y_neighbour": None,
+            "ood": None if context is None else context.ood,
         }
         if before is not None:  # what was spent on this row before counts as spent, beside what is asked now
             record.update({key: record[key] + before[key] for key in ("calls", "prompt_tokens", "completion_tokens")})
@@ -555,7 +556,9 @@ async def annotate_rows(
                 error_kind=second.error_kind,
             )
         confidence = apply.confidence(final, apply.score(final, refined, y_hat))
-        record.update(y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat))
+        record.update(
+            y_hat=y_hat, confidence=confidence, accepted=apply.accepted(final, confidence, y_hat, record["ood"])
+        )
         return record
 
     triples = enumerate(zip(texts, contexts, earlier, strict=True))
@@ -656,7 +659,7 @@ async def annotate_block(
             done: pl.DataFrame, settle: Callable[[pl.DataFrame], pl.DataFrame] = settle, last: bool = last
         ) -> None:
             assert finished is not None
-            kept = done if last else done.filter(pl.col("accepted").fill_null(False))
+            kept = done if last else done.filter(_settled)
             if kept.height:
                 finished(mark_reviewed(settle(kept), reviewed))
 
@@ -674,15 +677,19 @@ async def annotate_block(
                 finished=hand_over if finished is not None else None,
             )
         )
-        accepted = answered["accepted"].fill_null(False)
-        settled.append(answered if last else answered.filter(accepted))
+        settled.append(answered if last else answered.filter(_settled))
         if last:
             break
-        escalated = answered.filter(~accepted)
+        escalated = answered.filter(~_settled)
         spent = escalated.select("id", "calls", "prompt_tokens", "completion_tokens", "stage_calls")
         todo = rows.join(escalated.select("id"), on="id", how="semi", maintain_order="left")
     block = pl.concat(settled).join(order, on="id").sort("_order").drop("_order")
     return mark_reviewed(block, reviewed)
+
+
+_settled = pl.col("accepted").fill_null(False) | pl.col("ood").fill_null(False)
+"""A row a stage keeps: accepted, or unlike the user split (cm.ood), which no later stage's guarantee covers
+either: it goes to review as it is."""
 
 
 def _answered_by(previous: pl.DataFrame | None, rows: pl.DataFrame, stage: str) -> list[dict[str, Any] | None] | None:

@@ -39,6 +39,8 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "y_neighbour": pl.String(),  # the vote of X's nearest user samples, where the CM variant computes it
     "stage": pl.String(),  # the cascade stage that answered the row (spec.MAIN_STAGE for a job without one)
     "stage_calls": pl.List(pl.Int32()),  # the calls each stage made on the row, cheapest first, up to its own
+    # unlike the user split (cm.ood: a conformal novelty p-value on embeddings): never accepted; null: not checked
+    "ood": pl.Boolean(),
 }
 
 
@@ -195,7 +197,7 @@ def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] 
     right = (pl.col("y_hat") == pl.col("gold")).fill_null(False)
     with_gold = pl.col("gold").is_not_null()
     bins = pl.min_horizontal((pl.col("confidence") * 10).floor(), pl.lit(9.0))
-    table = pl.scan_parquet(annotations).filter(~_HUMAN).select("confidence", "accepted", "y_hat", "gold")
+    table = pl.scan_parquet(annotations).filter(~_HUMAN).select("confidence", "accepted", "y_hat", "gold", "ood")
     totals = (
         table.select(
             n=pl.len(),
@@ -204,6 +206,7 @@ def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] 
             right_accepted=(right & with_gold & pl.col("accepted")).sum(),
             gold_review=(with_gold & ~pl.col("accepted")).sum(),
             right_review=(right & with_gold & ~pl.col("accepted")).sum(),
+            ood=pl.col("ood").sum(),
         )
         .collect()
         .row(0, named=True)
@@ -224,6 +227,8 @@ def trust_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, Any] 
         "accepted_share": share(totals["accepted"], totals["n"]),
         "n_accepted": totals["accepted"],
         "n_review": totals["n"] - totals["accepted"],
+        # rows unlike the user split, in review whatever their confidence (null: cm.ood off or not embedded)
+        "n_ood": totals["ood"] if "ood_level" in fitted.trust_settings else None,
         "accuracy_accepted": share(totals["right_accepted"], totals["gold_accepted"]),
         "accuracy_review": share(totals["right_review"], totals["gold_review"]),
         # expected calibration error on the rows with gold labels, ten equal-width bins
@@ -337,6 +342,8 @@ def _trust_line(trusted: dict[str, Any], pct: Any) -> str:
         f"the user split (user split: {pct(trusted['user_split_accepted_accuracy'])} right, lower bound "
         f"{pct(trusted['user_split_accepted_lower_bound'])}); {trusted['n_review']} rows to review"
     )
+    if trusted.get("n_ood"):
+        line += f" ({trusted['n_ood']} unlike the user split, whatever their confidence: ood)"
     if trusted.get("accuracy_accepted") is not None:
         line += f"; gold: accepted {pct(trusted['accuracy_accepted'])}, review {pct(trusted['accuracy_review'])}"
     return line

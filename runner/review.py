@@ -30,7 +30,7 @@ from runner.checkpoint import REVIEWED_FILE
 from runner.data import DataError, scan_table
 from runner.fit import FittedCM
 
-REVIEW_COLUMNS = ["id", "text", "y_hat", "confidence", "candidates", "y_prime", "error", "gold"]
+REVIEW_COLUMNS = ["id", "text", "y_hat", "confidence", "candidates", "y_prime", "error", "gold", "ood"]
 
 
 def write_review(annotations: Path, path: Path) -> int:
@@ -68,6 +68,8 @@ def export_csv(job_dir: Path, output: Path) -> int:
         _inert(pl.col("y_hat")).alias("suggested"),
         pl.col("confidence").round(4),
         _inert(pl.col("candidates").list.join(" | ")).alias("options"),
+        # why a confident row is here: unlike the user split (a file from before cm.ood has no such column)
+        pl.col("ood") if "ood" in review.columns else pl.lit(None, pl.Boolean).alias("ood"),
         pl.lit("").alias("label"),
     )
     table.write_csv(output)

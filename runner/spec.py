@@ -286,6 +286,24 @@ class AcceptSpec(_Strict):
     )
 
 
+class OODSpec(_Strict):
+    """Rows unlike the user split, sent to review whatever their confidence (``ood`` in annotations.parquet)."""
+
+    level: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.01,
+        description=(
+            "Flag a row when its conformal novelty p-value (the distance of its embedding to its k-th nearest "
+            "user sample, ranked among the user samples' own leave-one-out distances) is at most this. Under "
+            "exchangeability a row from the user split's distribution is flagged at most this often; junk, "
+            "another language or another domain nearly always. The smallest p-value is 1/(n+1) for n user "
+            "samples: a level below it flags nothing."
+        ),
+    )
+    neighbours: Annotated[int, Field(gt=0)] = Field(
+        default=5, description="k: the distance to the k-th nearest user sample is the novelty score."
+    )
+
+
 class CMSpec(_Strict):
     """How the memory bank refines the first answer."""
 
@@ -315,6 +333,15 @@ class CMSpec(_Strict):
             "the rest go to review.parquet. null: no acceptance (confidence is still computed where the job has "
             "a bank). With cm.enabled false the user split is still asked, to calibrate the confidence, unless "
             "this is null."
+        ),
+    )
+    ood: OODSpec | None = Field(
+        default_factory=OODSpec,
+        description=(
+            "Variants that embed the texts (neighbour_prior, instance): rows unlike the user split are flagged "
+            "(ood) and not accepted, whatever their confidence, for the acceptance bound and the candidate sets "
+            "hold only for rows exchangeable with the user split. The paper and counts variants and CM off embed "
+            "nothing: there ood is null and no row is checked. null: no check."
         ),
     )
     tau: Annotated[float, Field(gt=0, le=1)] | None = Field(

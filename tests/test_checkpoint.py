@@ -241,8 +241,8 @@ async def test_every_file_the_job_writes_is_fsynced_before_its_rename_and_its_di
     out = tmp_path / "out"
     written = {str(p) for p in out.rglob("*") if p.is_file() and p.name != ".cm-run.lock"}  # a lock holds no output
     # manifest, bank, estimate.parquet, annotations.parquet, metrics.json; the fitted CM (pickle and JSON), the
-    # held-out questions' answers, review.parquet, risk_coverage.png; and every shard
-    assert len(written) == 10 + -(-N_USER // 4) + -(-N_CORPUS // 4)
+    # held-out questions' answers, review.parquet, risk_coverage.png, prevalence.png; and every shard
+    assert len(written) == 11 + -(-N_USER // 4) + -(-N_CORPUS // 4)
     assert {target for _, target in renamed} == written
     for source, target in renamed:
         at = synced.index(f"renamed {target}", synced.index(source))  # the temp file synced, then renamed

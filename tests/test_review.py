@@ -60,7 +60,7 @@ async def test_reviewed_labels_come_back_as_human_rows_without_asking_the_model_
     out = tmp_path / "out"
     assert cli.main(["review", "export", str(out), "--csv", "-o", str(tmp_path / "review.csv")]) == 0
     exported = pl.read_csv(tmp_path / "review.csv", schema_overrides={"id": pl.String})
-    assert exported.columns == ["id", "text", "suggested", "confidence", "options", "label"]
+    assert exported.columns == ["id", "text", "suggested", "confidence", "options", "ood", "label"]
     assert exported["options"].to_list() == ["b | c"] * 9
     gold = {t: y for t, y, _ in CORPUS}
     reviewed = exported.with_columns(pl.col("text").replace_strict(gold).alias("label"))  # the reviewer's answers
