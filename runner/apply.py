@@ -54,8 +54,12 @@ def neighbourhoods(fitted: FittedCM | FitDraft, vectors: np.ndarray) -> list[Nei
     return [Neighbourhood(*item) for item in zip(similarities, priors, votes, flags, strict=True)]
 
 
-def refine(fitted: FittedCM, context: Neighbourhood | None, answer: str | None) -> Refined:
-    """C and perhaps the label for one item; ``answer`` None (the first call was skipped) says nothing."""
+def refine(fitted: FittedCM, context: Neighbourhood | None, answer: str | None, *, row_id: str) -> Refined:
+    """C and perhaps the label for one item; ``answer`` None (the first call was skipped) says nothing.
+
+    The posterior variants' set is randomised by a draw fixed by ``row_id`` (``posterior.row_uniform``),
+    so a row gets the same set on every run.
+    """
     labels = fitted.labels
     if fitted.variant in ("plain", "paper"):
         if answer is None:
@@ -91,7 +95,7 @@ def refine(fitted: FittedCM, context: Neighbourhood | None, answer: str | None) 
     else:
         row = fitted.class_likelihood[labels.index(answer)]
     probabilities = post.posterior(row**fitted.weight, prior)
-    chosen = tuple(labels[i] for i in post.mass_candidates(probabilities, fitted.tau))
+    chosen = tuple(labels[i] for i in post.mass_candidates(probabilities, fitted.tau, post.row_uniform(row_id)))
     vote = None if context is None else context.vote
     if len(chosen) == 1 or not fitted.asks_second_call:
         return Refined(Refinement(chosen, chosen[0], needs_second_call=False, neighbour_vote=vote), probabilities)

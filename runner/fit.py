@@ -13,7 +13,8 @@ corpus. In this order:
 1. the neighbour prior's k and temperature: the pair whose vote alone is most often right;
 2. the likelihood weight w: the one whose posterior argmax is most often right, kept only if it
    beats w = 0 (the prior alone) by more than one standard error;
-3. tau: the conformal quantile of the held-out conformity scores at ``cm.coverage``;
+3. tau: the conformal quantile of the held-out randomised conformity scores at ``cm.coverage``
+   (each sample's draw a hash of its id, as a corpus row's is of its own);
 4. the questions: the samples whose held-out candidate set holds several labels, which the
    model is asked to choose among, as it would be for a corpus item (``FitDraft.questions``);
 5. with ``cm.second_call: auto``, whether second calls pay: the model's choices must beat the
@@ -268,9 +269,12 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
         if cm.likelihood_weight is None and not asks_nothing:
             weight = _earned_weight(likelihood_rows, priors, truths[held])
         scores = post.posteriors(likelihood_rows, priors, weight)
+        draws = np.array([post.row_uniform(samples[i].id) for i in held])  # as a corpus row's, from its id
         if cm.tau is None:
-            tau = trust.conformal_tau(trust.conformity_scores(scores, truths[held]), cm.coverage)
-        sets = tuple(tuple(int(i) for i in post.mass_candidates(row, tau)) for row in scores)
+            tau = trust.conformal_tau(trust.conformity_scores(scores, truths[held], draws), cm.coverage)
+        sets = tuple(
+            tuple(int(i) for i in post.mass_candidates(row, tau, u)) for row, u in zip(scores, draws, strict=True)
+        )
     questions = ()
     if asks is not False:  # the label a set's answer would be without a second call: its highest-scoring one
         questions = tuple(

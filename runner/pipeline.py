@@ -488,6 +488,7 @@ async def annotate_rows(
         # embedding is CPU work: off the event loop, so other chunks' requests keep their timeouts
         contexts = apply.neighbourhoods(known, await asyncio.to_thread(embed, texts))
     earlier = previous if previous is not None else [None] * len(texts)
+    ids = [str(i) for i in rows["id"].to_list()]  # a row's candidate set is randomised by its id
 
     skip_first = known is not None and not known.needs_answer  # Y' cannot change C (cm.first_call)
     batched = _BatchedSink(finished, rows, _annotation_frame) if finished is not None else None
@@ -495,13 +496,13 @@ async def annotate_rows(
     async def one(
         index: int, text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None
     ) -> dict[str, Any]:
-        record = await annotate_one(text, context, before)
+        record = await annotate_one(text, context, before, ids[index])
         if batched is not None:
             batched.add(index, record)
         return record
 
     async def annotate_one(
-        text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None
+        text: str, context: apply.Neighbourhood | None, before: dict[str, Any] | None, row_id: str
     ) -> dict[str, Any]:
         # Y', one rule: a first answer on file is kept, whether or not this fit weighs it (it was paid
         # for, and a later fit may); else none is asked when it cannot change C; else the model is asked.
@@ -534,7 +535,7 @@ async def annotate_rows(
                 record.update(candidates=[first.label], y_hat=first.label)
             return record
         final = fitted if isinstance(fitted, FittedCM) else await fitted
-        refined = apply.refine(final, context, first.label)
+        refined = apply.refine(final, context, first.label, row_id=row_id)
         refinement = refined.refinement
         record.update(
             candidates=_most_probable_first(final, refined),

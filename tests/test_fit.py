@@ -4,6 +4,7 @@ The expected settings (k and temperature, the likelihood weight, tau, the questi
 out here by hand or by brute force over the grids on tiny banks, not read back from the code.
 """
 
+import hashlib
 import math
 
 import numpy as np
@@ -76,7 +77,10 @@ def draft_of(samples, cm: CMSpec, embed=None) -> FitDraft:
 def refine_texts(fitted: FittedCM, embed, texts, answers):
     """Each text's refinement, its neighbourhood embedded as the pipeline does."""
     contexts = apply.neighbourhoods(fitted, embed(texts))
-    return [apply.refine(fitted, c, a).refinement for c, a in zip(contexts, answers, strict=True)]
+    refined = [
+        apply.refine(fitted, c, a, row_id=f"t{i}") for i, (c, a) in enumerate(zip(contexts, answers, strict=True))
+    ]
+    return [r.refinement for r in refined]
 
 
 # --- worked out by hand, independently of runner.fit and runner.posterior -------------------
@@ -118,10 +122,20 @@ def counts_posterior_by_hand(samples, i, weight, alpha=0.1, beta=1.0):
     return np.array(joint) / sum(joint)
 
 
-def conformity_by_hand(posterior, truth):
-    """The posterior mass of the labels ranked (most probable first, label order on ties) down to the truth."""
+def uniform_by_hand(row_id):
+    """The draw a row's id fixes: the first 8 bytes of its salted blake2b digest, over 2**64."""
+    digest = hashlib.blake2b(f"cm-runner/candidate-set/{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def conformity_by_hand(posterior, truth, row_id):
+    """Randomised APS, the top label kept: 0 for the most probable label; else the mass of the labels
+    ranked above the truth (most probable first, label order on ties) plus the row's draw times its own."""
     ranked = sorted(range(len(posterior)), key=lambda j: -posterior[j])
-    return sum(posterior[j] for j in ranked[: ranked.index(truth) + 1])
+    if ranked[0] == truth:
+        return 0.0
+    above = sum(posterior[j] for j in ranked[: ranked.index(truth)])
+    return above + uniform_by_hand(row_id) * posterior[truth]
 
 
 def conformal_quantile_by_hand(scores, coverage):
@@ -142,18 +156,18 @@ def test_paper_variant_is_the_binary_row_and_asks_among_the_held_out_rows_with_s
     assert all(q.candidates == ("pets", "music") for q in draft.questions)
     fitted = finish_fit(draft, [SAMPLES[q.sample].truth for q in draft.questions])
     assert fitted.variant == "paper"
-    refined = apply.refine(fitted, None, "music").refinement
+    refined = apply.refine(fitted, None, "music", row_id="x").refinement
     assert refined.candidates == ("pets", "music") and refined.needs_second_call
 
 
 def test_counts_variant_keeps_the_likely_truths_and_decides_when_one_suffices():
     # answer music: truths music (3) and pets (2): music alone has more than half the mass
-    decided = apply.refine(fit(SAMPLES, CMSpec(variant="counts", tau=0.5)), None, "music").refinement
+    decided = apply.refine(fit(SAMPLES, CMSpec(variant="counts", tau=0.5)), None, "music", row_id="x").refinement
     assert decided.candidates == ("music",) and decided.decided == "music" and not decided.needs_second_call
-    wide = apply.refine(fit(SAMPLES, CMSpec(variant="counts", tau=0.95)), None, "music").refinement
+    wide = apply.refine(fit(SAMPLES, CMSpec(variant="counts", tau=0.95)), None, "music", row_id="x").refinement
     assert wide.candidates[:2] == ("music", "pets") and wide.needs_second_call
     never_cm = CMSpec(variant="counts", tau=0.95, second_call="never")
-    never = apply.refine(fit(SAMPLES, never_cm), None, "music").refinement
+    never = apply.refine(fit(SAMPLES, never_cm), None, "music", row_id="x").refinement
     assert never.decided == "music" and not never.needs_second_call
 
 
@@ -178,7 +192,8 @@ def test_instance_variant_uses_local_confusions():
 def test_tau_is_the_conformal_quantile_of_held_out_conformity_scores(coverage):
     cm = CMSpec(variant="counts", coverage=coverage, likelihood_weight=1.0)
     scores = [
-        conformity_by_hand(counts_posterior_by_hand(SAMPLES, i, weight=1.0), TRUTHS[i]) for i in range(len(SAMPLES))
+        conformity_by_hand(counts_posterior_by_hand(SAMPLES, i, weight=1.0), TRUTHS[i], SAMPLES[i].id)
+        for i in range(len(SAMPLES))
     ]
     expected = conformal_quantile_by_hand(scores, coverage)
     draft = draft_of(SAMPLES, cm)
@@ -246,7 +261,8 @@ async def test_a_job_with_the_neighbour_prior_reports_the_neighbour_vote_and_wha
     # the answer can win at most the samples the prior gets wrong; with one, wins - losses <= 1 = sqrt(1):
     # never more than one standard error, so the answer gets no weight and the posterior is the prior
     assert wrong <= 1
-    scores = [conformity_by_hand(row, truth) for row, truth in zip(held_out_prior, truths, strict=True)]
+    pairs = zip(held_out_prior, truths, samples, strict=True)
+    scores = [conformity_by_hand(row, truth, sample.id) for row, truth, sample in pairs]
     chosen = result.metrics["cm_settings"]
     assert chosen["prior"] == prior and (chosen["neighbours"], chosen["neighbour_temperature"]) == (k, temperature)
     assert chosen["likelihood_weight"] == 0.0
@@ -325,13 +341,15 @@ async def test_a_first_answer_that_cannot_count_is_not_asked_for(tmp_path, toy_j
     from runner import run_job
     from tests.scripted_engine import ScriptedEngine
 
-    cm = "{variant: neighbour_prior, tau: 0.5, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
+    cm = "{variant: neighbour_prior, tau: 0.8, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
     engine = ScriptedEngine(ANSWERS, n_labels=3)
     result = await run_job(neighbour_job(toy_job, cm), engine=engine, embed=toy_embed)
     asked = sorted(request.messages[-1].content for request in engine.requests)
     # the estimate asks every user sample; the corpus, nobody. One user sample is asked again, among
     # its held-out set: "loud band"'s three nearest others are "loud dog", "song band" (equally close)
-    # and "loud cat dog", so pets and music each hold under half its mass at tau 0.5
+    # and "loud cat dog", so pets and music each hold 0.492 of its mass; the second is kept when
+    # 0.492 + u * 0.492 <= tau, with this id's draw u = 0.53 at tau 0.8 (at 0.5 it would not be). The
+    # others' top label holds 0.967: one label each.
     assert asked == sorted([s.text for s in SAMPLES] + ["loud band"])
     [question] = [r for r in engine.requests if len(r.choices) < 3]
     assert question.messages[-1].content == "loud band" and len(question.choices) == 2
@@ -477,7 +495,8 @@ def test_reviewed_rows_join_the_bank_but_tau_calibration_and_threshold_rest_on_t
     # and only the random samples' scores used for tau, the calibration and the threshold.
     posteriors = [counts_posterior_by_hand(everyone, i, weight=1.0) for i in range(len(RANDOM))]
     truths = [LABELS.index(s.truth) for s in RANDOM]
-    tau = conformal_quantile_by_hand([conformity_by_hand(p, t) for p, t in zip(posteriors, truths, strict=True)], 0.9)
+    scores = [conformity_by_hand(p, t, s.id) for p, t, s in zip(posteriors, truths, RANDOM, strict=True)]
+    tau = conformal_quantile_by_hand(scores, 0.9)
     assert fitted.tau == pytest.approx(tau)
     scores = np.array([p.max() for p in posteriors])  # second_call never: y_hat is the most probable label
     right = np.array([int(np.argmax(p)) == t for p, t in zip(posteriors, truths, strict=True)])
@@ -551,3 +570,29 @@ async def test_a_held_out_question_still_failing_stops_the_job_and_saves_no_fit(
     result = await run_job(spec, engine=rerun, embed=toy_embed)
     assert all(len(r.choices) < 3 or r.messages[-1].content in dict(CORPUS) for r in rerun.requests)
     assert result.metrics["cm_settings"]["second_call"] == "when_ambiguous"
+
+
+async def test_a_rows_randomised_set_is_fixed_by_its_id_whatever_the_run_or_chunking(tmp_path, toy_job):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    # Twelve copies of "cat song": its nearest user samples put 0.492 of its mass on pets and on music
+    # each, so the second joins the first when 0.492 + u * 0.492 <= 0.8, u <= 0.626, u the draw of the
+    # row's id. Same text, so only the draw tells the rows' sets apart.
+    corpus = [("cat song", "music")] * 12
+    cm = "{variant: neighbour_prior, tau: 0.8, neighbours: 3, likelihood_weight: 0, first_call: when_weighted}"
+    tables = []
+    for run, chunk_size in enumerate((5, 12)):
+        out = f"chunk_size: {chunk_size}"
+        spec = toy_job([(s.text, s.truth) for s in SAMPLES], corpus, labels=LABELS, output=out, extra=f"cm: {cm}")
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path / f"out{run}")})})
+        await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+        tables.append(pl.read_parquet(tmp_path / f"out{run}/annotations.parquet").sort("id"))
+    first, second = tables
+    sizes = [len(c) for c in first["candidates"].to_list()]
+    expected = [2 if 0.492 + uniform_by_hand(row_id) * 0.492 <= 0.8 else 1 for row_id in first["id"].to_list()]
+    assert sizes == expected and 1 in sizes and 2 in sizes  # both kinds occur: the draw is at work
+    assert first["candidates"].to_list() == second["candidates"].to_list()
+    assert first["id"].to_list() == second["id"].to_list()

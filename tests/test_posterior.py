@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from runner.posterior import (
-    calibrate_tau,
     choose_neighbourhood,
     class_prior,
     count_matrix,
@@ -15,6 +14,7 @@ from runner.posterior import (
     neighbour_prior,
     posterior,
     posteriors,
+    row_uniform,
 )
 
 
@@ -38,12 +38,31 @@ def test_posterior_weighs_the_answer_by_how_common_each_truth_is():
     assert post == pytest.approx([0.18 / 0.58, 0.40 / 0.58])
 
 
-def test_mass_candidates_is_the_smallest_set_reaching_tau():
+def test_mass_candidates_keep_the_crossing_label_for_the_share_of_its_mass_under_tau():
+    probs = np.array([0.1, 0.6, 0.25, 0.05])  # ranked: 1 (0.6), 2 (0.25), 0 (0.1), 3 (0.05)
+    # the top label is kept whatever tau and u; label 2 scores 0.6 + u * 0.25, label 0 0.85 + u * 0.1
+    assert mass_candidates(probs, 0.01, u=0.0).tolist() == [1]
+    assert mass_candidates(probs, 0.7, u=0.39).tolist() == [1, 2]  # 0.6975 <= 0.7
+    assert mass_candidates(probs, 0.7, u=0.41).tolist() == [1]  # 0.7025 > 0.7
+    assert mass_candidates(probs, 0.9, u=0.5).tolist() == [1, 2, 0]  # 0.85 + 0.05
+    assert mass_candidates(probs, 0.9, u=0.51).tolist() == [1, 2]
+    assert mass_candidates(probs, 1.0, u=1.0).tolist() == [1, 2, 0, 3]
+
+
+def test_the_crossing_label_is_kept_as_often_as_its_share_of_mass_under_tau():
+    # at tau 0.7 label 2 (mass 0.25, 0.6 above it) is kept when u <= 0.4: for 40% of uniform draws
     probs = np.array([0.1, 0.6, 0.25, 0.05])
-    assert mass_candidates(probs, 0.5).tolist() == [1]
-    assert mass_candidates(probs, 0.85).tolist() == [1, 2]
-    assert mass_candidates(probs, 0.86).tolist() == [1, 2, 0]
-    assert mass_candidates(probs, 1.0).tolist() == [1, 2, 0, 3]
+    draws = np.random.default_rng(0).random(20_000)
+    kept = np.mean([len(mass_candidates(probs, 0.7, u)) == 2 for u in draws])
+    assert kept == pytest.approx(0.4, abs=0.02)
+
+
+def test_a_row_draw_is_fixed_by_its_id_and_uniform_over_ids():
+    assert row_uniform("row-17") == row_uniform("row-17") != row_uniform("row-18")
+    draws = np.array([row_uniform(str(i)) for i in range(20_000)])
+    assert ((draws >= 0) & (draws < 1)).all()
+    deciles = np.histogram(draws, bins=10, range=(0, 1))[0]
+    assert deciles.min() > 1_850 and deciles.max() < 2_150  # 2,000 expected per tenth, sd about 42
 
 
 def test_nearest_orders_by_similarity_and_can_leave_one_out():
@@ -119,12 +138,3 @@ def test_instance_likelihood_follows_close_neighbours_and_falls_back_to_the_clas
     local = instance_likelihood(sims, answers, truths, class_counts, k=2, alpha=1e-9, blend=1.0)
     assert local[0, 0] > 0.75  # (2*0.9 + 0.5) / (1.8 + 1)
     assert local[:, 1] == pytest.approx([0.0, 1.0], abs=1e-6)  # no close neighbour: the class column
-
-
-def test_calibrated_tau_reaches_the_coverage_on_held_out_posteriors():
-    rows = np.array([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.6, 0.3, 0.1], [0.4, 0.35, 0.25]])
-    truths = np.array([0, 1, 0, 2])
-    tau = calibrate_tau(rows, truths, coverage=0.75)
-    covered = np.mean([t in mass_candidates(r, tau) for r, t in zip(rows, truths, strict=True)])
-    assert covered >= 0.75
-    assert calibrate_tau(rows, truths, coverage=0.5) <= tau

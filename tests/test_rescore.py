@@ -15,11 +15,12 @@ from tests.scripted_engine import ScriptedEngine
 
 LABELS = ["a", "b", "c"]
 # The model is always right on the user split, so every row of M holds one label and the first run
-# makes no second call. It answers 'a' on every corpus row.
+# makes no second call. It answers 'a' on every corpus row. The paper's binary M: its sets do not move
+# with a randomised threshold, so a review that adds a pair to row 'a' widens every row's set alike.
 USER = [(f"u{y}{i}", y) for y in LABELS for i in range(20)]
 CORPUS = [(f"c{i}", "a") for i in range(12)]
 FIRST = {text: label for text, label in USER + CORPUS}
-CM = "cm: {variant: counts, second_call: when_ambiguous}"
+CM = "cm: {variant: paper, second_call: when_ambiguous}"
 
 
 class Overlapping(ScriptedEngine):

@@ -73,7 +73,8 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         fitted = fit_cm(bank, RECOMMENDED, embed(texts))
         fit_seconds = time.perf_counter() - started
         contexts = apply.neighbourhoods(fitted, item_vectors)
-        refined = [apply.refine(fitted, context, None) for context in contexts]
+        ids = items["id"].to_list()
+        refined = [apply.refine(fitted, c, None, row_id=i) for c, i in zip(contexts, ids, strict=True)]
         labels_given = [r.refinement.decided for r in refined]
         gold_labels = items["label"].to_list()
         scores = [apply.score(fitted, r, y) for r, y in zip(refined, labels_given, strict=True)]

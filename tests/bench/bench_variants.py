@@ -103,6 +103,7 @@ output: {{dir: {job_dir}}}
     index = {label: i for i, label in enumerate(labels)}
     gold = table["gold"].to_list()
     answered = table["y_prime"].to_list()
+    ids = table["id"].to_list()
 
     row: dict = {
         "dataset": name,
@@ -140,8 +141,8 @@ output: {{dir: {job_dir}}}
     if "probe" in args.priors:  # the probe alone, likewise: what the model's answer adds on top of it
         probe = fit_cm(bank, vote_only.model_copy(update={"prior": "probe"}), user_vectors)
         probe_votes = [
-            apply.refine(probe, context, labels[0]).refinement.decided
-            for context in apply.neighbourhoods(probe, item_vectors)
+            apply.refine(probe, context, labels[0], row_id=row_id).refinement.decided
+            for context, row_id in zip(apply.neighbourhoods(probe, item_vectors), ids, strict=True)
         ]
         probe_right = np.array([v == g for v, g in zip(probe_votes, gold, strict=True)])
         row["probe_vote"] = float(probe_right.mean())
@@ -154,12 +155,12 @@ output: {{dir: {job_dir}}}
         fitted = fit_cm(bank, cm, user_vectors if variant != "counts" else None)
         contexts = apply.neighbourhoods(fitted, item_vectors)
         decided, covered, sizes = [], [], []
-        for context, answer, truth in zip(contexts, answered, gold, strict=True):
+        for context, answer, truth, row_id in zip(contexts, answered, gold, ids, strict=True):
             if answer is None:
                 decided.append(None)
                 covered.append(False)
                 continue
-            refinement = apply.refine(fitted, context, answer).refinement
+            refinement = apply.refine(fitted, context, answer, row_id=row_id).refinement
             decided.append(refinement.decided)
             covered.append(truth in refinement.candidates)
             sizes.append(len(refinement.candidates))
