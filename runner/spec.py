@@ -491,6 +491,13 @@ class ExecutorSpec(_Strict):
     )
 
 
+def _engine_kind_defaults_to_vllm(cls: type, data: Any) -> Any:
+    """An ``engine`` mapping without ``kind`` is a vLLM engine (a job's, or a cascade stage's)."""
+    if isinstance(data, dict) and isinstance(data.get("engine"), dict) and "kind" not in data["engine"]:
+        data = {**data, "engine": {"kind": "vllm", **data["engine"]}}
+    return data
+
+
 MAIN_STAGE = "main"
 """The stage name of a job without ``cascade``: a one-stage cascade."""
 
@@ -506,12 +513,7 @@ class StageSpec(_Strict):
         description="cm keys this stage sets over the job's cm (all but accept: one acceptance for the cascade).",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_kind_defaults_to_vllm(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("engine"), dict) and "kind" not in data["engine"]:
-            data = {**data, "engine": {"kind": "vllm", **data["engine"]}}
-        return data
+    _engine_kind_defaults_to_vllm = model_validator(mode="before")(classmethod(_engine_kind_defaults_to_vllm))
 
 
 class JobSpec(_Strict):
@@ -542,12 +544,7 @@ class JobSpec(_Strict):
         ),
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_kind_defaults_to_vllm(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("engine"), dict) and "kind" not in data["engine"]:
-            data = {**data, "engine": {"kind": "vllm", **data["engine"]}}
-        return data
+    _engine_kind_defaults_to_vllm = model_validator(mode="before")(classmethod(_engine_kind_defaults_to_vllm))
 
     @model_validator(mode="after")
     def _descriptions_name_known_labels(self) -> JobSpec:
