@@ -1035,9 +1035,10 @@ async def _run_job(
         reviewed = read_reviewed(checkpoint.directory)
         in_flight = max(_in_flight(spec, stage.engine) for stage in stages)
         if stages[0].bank is not None:  # every stage has one: a cascade of several needs cm.accept
+            reviewed_by = {stage.name: _reviewed_for(reviewed, stage.name) for stage in stages}
             for stage in stages:
                 assert stage.bank is not None
-                mine = _reviewed_for(reviewed, stage.name)
+                mine = reviewed_by[stage.name]
                 stage.key = f"{spec_digest(stage.spec)}:{stage.bank.digest()}:{reviewed_digest(mine)}"
             key = "|".join(stage.key for stage in stages)
             # fit_key None: no fit recorded for the shards on file. Shards scored with another fit (reviewed
@@ -1056,7 +1057,7 @@ async def _run_job(
                 assert stage.bank is not None
                 stage.fit = await _start_fit(
                     stage.spec,
-                    with_reviewed(stage.bank, _reviewed_for(reviewed, stage.name)),
+                    with_reviewed(stage.bank, reviewed_by[stage.name]),
                     stage.engine,
                     stage.strategy,
                     stage.checkpoint,
