@@ -39,6 +39,15 @@ def load_fitted(directory: Path, key: str) -> FittedCM | None:
     return stored["fitted"]
 
 
+def fits_on_file(directory: Path, stage_dirs: list[Path], fit_key: str | None) -> list[FittedCM] | None:
+    """The stages' fits the job's shards were scored with (the manifest's ``fit_key``), if all are on file."""
+    keys = (fit_key or "").split("|")
+    if not fit_key or len(keys) != len(stage_dirs):
+        return None
+    fits = [load_fitted(place, key) for place, key in zip(stage_dirs, keys, strict=True)]
+    return None if any(fitted is None for fitted in fits) else fits  # type: ignore[return-value]
+
+
 def fitted_labels(directory: Path) -> list[str] | None:
     """The label set a finished job was fitted with (for checking reviewed labels), if it was."""
     path = directory / FITTED_SUMMARY

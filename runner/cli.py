@@ -159,24 +159,83 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
     example = user_chars / max(inputs.user.rows.height, 1) / 4 + estimator.raw([Message("user", "")]) * 2 + 2
     n_corpus = inputs.corpus.height
     stages = spec.stages()
-    if len(stages) > 1:
+    shares = _expected_shares(spec) if len(stages) > 1 else None
+    if len(stages) > 1 and shares is None:
         print(f"\na cascade of {len(stages)} stages; each is priced as if every corpus row reached it (an upper")
-        print("bound: a stage sees only the rows earlier ones did not accept; metrics.json 'stages' says how many did)")
-    for position, (name, stage) in enumerate(stages):
-        if len(stages) > 1:
-            print(f"\nstage {position + 1}, {name}: {stage.engine.kind} {stage.engine.model}, {stage.strategy.name}")
+        print("bound: a stage sees only the rows earlier ones left). The expected share each stage sees is known")
+        print("once the user split has run through every stage: after a first run, --dry-run prints it")
+    elif shares is not None:
+        print(f"\na cascade of {len(stages)} stages; each is priced by the share of corpus rows expected to reach it,")
+        print("from the user split run through every stage on the last run (the fit on file)")
+
+    def usage_of(stage: JobSpec, reach: float) -> tuple[Usage, int, int, int, Usage]:
         asks = stage.cm.first_call != "never"
         n_user = inputs.user.rows.height if asks and stage.cm.enabled and stage.cm.bank is None else 0
-        n_first = n_corpus if asks else 0
-        n_second = n_corpus if stage.cm.enabled and stage.cm.second_call != "never" else 0
+        n_first = round(n_corpus * reach) if asks else 0
+        n_second = round(n_corpus * reach) if stage.cm.enabled and stage.cm.second_call != "never" else 0
         per_answer = partial(answer_usage, stage.strategy, stage.generation, example=example)
         usage = Usage(0, 0, 0)
         if n_user:
             usage += per_answer(overhead + user_chars / 4 / n_user) * n_user
         if n_corpus:
             usage += per_answer(overhead + corpus_chars / 4 / n_corpus) * (n_first + n_second)
-        _print_usage(stage, usage, n_user, n_first, n_second, per_answer(overhead))
+        return usage, n_user, n_first, n_second, per_answer(overhead)
+
+    costs: list[float | None] = []
+    for position, (name, stage) in enumerate(stages):
+        if len(stages) > 1:
+            print(f"\nstage {position + 1}, {name}: {stage.engine.kind} {stage.engine.model}, {stage.strategy.name}")
+        if shares:
+            share = shares[position]
+            print(f"  expected: reaches {share.reached:.1%} of the corpus, accepts {share.accepted:.1%}")
+        usage, *counts = usage_of(stage, shares[position].reached if shares else 1.0)
+        _print_usage(stage, usage, *counts)
+        costs.append(_cost(stage, usage))
+    if shares:
+        print(f"\nexpected to go to review: {1 - sum(share.accepted for share in shares):.1%} of the corpus")
+        last = stages[-1][1]
+        every = _cost(last, usage_of(last, 1.0)[0])
+        if every is not None:
+            total = sum(cost for cost in costs if cost is not None)
+            unpriced = " (its local stages not priced: engine time)" if None in costs else ""
+            print(f"the cascade: about ${total:,.2f}{unpriced}; every row sent to the last stage instead: ${every:,.2f}")
     return 0
+
+
+def _cost(spec: JobSpec, usage: Any) -> float | None:
+    """What ``usage`` costs in USD at the engine's prices (batch prices with engine.batch); 0 if it asks
+    nothing; None for an engine without prices (a local one)."""
+    if not round(usage.calls):
+        return 0.0
+    prices = getattr(spec.engine, "prices", None)
+    if prices is None:
+        return None
+    cost = _online_cost(prices, usage)
+    return cost * spec.engine.batch_discount if spec.engine.kind == "openai" and spec.engine.batch else cost
+
+
+def _online_cost(prices: Any, usage: Any) -> float:
+    prompt, completion = round(usage.prompt_tokens), round(usage.completion_tokens)
+    return (prompt * prices.prompt_per_million + completion * prices.completion_per_million) / 1e6
+
+
+def _expected_shares(spec: JobSpec) -> Any:
+    """Each stage's expected share of the corpus, from the fits an earlier run of this spec left; else None."""
+    from runner._fitted_store import fits_on_file
+    from runner.checkpoint import MANIFEST_NAME, STAGES_DIR, Manifest, changed_keys, material_spec
+    from runner.fit import accept_cascade, stage_shares
+
+    directory = location(spec.output.dir)
+    if not (directory / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = Manifest.model_validate_json((directory / MANIFEST_NAME).read_bytes())
+    except ValueError:
+        return None  # a run would say what is wrong with it
+    if changed_keys(manifest.spec, material_spec(spec)):
+        return None  # fitted under another spec: it says nothing about this one (a run would refuse it)
+    fits = fits_on_file(directory, [directory / STAGES_DIR / name for name, _ in spec.stages()], manifest.fit_key)
+    return stage_shares(accept_cascade(fits, spec.cm.accept)) if fits else None
 
 
 def _print_usage(spec: JobSpec, usage: Any, n_user: int, n_first: int, n_second: int, per: Any) -> None:
@@ -200,7 +259,7 @@ def _print_usage(spec: JobSpec, usage: Any, n_user: int, n_first: int, n_second:
         print(f"  engine: {engine.base_url}, answers constrained by {engine.constraint}, {key}")
     prices = getattr(spec.engine, "prices", None)
     if prices is not None:
-        cost = (prompt_tokens * prices.prompt_per_million + completion_tokens * prices.completion_per_million) / 1e6
+        cost = _online_cost(prices, usage)
         print(f"  at most about ${cost:,.2f} at the configured prices")
     if spec.engine.kind == "openai" and prices is not None:
         batch = cost * spec.engine.batch_discount

@@ -401,6 +401,37 @@ def through_cascade(stages: Sequence[FittedCM]) -> FittedCM:
     )
 
 
+@dataclass(frozen=True)
+class StageShare:
+    """What a stage is expected to see and keep of a corpus exchangeable with the user split."""
+
+    reached: float  # share of held-out user samples no earlier stage accepted
+    accepted: float  # share this stage accepts
+
+
+def stage_shares(stages: Sequence[FittedCM]) -> tuple[StageShare, ...]:
+    """Per stage (as ``accept_cascade`` returns them), the share of held-out user samples that reach it and
+    the share it accepts at the cascade's threshold; what the last stage leaves goes to review.
+
+    A corpus row reaches a stage as a held-out sample does, so these are the expected shares of the
+    corpus a dry run prices each stage by. A stage that scored no answer for a sample cannot accept it.
+    """
+    ids = list(dict.fromkeys(i for fitted in stages for i in fitted.held_out_ids))
+    if not ids:
+        return tuple(StageShare(1.0 if n == 0 else 0.0, 0.0) for n in range(len(stages)))
+    acceptance = stages[0].acceptance
+    threshold = acceptance.threshold if acceptance is not None else None
+    waiting = set(ids)
+    shares = []
+    for fitted in stages:
+        reached = len(waiting) / len(ids)
+        if threshold is not None:
+            scored = zip(fitted.held_out_ids, fitted.held_out_confidence, strict=True)
+            waiting -= {sample for sample, confidence in scored if confidence >= threshold}
+        shares.append(StageShare(reached, reached - len(waiting) / len(ids)))
+    return tuple(shares)
+
+
 def accept_cascade(stages: Sequence[FittedCM], accept: AcceptSpec | None) -> tuple[FittedCM, ...]:
     """The stages with the cascade's one acceptance: a threshold every stage's confidence is held to.
 

@@ -40,12 +40,12 @@ ANSWERS |= {text: "music" for text, _ in USER_UNSURE + CORPUS_UNSURE}
 KEY_ENV = "CM_TEST_CASCADE_KEY"
 
 
-def cascade_job(toy_job, base_url: str, output: str = ""):
+def cascade_job(toy_job, base_url: str, output: str = "", prices: str = ""):
     stages = [
         "{name: neighbours, cm: {variant: neighbour_prior, first_call: never}}",
         "{name: scripted}",
         f"{{name: api, engine: {{kind: openai, model: fault-model, base_url: {base_url}, api_key_env: {KEY_ENV}, "
-        "structured_output: vllm_choice, max_retries: 1}}",
+        f"structured_output: vllm_choice, max_retries: 1{prices}}}}}",
     ]
     extra = "cm: {variant: counts, second_call: never}\ncascade:\n" + "".join(f"  - {s}\n" for s in stages)
     return toy_job(USER, CORPUS, name="cascade", labels=LABELS, output=output, extra=extra)
@@ -180,6 +180,40 @@ def test_a_dry_run_prices_each_stage_and_the_one_that_asks_nothing_at_nothing(to
     assert out.count(expected) == 2
     assert "stage 3, api: openai fault-model" in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+async def test_after_a_run_a_dry_run_prices_each_stage_by_the_share_the_user_split_says_reaches_it(
+    toy_job, tmp_path, api, capsys
+):
+    from runner.cli import main
+
+    prices = ", prices: {prompt_per_million: 1000000, completion_per_million: 0}"  # a dollar a prompt token
+    spec = cascade_job(toy_job, api.base_url, prices=prices)
+    await run_job(spec, engine=ScriptedEngine(ANSWERS, n_labels=3), embed=toy_embed)
+    capsys.readouterr()
+    assert main([str(tmp_path / "job.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # by the toy's construction: the neighbours settle the easy texts, the scripted model the sure ones,
+    # and nobody the unsure ones, which the last stage sees and leaves for review
+    n = len(USER)
+    easy, sure, unsure = len(USER_EASY) / n, len(USER_SURE) / n, len(USER_UNSURE) / n
+    assert f"reaches 100.0% of the corpus, accepts {easy:.1%}" in out
+    assert f"reaches {sure + unsure:.1%} of the corpus, accepts {sure:.1%}" in out
+    assert f"reaches {unsure:.1%} of the corpus, accepts 0.0%" in out
+    assert f"expected to go to review: {unsure:.1%}" in out
+    # the last stage answers every user sample and the corpus rows that reach it; alone, every row
+    reach = round(len(CORPUS) * unsure)
+    assert f"answers: estimate {n:,} + annotate {reach:,} first + up to 0 second" in out
+    def dollars(text: str) -> float:
+        return float(text.split("$")[1].split()[0].rstrip(";,").replace(",", ""))
+
+    priced = [dollars(line) for line in out.splitlines() if "at the configured prices" in line]
+    assert len(priced) == 1  # the local stages carry no prices
+    # a dollar a prompt token: the last stage's prompts alone, and every row's prompts at that stage
+    total = dollars(out.split("the cascade: ")[1])
+    assert total == priced[0] and "local stages not priced" in out
+    every = dollars(out.split("instead: ")[1])
+    assert every > total
 
 
 async def test_a_review_of_a_cascades_rows_comes_back_to_every_stage_as_its_own(toy_job, tmp_path, api, write):
