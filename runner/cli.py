@@ -198,7 +198,7 @@ def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
         if every is not None:
             total = sum(cost for cost in costs if cost is not None)
             unpriced = " (its local stages not priced: engine time)" if None in costs else ""
-            print(f"the cascade: about ${total:,.2f}{unpriced}; every row sent to the last stage instead: ${every:,.2f}")
+            print(f"the cascade: about ${total:,.2f}{unpriced}; every row to the last stage instead: ${every:,.2f}")
     return 0
 
 

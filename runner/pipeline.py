@@ -41,6 +41,7 @@ from runner.checkpoint import (
 from runner.data import Corpus, DataError, UserSplit, load_user_split
 from runner.engines import Engine, EngineError, make_engine
 from runner.engines._lazy import LazyEngine
+from runner.engines._timed import TimedEngine
 from runner.examples import ExamplePool, current_pool
 from runner.fit import FitDraft, FittedCM, Question, accept_cascade, finish_fit, prepare_fit, through_cascade
 from runner.labels import LabelSet
@@ -942,6 +943,7 @@ def _open_stages(
     A stage with an engine spec other than the job's gets its own engine (one per distinct spec)."""
     named = spec.stages()
     engines: dict[str, Engine] = {}
+    timed: dict[int, TimedEngine] = {}
     stages = []
     for name, stage_spec in named:
         if len(named) == 1:
@@ -958,6 +960,9 @@ def _open_stages(
                 engines[key] = LazyEngine(make_engine(stage_spec.engine, _state_dir(stage_checkpoint)))
                 stack.push_async_exit(engines[key].__aexit__)
             engine = engines[key]
+        if id(engine) not in timed:  # one clock per engine: stages that share it share its time
+            timed[id(engine)] = TimedEngine(engine)
+        engine = timed[id(engine)]
         stage_embed = embed or _embedder(stage_spec)
         strategy = _stage_strategy(stage_spec, inputs)
         stages.append(_Stage(name, stage_spec, engine, strategy, stage_checkpoint, stage_manifest, stage_embed))
@@ -1127,10 +1132,14 @@ async def _run_job(
             run["engine_dtype"] = {"dtype": dtype.dtype, "reason": dtype.reason}
         if hasattr(job_engine, "stats"):  # API engines: requests, retries, tokens, errors, cost
             run["engine"] = job_engine.stats()
+        # per engine, named by the first stage that asks it: stages sharing one share its figures
+        asking = [s for s in stages if s.spec.cm.first_call != "never"] or stages
+        distinct = {id(s.engine): s for s in reversed(asking)}.values()
         if len(stages) > 1:
-            # per engine, named by the first stage that uses it: stages sharing one share its figures
-            distinct = {id(s.engine): s for s in reversed(stages)}.values()
             run["engines"] = {s.name: s.engine.stats() for s in distinct if hasattr(s.engine, "stats")}
+        # what a local engine costs: the time it had a request out (this process's engines; Ray workers'
+        # engines report their CPU in run.executor)
+        run["engine_seconds"] = {s.name: round(s.engine.seconds(), 3) for s in reversed(list(distinct))}
     finally:
         for stage in stages:  # stopped while the model was being asked: ask no more
             if stage.fit is not None and not stage.fit.final.done():
@@ -1186,14 +1195,20 @@ async def _run_job(
 
 
 def _per_accepted_row(metrics: dict[str, Any], run: dict[str, Any]) -> dict[str, Any] | None:
-    """What the job spent per row it accepted: corpus calls, and the API engines' estimated USD (estimate included)."""
+    """What the job spent per row it accepted: corpus calls, the API engines' estimated USD and every engine's
+    busy seconds (the estimate included)."""
     n_accepted = (metrics.get("trust") or {}).get("n_accepted")
     if not n_accepted:
         return None
     calls = (metrics.get("calls_per_item") or 0) * (metrics.get("n_annotated") or 0)
     engines = run.get("engines") or ({"main": run["engine"]} if "engine" in run else {})
     costs = [stats["estimated_cost_usd"] for stats in engines.values() if "estimated_cost_usd" in stats]
-    return {"calls": calls / n_accepted, "usd": sum(costs) / n_accepted if costs else None}
+    seconds = sum((run.get("engine_seconds") or {}).values())
+    return {
+        "calls": calls / n_accepted,
+        "usd": sum(costs) / n_accepted if costs else None,
+        "engine_seconds": seconds / n_accepted,
+    }
 
 
 def read_annotations(output_dir: str | Path) -> pl.DataFrame:

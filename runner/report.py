@@ -297,13 +297,16 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         for stage, chosen in per_stage.items():
             named = f"cm ({stage}) " if stage else "cm "
             lines.append(named + ", ".join(f"{key} {_setting(value)}" for key, value in chosen.items()))
+    busy = metrics.get("run", {}).get("engine_seconds") or {}
     for stage in metrics.get("stages", []):
         accuracy = (
             f", {pct(stage['accuracy_accepted'])} right on gold" if stage["accuracy_accepted"] is not None else ""
         )
+        # an engine two stages share is clocked once, under the first that asks it
+        seconds = f", engine busy {busy[stage['stage']]:.1f} s" if stage["stage"] in busy else ""
         lines.append(
             f"stage {stage['stage']}: saw {stage['rows_seen']} rows, answered {pct(stage['answered_share'])}, "
-            f"accepted {pct(stage['accepted_share'])}{accuracy}; {stage['calls']} calls"
+            f"accepted {pct(stage['accepted_share'])}{accuracy}; {stage['calls']} calls{seconds}"
         )
     if trusted := metrics.get("trust"):
         lines.append(_trust_line(trusted, pct))

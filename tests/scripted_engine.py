@@ -7,6 +7,7 @@ real models in tests/engines and tests/test_e2e.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Self
 
@@ -26,6 +27,7 @@ class ScriptedEngine:
         failing: set[str] = frozenset(),
         free_text: dict[str, str] | None = None,
         failing_within: dict[str, int] | None = None,
+        seconds_per_request: float = 0.0,
     ):
         self.first = first
         self.second = second or {}
@@ -37,6 +39,9 @@ class ScriptedEngine:
         self.failing_within = dict(failing_within or {})
         self.requests: list[ChoiceRequest] = []
         self.started = False
+        # answer one request at a time, each taking this long: a local model on one device
+        self.seconds_per_request = seconds_per_request
+        self._device = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         self.started = True
@@ -46,6 +51,9 @@ class ScriptedEngine:
         return None
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
+        if self.seconds_per_request:
+            async with self._device:
+                await asyncio.sleep(self.seconds_per_request * len(requests))
         self.requests.extend(requests)
         completions = []
         for request in requests:

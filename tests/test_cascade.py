@@ -204,6 +204,7 @@ async def test_after_a_run_a_dry_run_prices_each_stage_by_the_share_the_user_spl
     # the last stage answers every user sample and the corpus rows that reach it; alone, every row
     reach = round(len(CORPUS) * unsure)
     assert f"answers: estimate {n:,} + annotate {reach:,} first + up to 0 second" in out
+
     def dollars(text: str) -> float:
         return float(text.split("$")[1].split()[0].rstrip(";,").replace(",", ""))
 
@@ -212,7 +213,7 @@ async def test_after_a_run_a_dry_run_prices_each_stage_by_the_share_the_user_spl
     # a dollar a prompt token: the last stage's prompts alone, and every row's prompts at that stage
     total = dollars(out.split("the cascade: ")[1])
     assert total == priced[0] and "local stages not priced" in out
-    every = dollars(out.split("instead: ")[1])
+    every = dollars(out.split("last stage instead: ")[1])
     assert every > total
 
 
@@ -247,3 +248,22 @@ async def test_the_cost_per_accepted_row_counts_every_stages_calls(toy_job, tmp_
     corpus_calls = len(CORPUS_SURE) + 2 * len(CORPUS_UNSURE)  # the scripted stage's, then the api stage's
     assert result.metrics["per_accepted_row"]["calls"] == pytest.approx(corpus_calls / accepted)
     assert set(result.metrics["run"]["engines"]) == {"api"}  # the scripted engine keeps no API figures
+
+
+async def test_a_local_stage_costs_the_seconds_its_engine_was_busy(toy_job, tmp_path, api):
+    spec = cascade_job(toy_job, api.base_url)
+    engine = ScriptedEngine(ANSWERS, n_labels=3, seconds_per_request=0.004)  # one request at a time
+    result = await run_job(spec, engine=engine, embed=toy_embed)
+    run = result.metrics["run"]
+    # the neighbours share the job's engine and never ask it; the scripted stage's time is its requests'
+    busy = len(engine.requests) * 0.004
+    assert set(run["engine_seconds"]) == {"scripted", "api"}
+    assert busy <= run["engine_seconds"]["scripted"] <= busy + 0.5
+    assert 0 < run["engine_seconds"]["api"] < run["annotate_seconds"] + run["estimate_seconds"]
+    accepted = len(CORPUS_EASY) + len(CORPUS_SURE)
+    total = run["engine_seconds"]["scripted"] + run["engine_seconds"]["api"]
+    assert result.metrics["per_accepted_row"]["engine_seconds"] == pytest.approx(total / accepted)
+    from runner.report import summary_lines
+
+    summary = "\n".join(summary_lines(result.metrics))
+    assert f"calls, engine busy {run['engine_seconds']['scripted']:.1f} s" in summary
