@@ -131,8 +131,8 @@ def _immaterial(key: str, cm_enabled: bool, cm_variant: str) -> bool:
         return True
     if not key.startswith("cm."):
         return False
-    if not cm_enabled:
-        return key not in _CM_READ_WHEN_OFF
+    if not cm_enabled:  # the user split still chooses the threshold: every cm.accept setting is read
+        return key not in _CM_READ_WHEN_OFF and not key.startswith("cm.accept.")
     return key in _CM_NOT_READ[cm_variant]
 
 

@@ -24,7 +24,8 @@ corpus. In this order:
    label in row Y'; without CM the share of Y' among the samples that answered Y');
 7. the acceptance threshold (``cm.accept``), ``accept_cascade``: one threshold for every stage of
    the job's cascade (a job without one is one stage), by fixed-sequence testing from the strictest
-   down of the Clopper-Pearson lower bound of the held-out samples the cascade accepts.
+   down of the Clopper-Pearson lower bound of the held-out samples the cascade accepts (with
+   ``cm.accept.per_label``, and of each well-sampled label's, by the label assigned).
 
 With ``cm.ood``, the variants that embed also fit the novelty check on the random split's embeddings
 (``runner.novelty``): a corpus row unlike the user split is then never accepted.
@@ -152,6 +153,17 @@ class FittedCM(_KnownBeforeAsking):
                 "user_split_accepted_share": acceptance.accepted_share,
                 "user_split_accepted_accuracy": acceptance.accuracy,
                 "user_split_accepted_lower_bound": acceptance.lower_bound,
+                "per_label_min_samples": acceptance.per_label_min_samples,  # null: cm.accept.per_label off
+                # the labels whose accepted user samples (by the label CM assigned) fall short, worst first
+                "labels_below_target": [
+                    {
+                        "label": self.labels[entry.label],
+                        "accepted": entry.accepted,
+                        "accuracy": entry.accuracy,
+                        "lower_bound": entry.lower_bound,
+                    }
+                    for entry in acceptance.below_target()
+                ],
             }
         if self.novelty is not None:
             report["ood_level"] = self.novelty.level
@@ -445,12 +457,21 @@ def accept_cascade(stages: Sequence[FittedCM], accept: AcceptSpec | None) -> tup
     column = {sample: n for n, sample in enumerate(ids)}
     confidences = np.full((len(stages), len(ids)), -np.inf)
     right = np.zeros((len(stages), len(ids)), dtype=bool)
+    given = np.full((len(stages), len(ids)), -1, dtype=np.int64)
     for s, fitted in enumerate(stages):
         where = [column[sample] for sample in fitted.held_out_ids]
         confidences[s, where] = fitted.held_out_confidence
         right[s, where] = fitted.held_out_right
+        if fitted.held_out_labels is not None:  # None: pickled before they were kept, no label counted
+            given[s, where] = fitted.held_out_labels
     acceptance = trust.choose_threshold(
-        confidences, right, accept.target_accuracy, accept.confidence_level, accept.min_accepted
+        confidences,
+        right,
+        accept.target_accuracy,
+        accept.confidence_level,
+        accept.min_accepted,
+        given,
+        accept.per_label_min_samples if accept.per_label else None,
     )
     return tuple(replace(fitted, acceptance=acceptance) for fitted in stages)
 

@@ -310,6 +310,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         )
     if trusted := metrics.get("trust"):
         lines.append(_trust_line(trusted, pct))
+        if below := trusted.get("labels_below_target"):
+            lines.append(_below_target_line(below, trusted["target_accuracy"], pct))
     if prevalence := metrics.get("prevalence"):
         lines.append(_prevalence_line(prevalence, pct))
     run = metrics.get("run", {})
@@ -337,11 +339,15 @@ def _trust_line(trusted: dict[str, Any], pct: Any) -> str:
             f"trust: no threshold reaches {pct(trusted['target_accuracy'])} on the user split "
             f"({trusted['held_out_samples']} held-out samples): nothing accepted, every row is in review.parquet"
         )
-    # What fixed-sequence testing guarantees (runner/trust.py), said as such: pooled, not per row.
+    # What fixed-sequence testing guarantees (runner/trust.py), said as such: pooled, not per row;
+    # with cm.accept.per_label, jointly for each label tested on its own too.
+    pooled = "pooled,"
+    if (least := trusted.get("per_label_min_samples")) is not None:
+        pooled = f"pooled and of each label with at least {least} accepted user samples,"
     line = (
         f"trust: accepted {pct(trusted['accepted_share'])} ({trusted['n_accepted']} rows) at confidence >= "
         f"{trusted['threshold']:.3f}: with {100 * trusted['confidence_level']:.0f}% confidence the accepted rows, "
-        f"pooled, are right at least {pct(trusted['target_accuracy'])} of the time, for items exchangeable with "
+        f"{pooled} are right at least {pct(trusted['target_accuracy'])} of the time, for items exchangeable with "
         f"the user split (user split: {pct(trusted['user_split_accepted_accuracy'])} right, lower bound "
         f"{pct(trusted['user_split_accepted_lower_bound'])}); {trusted['n_review']} rows to review"
     )
@@ -353,6 +359,17 @@ def _trust_line(trusted: dict[str, Any], pct: Any) -> str:
 
 
 SUMMARY_TOP_LABELS = 5
+
+
+def _below_target_line(below: list[dict[str, Any]], target: float, pct: Any) -> str:
+    """The worst labels on the accepted user samples (all of them are in metrics.json)."""
+    worst = [
+        f"{entry['label']} {pct(entry['accuracy'])} (n {entry['accepted']}, bound {pct(entry['lower_bound'])})"
+        for entry in below[:SUMMARY_TOP_LABELS]
+    ]
+    more = ", ..." if len(below) > SUMMARY_TOP_LABELS else ""
+    labels = "label" if len(below) == 1 else "labels"
+    return f"{len(below)} {labels} below {pct(target)} on the accepted user samples: " + ", ".join(worst) + more
 
 
 def _prevalence_line(prevalence: dict[str, Any], pct: Any) -> str:

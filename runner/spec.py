@@ -284,6 +284,26 @@ class AcceptSpec(_Strict):
             "share be accepted, but the first test then fails more often, and then nothing is accepted."
         ),
     )
+    per_label: bool = Field(
+        default=False,
+        description=(
+            "Also hold each label to the target: a threshold passes only if, besides the pooled accepted samples, "
+            "the accepted held-out user samples of every label (the label CM assigns) with at least "
+            "per_label_min_samples of them have a Clopper-Pearson lower bound of at least target_accuracy. An "
+            "intersection-union test: the same confidence_level then holds jointly for the pooled rows and each "
+            "such label's. Stricter: fewer rows are accepted, or none."
+        ),
+    )
+    per_label_min_samples: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "With per_label, a label with fewer accepted user samples than this counts in the pooled test alone. "
+            "A label passes on its own only with enough samples: at least ln(1 - confidence_level) / "
+            "ln(target_accuracy), 59 at 0.95 and 0.95 with all right, so a label with 10-58 accepted samples "
+            "holds the threshold stricter until it has fewer than this."
+        ),
+    )
 
 
 class OODSpec(_Strict):

@@ -8,7 +8,9 @@ new corpus item's would.
   posterior probability of the chosen label, or the bank's count share) to the probability of
   being right.
 - ``choose_threshold``: the lowest confidence reached by fixed-sequence testing (strictest first,
-  stop at the first failure) of the Clopper-Pearson lower bound (scipy) against the target.
+  stop at the first failure) of the Clopper-Pearson lower bound (scipy) against the target; with
+  per-label testing, of every well-sampled label's bound too. Either way it reports how each
+  assigned label's accepted samples fared (``Acceptance.below_target``).
 - ``conformal_tau``: the split-conformal quantile of held-out scores, for candidate sets that hold
   the truth with probability at least ``coverage`` on items exchangeable with the user split.
 """
@@ -65,6 +67,20 @@ def fit_calibration(scores: FloatArray, right: BoolArray) -> Calibration:
 
 
 @dataclass(frozen=True)
+class LabelAcceptance:
+    """The accepted held-out samples CM assigned one label, at the chosen threshold."""
+
+    label: int  # index into the job's labels
+    accepted: int
+    right: int
+    lower_bound: float  # one-sided Clopper-Pearson, at the acceptance's confidence_level
+
+    @property
+    def accuracy(self) -> float:
+        return self.right / self.accepted
+
+
+@dataclass(frozen=True)
 class Acceptance:
     """The threshold a job accepts rows at, and what the user split says about the accepted ones."""
 
@@ -75,6 +91,14 @@ class Acceptance:
     accuracy: float | None  # of the accepted held-out samples
     lower_bound: float | None  # one-sided Clopper-Pearson, at confidence_level
     n: int  # held-out samples the threshold was chosen on
+    # per assigned label with accepted samples, at the threshold (none without labels or threshold)
+    by_label: tuple[LabelAcceptance, ...] = ()
+    per_label_min_samples: int | None = None  # None: the pooled test alone (cm.accept.per_label off)
+
+    def below_target(self) -> tuple[LabelAcceptance, ...]:
+        """The labels whose accepted samples were right less often than the target, worst first."""
+        below = [entry for entry in self.by_label if entry.accuracy < self.target_accuracy]
+        return tuple(sorted(below, key=lambda entry: (entry.accuracy, -entry.accepted, entry.label)))
 
 
 def clopper_pearson(right: IntArray | FloatArray, n: IntArray | FloatArray, level: float) -> FloatArray:
@@ -98,6 +122,8 @@ def choose_threshold(
     target_accuracy: float,
     confidence_level: float,
     min_accepted: int,
+    labels: IntArray | None = None,
+    per_label_min_samples: int | None = None,
 ) -> Acceptance:
     """The threshold by fixed-sequence testing (Learn-then-Test, Angelopoulos et al., 2021).
 
@@ -116,13 +142,30 @@ def choose_threshold(
     this did before, passed such thresholds in 11-21% of runs at 0.95). The path depends on the
     confidences alone, so this holds given them, for the accepted rows of all stages pooled.
 
+    ``labels`` (the shape of ``confidences``; -1: none) is the label each stage assigns each sample,
+    and an accepted sample counts under the label of the stage that accepted it: the assigned label,
+    not the truth, because at corpus time that is what a user filters on ("rows labelled billing are
+    right 95% of the time"), and because it is fixed by the model's answers, not by whether they are
+    right, so each label's accepted samples are a binomial count like the pooled ones. The result's
+    ``by_label`` holds each label's accepted samples, right ones and bound at the chosen threshold.
+
+    With ``per_label_min_samples``, a threshold passes only if the pooled bound does and so does the
+    bound of every label with at least that many accepted samples there; the smaller labels count in
+    the pooled test alone. This is an intersection-union test: its null (the pooled rows or one of
+    those labels' rows below the target) holds when any one part's does, and then passing needs that
+    part's own level-alpha test to pass, so the level needs no correction. Which labels are tested
+    is fixed by the confidences and labels alone, as the path is, so fixed-sequence testing keeps the
+    level jointly: with probability ``confidence_level`` the pooled rows and each tested label's rows
+    at the chosen threshold are all right at least ``target_accuracy`` of the time.
+
     Power rests on the first test: a failure there accepts nothing, so it must see enough samples to
     survive a few errors (tests/bench/README.md, "Acceptance threshold", measures the trade-off).
     """
     confidences = np.atleast_2d(np.asarray(confidences, dtype=float))
     right = np.atleast_2d(np.asarray(right, dtype=bool))
+    labels = np.full(confidences.shape, -1) if labels is None else np.atleast_2d(np.asarray(labels))
     n = confidences.shape[1]
-    nothing = Acceptance(target_accuracy, confidence_level, None, 0.0, None, None, n)
+    nothing = Acceptance(target_accuracy, confidence_level, None, 0.0, None, None, n, (), per_label_min_samples)
     if n == 0:
         return nothing
     # Each (stage, sample) confidence is an event: lowering t past it lets that stage accept the sample.
@@ -145,14 +188,90 @@ def choose_threshold(
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
     ends = ends[n_accepted[ends] >= min(min_accepted, (n + 1) // 2)]  # too few accepted: not tested yet
     bounds = clopper_pearson(n_right[ends], n_accepted[ends], confidence_level)
-    failed = np.flatnonzero(bounds < target_accuracy)
+    # the same events by label: each moves its sample from the label it had (-1: none yet) to its new one
+    label_after = np.take_along_axis(labels, answering, axis=0)
+    label_before = np.vstack([np.full((1, n), -1), label_after[:-1]])
+    right_before = np.vstack([np.zeros((1, n), dtype=np.int64), right_after[:-1]])
+    states = _LabelStates.of(
+        *(column.ravel()[events][order] for column in (label_after, label_before, right_after, right_before))
+    )
+    failing = bounds < target_accuracy
+    if per_label_min_samples is not None:
+        failing |= states.failing(per_label_min_samples, target_accuracy, confidence_level)[ends]
+    failed = np.flatnonzero(failing)
     last = (failed[0] if len(failed) else len(ends)) - 1
     if last < 0:
         return nothing
     end = int(ends[last])
     accepted, k = int(n_accepted[end]), int(n_right[end])
     low = float(bounds[last])
-    return Acceptance(target_accuracy, confidence_level, float(ranked[end]), accepted / n, k / accepted, low, n)
+    return Acceptance(
+        target_accuracy,
+        confidence_level,
+        float(ranked[end]),
+        accepted / n,
+        k / accepted,
+        low,
+        n,
+        states.at(end, confidence_level),
+        per_label_min_samples,
+    )
+
+
+@dataclass(frozen=True)
+class _LabelStates:
+    """Each label's accepted and right samples after each event that changes them, held until its next one.
+
+    An event at position p of the ranked events gives its label the state it holds for positions
+    p..stop-1: a label's counts at any tested threshold are one state's, found without a table of
+    every label at every threshold, and the bounds are computed once per state.
+    """
+
+    label: IntArray
+    start: IntArray
+    stop: IntArray
+    accepted: IntArray
+    right: IntArray
+    events: int
+
+    @classmethod
+    def of(cls, new: IntArray, old: IntArray, right_new: IntArray, right_old: IntArray) -> _LabelStates:
+        positions = np.arange(len(new))
+        gains, losses = new >= 0, old >= 0
+        label = np.concatenate([new[gains], old[losses]])
+        start = np.concatenate([positions[gains], positions[losses]])
+        accepted_change = np.concatenate([np.ones(gains.sum(), np.int64), -np.ones(losses.sum(), np.int64)])
+        right_change = np.concatenate([right_new[gains], -right_old[losses]])
+        by = np.lexsort((start, label))
+        label, start, accepted_change, right_change = label[by], start[by], accepted_change[by], right_change[by]
+        first = np.append(True, label[1:] != label[:-1])[: len(label)]
+        last = np.append(first[1:], True)[: len(label)]
+        group = np.cumsum(first) - 1
+
+        def running(change: IntArray) -> IntArray:  # cumulative within each label
+            total = np.cumsum(change)
+            return total - (total - change)[first][group]
+
+        stop = np.where(last, len(new), np.append(start[1:], len(new)))
+        return cls(label, start, stop, running(accepted_change), running(right_change), len(new))
+
+    def failing(self, min_samples: int, target: float, level: float) -> BoolArray:
+        """Per ranked event: whether some label with at least ``min_samples`` accepted falls short there."""
+        tested = np.flatnonzero(self.accepted >= min_samples)
+        short = tested[clopper_pearson(self.right[tested], self.accepted[tested], level) < target]
+        cover = np.zeros(self.events + 1, dtype=np.int64)
+        np.add.at(cover, self.start[short], 1)
+        np.add.at(cover, self.stop[short], -1)
+        return np.cumsum(cover)[:-1] > 0
+
+    def at(self, position: int, level: float) -> tuple[LabelAcceptance, ...]:
+        """Each label's accepted samples at a ranked event (those with none left out), by label."""
+        held = np.flatnonzero((self.start <= position) & (position < self.stop) & (self.accepted > 0))
+        bounds = clopper_pearson(self.right[held], self.accepted[held], level)
+        return tuple(
+            LabelAcceptance(int(self.label[i]), int(self.accepted[i]), int(self.right[i]), float(bound))
+            for i, bound in zip(held, bounds, strict=True)
+        )
 
 
 def expected_calibration_error(confidences: FloatArray, right: BoolArray, bins: int = 10) -> float | None:

@@ -440,10 +440,10 @@ async def test_turning_acceptance_on_refuses_to_resume_a_run_with_cm_off(job, tm
     spec, engine = job
     off = spec.cm.model_copy(update={"enabled": False, "accept": None})
     await run_job(spec.model_copy(update={"cm": off}), engine=engine())  # shards without a calibrated confidence
-    # cm.accept back at its default: the flattened manifest holds 'cm.accept': None, the spec now
-    # cm.accept.target_accuracy and .confidence_level (at their defaults): the same key, a new value.
+    # cm.accept back at its default: the flattened manifest holds 'cm.accept': None, the spec now every
+    # cm.accept setting (at its default; all are read with CM off): the same key, a new value.
     accepting = spec.model_copy(update={"cm": off.model_copy(update={"accept": type(spec.cm.accept)()})})
-    with pytest.raises(CheckpointError, match=r"\(cm\.accept: None -> \{'confidence_level': 0\.95, 'target"):
+    with pytest.raises(CheckpointError, match=r"\(cm\.accept: None -> \{'confidence_level': 0\.95, 'min_accepted'"):
         await run_job(accepting, engine=engine())
 
 

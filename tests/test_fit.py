@@ -596,3 +596,68 @@ async def test_a_rows_randomised_set_is_fixed_by_its_id_whatever_the_run_or_chun
     assert sizes == expected and 1 in sizes and 2 in sizes  # both kinds occur: the draw is at work
     assert first["candidates"].to_list() == second["candidates"].to_list()
     assert first["id"].to_list() == second["id"].to_list()
+
+
+# CM off: a user sample's score is the share of right answers among the other samples with its answer.
+# 100 answered a (all a) and 100 answered b (all b) score 1; of the 20 answered c, 16 are c (15/19 = 0.789
+# each) and 4 are a (16/19 = 0.842): the calibrated confidences keep that order.
+PER_LABEL_USER = [(f"a{i}", "a", "a") for i in range(100)] + [(f"b{i}", "b", "b") for i in range(100)]
+PER_LABEL_USER += [(f"c{i}", "c", "c") for i in range(16)] + [(f"x{i}", "a", "c") for i in range(4)]
+PER_LABEL_CORPUS = [("ca", "a", "a"), ("cc", "c", "c")]
+
+
+async def _per_label_job(toy_job, per_label: bool, restart: bool = False):
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    accept = f"{{target_accuracy: 0.95, confidence_level: 0.95, per_label: {str(per_label).lower()}}}"
+    spec = toy_job(
+        [(t, y) for t, y, _ in PER_LABEL_USER],
+        [(t, y) for t, y, _ in PER_LABEL_CORPUS],
+        labels=["a", "b", "c"],
+        extra=f"cm: {{enabled: false, accept: {accept}}}",
+    )
+    answers = {t: answer for t, _, answer in PER_LABEL_USER + PER_LABEL_CORPUS}
+    return await run_job(spec, engine=ScriptedEngine(answers, n_labels=3), restart=restart)
+
+
+@pytest.mark.parametrize("per_label", [False, True])
+async def test_a_job_lists_the_labels_below_target_and_per_label_holds_each_to_it(tmp_path, toy_job, per_label):
+    from runner.report import summary_lines
+
+    result = await _per_label_job(toy_job, per_label)
+    trust = orjson.loads((tmp_path / "out/metrics.json").read_bytes())["trust"]
+    # Worked apart (tests/test_trust.py's bounds): down to the 4 wrong c's, 200/204 right, bound 0.9557;
+    # down to all 20 c's, 216/220, bound 0.9589: both pass pooled. Label c's 16/20 has bound 0.599, and
+    # 20 >= per_label_min_samples (10): with per_label the last step fails, and c keeps its 4 wrong ones.
+    if per_label:
+        assert trust["user_split_accepted_share"] == pytest.approx(204 / 220)
+        assert trust["labels_below_target"] == [{"label": "c", "accepted": 4, "accuracy": 0.0, "lower_bound": 0.0}]
+        assert trust["per_label_min_samples"] == 10
+        expected = "1 label below 95.0% on the accepted user samples: c 0.0% (n 4, bound 0.0%)"
+    else:
+        assert trust["user_split_accepted_share"] == 1.0 and trust["per_label_min_samples"] is None
+        [below] = trust["labels_below_target"]
+        assert (below["label"], below["accepted"], below["accuracy"]) == ("c", 20, 0.8)
+        bound = binomtest(16, 20, alternative="greater").proportion_ci(confidence_level=0.95, method="exact").low
+        assert below["lower_bound"] == pytest.approx(bound)
+        expected = f"1 label below 95.0% on the accepted user samples: c 80.0% (n 20, bound {100 * bound:.1f}%)"
+    lines = summary_lines(result.metrics)
+    assert expected in lines
+    [trust_line] = [line for line in lines if line.startswith("trust:")]
+    assert ("rows, pooled and of each label with at least 10 accepted user samples, are" in trust_line) == per_label
+    assert ("rows, pooled, are" in trust_line) != per_label
+
+
+async def test_switching_per_label_on_is_a_different_spec_with_cm_off_too(tmp_path, toy_job):
+    from runner.checkpoint import CheckpointError
+
+    # With CM off the user split still chooses the threshold, so every cm.accept setting decides the
+    # output, as with CM on: switching per_label on must not resume with the old accepted column.
+    await _per_label_job(toy_job, per_label=False)
+    with pytest.raises(CheckpointError, match=r"cm.accept.per_label: False -> True"):
+        await _per_label_job(toy_job, per_label=True)
+    result = await _per_label_job(toy_job, per_label=True, restart=True)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet").sort("id")
+    threshold = result.metrics["trust"]["threshold"]
+    assert table["accepted"].to_list() == [c >= threshold for c in table["confidence"].to_list()] == [True, False]

@@ -261,3 +261,142 @@ def test_a_cascades_one_threshold_keeps_the_nominal_false_pass_rate_pooled():
         right = rng.uniform(size=(2, n)) < accuracy
         passes += choose_threshold(confidences, right, 0.95, 0.95, DEFAULT_MIN).threshold is not None
     assert passes / runs <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / runs)
+
+
+def _by_label_by_hand(confidences, right, labels, t):
+    """At threshold t, each sample taken by the first stage reaching it: {label: (accepted, right)}."""
+    counts: dict[int, list[int]] = {}
+    for sample in range(confidences.shape[1]):
+        for stage in range(confidences.shape[0]):
+            if confidences[stage, sample] >= t:
+                if labels[stage, sample] >= 0:
+                    entry = counts.setdefault(int(labels[stage, sample]), [0, 0])
+                    entry[0] += 1
+                    entry[1] += int(right[stage, sample])
+                break
+    return {label: tuple(entry) for label, entry in counts.items()}
+
+
+def _per_label_by_hand(confidences, right, labels, target, level, min_accepted, min_samples):
+    """_cascade_by_hand with every label of at least min_samples accepted held to the target too: t or None."""
+    n = confidences.shape[1]
+    chosen = None
+    for t in sorted(set(confidences[np.isfinite(confidences)].tolist()), reverse=True):
+        reaches = confidences >= t
+        taken = reaches.any(axis=0)
+        if taken.sum() < min(min_accepted, (n + 1) // 2):
+            continue
+        k = int(right[reaches.argmax(axis=0), np.arange(n)][taken].sum())
+        short = [
+            label
+            for label, (accepted, k_label) in _by_label_by_hand(confidences, right, labels, t).items()
+            if accepted >= min_samples and beta_lower(k_label, accepted, level) < target
+        ]
+        if beta_lower(k, int(taken.sum()), level) < target or short:
+            break
+        chosen = t
+    return chosen
+
+
+def test_each_labels_accepted_samples_are_the_ones_a_plain_count_finds():
+    # One stage, labels 0-2 (-1: no label). Target 0.7 at level 0.5, the first test at 5 accepted:
+    # >= 0.9 accepts 5/6 (bound 0.736, passes), >= 0.8 accepts 5/8 (0.560, fails), so the threshold is
+    # 0.9, where label 0 has 3 accepted, 2 right (below 0.7); label 1 has 2, both right; label 2 none.
+    confidences = np.array([0.99, 0.98, 0.97, 0.95, 0.9, 0.9, 0.8, 0.8, 0.5])
+    right = np.array([1, 1, 1, 0, 1, 1, 0, 0, 1], dtype=bool)
+    labels = np.array([0, 0, 1, 0, -1, 1, 2, 2, 2])
+    assert beta_lower(5, 6, 0.5) > 0.7 > beta_lower(5, 8, 0.5)
+    chosen = choose_threshold(confidences, right, 0.7, 0.5, 6, labels)
+    assert chosen.threshold == 0.9 and chosen.accuracy == 5 / 6
+    by_label = {entry.label: (entry.accepted, entry.right) for entry in chosen.by_label}
+    assert by_label == {0: (3, 2), 1: (2, 2)} == _by_label_by_hand(confidences[None], right[None], labels[None], 0.9)
+    [below] = chosen.below_target()
+    assert (below.label, below.accepted, below.right) == (0, 3, 2)
+    assert below.lower_bound == pytest.approx(beta_lower(2, 3, 0.5))
+    # Random cascades with ties and missing answers: the same counts as the plain loop, at the threshold chosen.
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        stages, n = int(rng.integers(1, 4)), int(rng.integers(20, 300))
+        confidences = np.round(rng.uniform(0.3, 1.0, size=(stages, n)), 2)
+        confidences[rng.uniform(size=(stages, n)) < 0.1] = -np.inf
+        right = rng.uniform(size=(stages, n)) < confidences**0.3
+        labels = rng.integers(-1, 4, size=(stages, n))
+        chosen = choose_threshold(confidences, right, 0.85, 0.9, 30, labels)
+        if chosen.threshold is None:
+            assert chosen.by_label == ()
+            continue
+        expected = _by_label_by_hand(confidences, right, labels, chosen.threshold)
+        assert {e.label: (e.accepted, e.right) for e in chosen.by_label} == {k: v for k, v in expected.items() if v[0]}
+        for entry in chosen.by_label:
+            assert entry.lower_bound == pytest.approx(beta_lower(entry.right, entry.accepted, 0.9))
+        below = [(e.right / e.accepted, -e.accepted, e.label) for e in chosen.by_label if e.right / e.accepted < 0.85]
+        assert [(e.accuracy, -e.accepted, e.label) for e in chosen.below_target()] == sorted(below)
+
+
+def test_per_label_testing_is_the_threshold_a_label_by_label_loop_finds():
+    rng = np.random.default_rng(8)
+    stricter = 0
+    for _ in range(60):
+        stages, n = int(rng.integers(1, 4)), int(rng.integers(50, 400))
+        confidences = np.round(rng.uniform(0.3, 1.0, size=(stages, n)), 2)
+        confidences[rng.uniform(size=(stages, n)) < 0.1] = -np.inf
+        labels = rng.integers(-1, 3, size=(stages, n))
+        # label 2 is worse than the others: it is what per-label testing catches
+        right = rng.uniform(size=(stages, n)) < np.where(labels == 2, 0.7, confidences**0.2)
+        pooled = choose_threshold(confidences, right, 0.8, 0.9, 30, labels)
+        chosen = choose_threshold(confidences, right, 0.8, 0.9, 30, labels, per_label_min_samples=10)
+        assert chosen.threshold == _per_label_by_hand(confidences, right, labels, 0.8, 0.9, 30, 10)
+        assert chosen.per_label_min_samples == 10 and pooled.per_label_min_samples is None
+        stricter += chosen.threshold != pooled.threshold
+    assert stricter >= 10  # the label-by-label test bit in some of them
+
+
+def test_a_bad_label_with_enough_samples_makes_the_threshold_stricter():
+    # 200 samples of label 0 at confidence 0.9, all right; 20 of label 1 at 0.8, 15 right.
+    confidences = np.repeat([0.9, 0.8], [200, 20])
+    right = np.concatenate([np.ones(200), np.arange(20) < 15]).astype(bool)
+    labels = np.repeat([0, 1], [200, 20])
+    # Worked apart: >= 0.9 accepts 200/200, bound 0.985; >= 0.8 accepts 215/220, bound 0.953 >= 0.9, so
+    # pooled it passes, but label 1's 15/20 has bound 0.544 < 0.9, and 20 >= 10 samples: it is tested.
+    assert beta_lower(215, 220, 0.95) > 0.9 and beta_lower(15, 20, 0.95) == pytest.approx(0.544, abs=1e-3)
+    pooled = choose_threshold(confidences, right, 0.9, 0.95, 100, labels)
+    assert pooled.threshold == 0.8 and pooled.accuracy == 215 / 220
+    [below] = pooled.below_target()
+    assert (below.label, below.accepted, below.accuracy) == (1, 20, 0.75)
+    per_label = choose_threshold(confidences, right, 0.9, 0.95, 100, labels, per_label_min_samples=10)
+    assert per_label.threshold == 0.9 and per_label.accuracy == 1.0 and per_label.below_target() == ()
+    # with 9 samples of label 1 (5 right) it counts in the pooled test alone: 205/209 passes it
+    few = np.concatenate([np.ones(200), np.arange(9) < 5]).astype(bool)
+    assert beta_lower(205, 209, 0.95) > 0.9
+    loose = choose_threshold(confidences[:209], few, 0.9, 0.95, 100, labels[:209], per_label_min_samples=10)
+    assert loose.threshold == 0.8 and [(b.label, b.accepted, b.right) for b in loose.below_target()] == [(1, 9, 5)]
+    # label 1 at the top (0.99): the first test, at 0.9 (220 accepted), fails on it, so nothing is accepted
+    top = np.repeat([0.99, 0.9], [20, 200])
+    top_right, top_labels = np.concatenate([right[200:], right[:200]]), np.repeat([1, 0], [20, 200])
+    assert choose_threshold(top, top_right, 0.9, 0.95, 100, top_labels).threshold == 0.9
+    nothing = choose_threshold(top, top_right, 0.9, 0.95, 100, top_labels, per_label_min_samples=10)
+    assert nothing.threshold is None and nothing.by_label == ()
+
+
+def test_per_label_testing_keeps_the_nominal_rate_for_a_bad_label_the_pooled_test_hides():
+    # 2,000 seeded user splits: label 0 (60%) right 0.995 of the time, label 1 (40%) 0.945, whatever the
+    # confidence: pooled 0.975, well above the 0.95 target, so any threshold accepting label 1's rows
+    # passes a label whose accepted rows are right less than the target. The first test sees about 900
+    # samples, some 360 of label 1: enough that its own test can pass, and so is tested for real.
+    rng = np.random.default_rng(13)
+    runs, hidden, caught = 2000, 0, 0
+    for _ in range(runs):
+        n = int(rng.integers(1000, 1201))
+        labels = (rng.uniform(size=n) < 0.4).astype(np.int64)
+        confidences = rng.uniform(0.5, 1.0, size=n)
+        right = rng.uniform(size=n) < np.where(labels == 1, 0.945, 0.995)
+        for per_label, count in ((None, "hidden"), (10, "caught")):
+            chosen = choose_threshold(confidences, right, 0.95, 0.95, 900, labels, per_label)
+            false_pass = any(entry.label == 1 for entry in chosen.by_label)
+            if count == "hidden":
+                hidden += false_pass
+            else:
+                caught += false_pass
+    monte_carlo = 2 * np.sqrt(0.05 * 0.95 / runs)
+    assert caught / runs <= 0.05 + monte_carlo
+    assert hidden / runs > 0.8  # the pooled test alone passes label 1's rows nearly always (0.92 here)
