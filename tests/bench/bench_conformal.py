@@ -179,7 +179,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         split = load_user_split(
             spec.resolve_data_path(spec.user_split.path, args.data_dir),
             spec.dataset,
-            spec.user_split.model_copy(update={"fraction": args.fraction, "seed": seed}),
+            spec.user_split.model_copy(
+                update={"fraction": args.fraction, "seed": seed, "stratified": not args.unstratified}
+            ),
         )
         index = {label: i for i, label in enumerate(split.labels)}
         gold_labels = items["label"].to_list()
@@ -214,6 +216,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--coverages", nargs="+", type=float, default=list(COVERAGES))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cm-bench-embeddings")
+    parser.add_argument(
+        "--unstratified", action="store_true", help="a uniform random user split (default: stratified, as the specs)"
+    )
     parser.add_argument("--diagnose", action="store_true", help="also the four kinds of set that tell causes apart")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
     args = parser.parse_args()
