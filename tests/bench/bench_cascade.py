@@ -12,7 +12,7 @@ LLM-alone job and the cascade's LLM stage: asked once), each at two acceptance t
 Each row: accepted share and accuracy of the accepted rows on gold, LLM calls per corpus row, calls
 per accepted row, the job's wall time, and its engine seconds (estimate and annotation phases, the cost of
 a local engine) per accepted row. The cascade's row also gives, on the rows the probe stage left to the
-LLM, the LLM's accuracy there against the probe-alone job's on the same rows (why the LLM stage accepts
+LLM, the LLM's first answer's accuracy and the stage's answer's there against the probe-alone job's on the same rows (why the LLM stage accepts
 what it does). Rows are appended to OUT/results.jsonl as they finish.
 
     python tests/bench/bench_cascade.py --data-dir ../shared/datasets --model qwen2.5-coder-0.5b-instruct \
@@ -53,6 +53,7 @@ def escalated(job_dir: Path, probe_dir: Path) -> dict:
     n = rows.height
     return {
         "escalated_share": n / pl.read_parquet(job_dir / "annotations.parquet").height,
+        "llm_first_answer_accuracy_escalated": (rows["y_prime"] == rows["gold"]).mean() if n else None,
         "llm_accuracy_escalated": (rows["y_hat"] == rows["gold"]).mean() if n else None,
         "probe_accuracy_escalated": (rows["y_probe"] == rows["gold"]).mean() if n else None,
     }
