@@ -10,10 +10,11 @@ LLM-alone job and the cascade's LLM stage: asked once), each at two acceptance t
 - cascade: the probe stage, then the LLM stage; what neither accepts goes to review.
 
 Each row: accepted share and accuracy of the accepted rows on gold, LLM calls per corpus row, calls
-per accepted row, the job's wall time, and its engine seconds (estimate and annotation phases, the cost of
-a local engine) per accepted row. The cascade's row also gives, on the rows the probe stage left to the
-LLM, the LLM's first answer's accuracy and the stage's answer's there against the probe-alone job's on the same rows (why the LLM stage accepts
-what it does). Rows are appended to OUT/results.jsonl as they finish.
+per accepted row, the job's wall time, and its engine seconds (estimate and annotation phases, the cost
+of a local engine; a later job's requests the cache already holds cost nothing) per accepted row. The
+cascade's row also gives, on the rows the probe stage left to the LLM, the accuracy of the LLM's first
+answer and of the stage's answer, against the probe-alone job's on the same rows (why the LLM stage
+accepts what it does). Rows are appended to OUT/results.jsonl as they finish.
 
     python tests/bench/bench_cascade.py --data-dir ../shared/datasets --model qwen2.5-coder-0.5b-instruct \
         --datasets massive-en-US --n 300 --out /tmp/cascade-bench
