@@ -10,7 +10,11 @@ LLM-alone job and the cascade's LLM stage: asked once), each at two acceptance t
 - cascade: the probe stage, then the LLM stage; what neither accepts goes to review.
 
 Each row: accepted share and accuracy of the accepted rows on gold, LLM calls per corpus row, calls
-per accepted row, the job's wall time. Rows are appended to OUT/results.jsonl as they finish.
+per accepted row, the job's wall time, and its engine seconds (estimate and annotation phases, the cost
+of a local engine; a later job's requests the cache already holds cost nothing) per accepted row. The
+cascade's row also gives, on the rows the probe stage left to the LLM, the accuracy of the LLM's first
+answer and of the stage's answer, against the probe-alone job's on the same rows (why the LLM stage
+accepts what it does). Rows are appended to OUT/results.jsonl as they finish.
 
     python tests/bench/bench_cascade.py --data-dir ../shared/datasets --model qwen2.5-coder-0.5b-instruct \
         --datasets massive-en-US --n 300 --out /tmp/cascade-bench
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 import orjson
+import polars as pl
 
 from runner import load_spec, run_job
 from runner.engines import make_engine
@@ -41,11 +46,27 @@ SETTINGS = {
 }
 
 
+def escalated(job_dir: Path, probe_dir: Path) -> dict:
+    """On the rows the cascade's probe stage left to the LLM: the LLM's accuracy, and the probe alone's."""
+    rows = pl.read_parquet(job_dir / "annotations.parquet").filter(pl.col("stage") != "probe")
+    probe = pl.read_parquet(probe_dir / "annotations.parquet").select("id", pl.col("y_hat").alias("y_probe"))
+    rows = rows.join(probe, on="id", how="left")
+    n = rows.height
+    return {
+        "escalated_share": n / pl.read_parquet(job_dir / "annotations.parquet").height,
+        "llm_first_answer_accuracy_escalated": (rows["y_prime"] == rows["gold"]).mean() if n else None,
+        "llm_accuracy_escalated": (rows["y_hat"] == rows["gold"]).mean() if n else None,
+        "probe_accuracy_escalated": (rows["y_probe"] == rows["gold"]).mean() if n else None,
+    }
+
+
 def measure(job_dir: Path) -> dict:
     metrics = orjson.loads((job_dir / "metrics.json").read_bytes())
     trust = metrics["trust"]
     calls = metrics["calls_per_item"] * metrics["n_annotated"]
     accepted = trust["n_accepted"]
+    run = metrics["run"]
+    engine_seconds = run["estimate_seconds"] + run["annotate_seconds"]
     row = {
         "accepted_share": trust["accepted_share"],
         "accuracy_accepted": trust["accuracy_accepted"],
@@ -54,6 +75,8 @@ def measure(job_dir: Path) -> dict:
         "calls_per_row": metrics["calls_per_item"],
         "calls_per_accepted_row": calls / accepted if accepted else None,
         "accuracy_all": metrics["accuracy_cm"],
+        "engine_seconds": round(engine_seconds, 1),
+        "engine_seconds_per_accepted_row": engine_seconds / accepted if accepted else None,
     }
     if "stages" in metrics:
         row["stages"] = {s["stage"]: round(s["accepted_share"], 4) for s in metrics["stages"]}
@@ -86,7 +109,10 @@ output: {{dir: {job_dir}}}
             started = time.perf_counter()
             await run_job(spec, data_dir=args.data_dir, engine=engine)
             row = {"dataset": name, "seed": seed, "model": spec.engine.model, "setting": setting, "target": target}
-            row |= measure(job_dir) | {"wall_seconds": round(time.perf_counter() - started, 1), "n": args.n}
+            row |= measure(job_dir)
+            if "stages" in row:
+                row |= escalated(job_dir, out / f"probe-alone-{target}")
+            row |= {"wall_seconds": round(time.perf_counter() - started, 1), "n": args.n}
             with (Path(args.out) / "results.jsonl").open("a") as results:
                 results.write(orjson.dumps(row).decode() + "\n")
             print(row, flush=True)
