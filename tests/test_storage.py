@@ -204,6 +204,7 @@ def test_a_live_lease_refuses_a_second_run_naming_the_holder_and_its_last_renewa
         pass
 
 
+@pytest.mark.slow  # kills (and pauses) a process holding the lock
 def test_a_lock_whose_holder_was_killed_on_another_node_is_taken_over_once_its_lease_runs_out(job, s3_bucket, tmp_path):
     spec = leased(job[0])
     directory = ObjectPath(f"{s3_bucket}/out")
@@ -287,6 +288,7 @@ def test_of_runs_racing_to_take_over_an_expired_lock_exactly_one_wins(job, seria
         assert not (directory / LOCK_NAME).is_file()
 
 
+@pytest.mark.slow  # kills (and pauses) a process holding the lock
 def test_a_holder_whose_lock_was_taken_over_stops_and_writes_nothing_more(job, s3_bucket, tmp_path):
     spec = leased(job[0])
     directory = ObjectPath(f"{s3_bucket}/out")
