@@ -6,14 +6,15 @@
 ``unlink``, ``stat``, ``open``), so checkpoints, the manifest, banks and shards are written by one
 code path whichever the place; only what cannot be the same differs, here and in ``_durable``
 (an atomic write is a rename on a disk and one PUT on a store) and in the checkpoint's lock
-(``flock`` on a disk, a conditional PUT on a store: ``ObjectPath.create_exclusive``).
+(``flock`` on a disk; on a store an object taken and renewed by conditional PUTs, ``ObjectPath.put_if``,
+held as a lease: ``_lease``).
 
 Why boto3 for the store and polars for reading tables: an ``ObjectPath`` is a ``str`` (its URL),
 so polars reads ``s3://`` tables natively (streamed, row groups on demand), as it reads a local
 file. Everything else goes through boto3, the AWS SDK: it reads credentials and the endpoint from
 the environment as every AWS tool does (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile,
 an instance role; ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for MinIO, R2, Ceph or a local
-server; ``AWS_REGION``), and it sends conditional writes (``If-None-Match: *``), which pyarrow's
+server; ``AWS_REGION``), and it sends conditional writes (``If-None-Match: *``, ``If-Match``), which pyarrow's
 and fsspec's filesystems do not expose and which the lock needs. (pyarrow 26's S3 filesystem also
 failed its multipart uploads against moto's server.) So only ``s3://`` is served: a store with an
 S3 API (most have one, GCS included through its interoperability endpoint) is reached with
@@ -22,12 +23,16 @@ S3 API (most have one, GCS included through its interoperability endpoint) is re
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import email.utils
 import fnmatch
 import functools
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO
@@ -217,33 +222,93 @@ class ObjectPath(str):
 
     def write_bytes(self, body: bytes) -> None:
         """One PUT: readers see the old object or the new one, whole (S3 is strongly consistent)."""
+        self._before_write()
         self._call("put_object", Key=self.key, Body=body)
 
     def upload(self, local: Path) -> None:
+        self._before_write()
         try:
             _client().upload_file(str(local), self.bucket, self.key)
         except Exception as error:
             raise _problem(str(self), error) from None
 
     def unlink(self, missing_ok: bool = False) -> None:
+        self._before_write()
         if not missing_ok and not self.is_file():
             raise FileNotFoundError(str(self))
         self._call("delete_object", Key=self.key)
 
     def move_to(self, target: ObjectPath) -> None:
         """Copy then delete (a store has no rename); a crash in between leaves both, never neither."""
+        self._before_write()
         self._call("copy_object", Key=target.key, CopySource={"Bucket": self.bucket, "Key": self.key})
         self.unlink(missing_ok=True)
 
-    def create_exclusive(self, body: bytes) -> bool:
-        """PUT with ``If-None-Match: *``: True if this call created the object, False if it existed."""
+    def read_versioned(self) -> Versioned:
+        """The object with what a conditional write needs: its ETag, and its age by the store's clock."""
+        got = self._call("get_object", Key=self.key)
+        body = got["Body"].read()
+        date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        # the store's Date header and Last-Modified alike: no clock of this node is compared with the store's
+        now = email.utils.parsedate_to_datetime(date) if date else datetime.now(UTC)
+        return Versioned(body=body, etag=got["ETag"], age_seconds=(now - got["LastModified"]).total_seconds())
+
+    def put_if(self, body: bytes, *, match: str | None = None) -> str | None:
+        """A conditional PUT: with ``match``, only over the object whose ETag it is (``If-Match``); without,
+        only if no object is there (``If-None-Match: *``). The new ETag, or None where the condition failed.
+
+        S3 evaluates the condition and the write as one step: of two writers racing, one gets None.
+        Not fenced (``fenced``): the lock object's own writes are how a lease is held.
+        """
+        condition = {"IfMatch": match} if match is not None else {"IfNoneMatch": "*"}
         try:
-            _client().put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
+            return _client().put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"]
         except Exception as error:
-            if _code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if _code(error) in _CONDITION_FAILED:
+                return None
+            raise _problem(str(self), error) from None
+
+    def delete_if(self, etag: str) -> bool:
+        """Delete the object only if its ETag is ``etag`` (``If-Match``); whether it was."""
+        try:
+            _client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except Exception as error:
+            if _code(error) in _CONDITION_FAILED:
                 return False
             raise _problem(str(self), error) from None
         return True
+
+    def _before_write(self) -> None:
+        for prefix, check in list(_fences.items()):
+            if self.startswith(prefix):
+                check()
+
+
+# 412: the condition failed; 409: a concurrent conditional write to the key (S3: retry after reading it
+# again); 404 NoSuchKey: If-Match on an object that is gone
+_CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
+
+
+@dataclasses.dataclass(frozen=True)
+class Versioned:
+    body: bytes
+    etag: str
+    age_seconds: float  # since its last write, by the store's clock
+
+
+_fences: dict[str, Callable[[], None]] = {}
+
+
+@contextlib.contextmanager
+def fenced(directory: ObjectPath, check: Callable[[], None]) -> Iterator[None]:
+    """While inside, each write of this process below ``directory`` first calls ``check``, which raises if
+    this process may no longer write there (the lease of the directory's lock is lost: ``_lease``)."""
+    prefix = f"{directory}/"
+    _fences[prefix] = check
+    try:
+        yield
+    finally:
+        _fences.pop(prefix, None)
 
 
 def move(source: Path | ObjectPath, target: Path | ObjectPath) -> None:
@@ -264,28 +329,32 @@ def local_side(directory: str | os.PathLike[str]) -> Path:
     return Path(tempfile.gettempdir()) / "cm-run" / place.bucket / place.key
 
 
-def holder_line() -> str:
-    """Who holds a lock: ``pid@host``, then the process's start time, so a second run can name the
-    holder and tell a live one from a dead one on this host whose pid was reused (a restarted container)."""
+def holder_name() -> str:
+    """Who holds a lock: ``pid@host``."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def process_start() -> float:
+    """This process's start time: with ``pid@host``, tells a live holder from a dead one whose pid was
+    reused (a restarted container)."""
     import psutil
 
-    return f"{os.getpid()}@{socket.gethostname()}\n{psutil.Process().create_time():.3f}"
+    return round(psutil.Process().create_time(), 3)
 
 
-def holder_is_dead(holder: str) -> bool:
+def holder_is_dead(holder: str, started: float | None) -> bool:
     """A lock left by a process of this host that no longer runs (a SIGKILLed cm-run); other hosts: unknown."""
     import psutil
 
-    name, _, started = holder.partition("\n")
-    pid, _, host = name.partition("@")
+    pid, _, host = holder.partition("@")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
         process = psutil.Process(int(pid))
-        if started and abs(process.create_time() - float(started)) > 1:
+        if started is not None and abs(process.create_time() - started) > 1:
             return True  # that pid is another process now
     except psutil.NoSuchProcess:
         return True
-    except (psutil.AccessDenied, ValueError):
+    except psutil.AccessDenied:
         return False
     return False

@@ -6,7 +6,8 @@ changed file at the same path is refused, naming what changed) and the finished 
 rerun redoes only what is missing). While a job runs, it holds an OS lock on the directory.
 
 The directory may be an ``s3://`` prefix (``_storage.ObjectPath``): the same files, written by one
-PUT each; the lock is then an object created by a conditional PUT (see ``Checkpoint.locked``).
+PUT each; the lock is then an object held by a lease, taken and renewed by conditional PUTs
+(``Checkpoint._locked_object``, ``_lease``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner._durable import atomic_path, write_atomic
-from runner._storage import ObjectPath, StorageError, holder_is_dead, holder_line, location, move
+from runner._lease import Lease, LockHeld
+from runner._storage import ObjectPath, StorageError, fenced, location, move
 from runner.spec import JobSpec
 
 __all__ = ["atomic_path", "write_atomic"]  # re-exported: callers import the one durable write from here
@@ -49,6 +51,7 @@ _IMMATERIAL = {
     "output.dir",
     "output.chunks_in_flight",
     "output.checkpoint_seconds",
+    "output.lock_lease_seconds",
     "engine.max_concurrency",
     "engine.gpu_memory_utilization",
     "engine.kv_cache_gib",
@@ -369,36 +372,38 @@ class Checkpoint:
 
     @contextlib.contextmanager
     def _locked_object(self, lock: ObjectPath) -> Iterator[None]:
-        """The lock on a store: an object created by a PUT with ``If-None-Match: *``, deleted at the end.
+        """The lock on a store: an object held by a lease this run renews (``_lease``), deleted at the end.
 
-        S3 creates it for one writer only; a second run finds it and fails, naming the holder
-        (``pid@host``). A store has no process to tie the lock to, so a run that was killed leaves
-        it: a holder on this host that no longer runs is recognised and replaced; one on another host
-        cannot be checked from here, and the message says to delete the lock object if that run is gone.
+        A second run finds it and fails, naming the holder and its last renewal; a lease left unrenewed
+        (its run killed, on any node) is taken over by the next run once it has run out, and a dead
+        holder of this host at once. While held, every write of this process below the directory
+        checks the lease first: a run whose lock was taken over stops there, writing nothing more.
         """
-        mine = holder_line()
+        lease = Lease(lock, self.spec.output.lock_lease_seconds)
         try:
-            created = lock.create_exclusive(f"{mine}\n".encode())
-            if not created:
-                holder = _read_holder(lock)
-                if holder_is_dead(holder):  # a SIGKILLed run of this host: its lock is taken over
-                    lock.unlink(missing_ok=True)
-                    created = lock.create_exclusive(f"{mine}\n".encode())
-                    holder = holder if created else _read_holder(lock)
-                if not created:
-                    raise CheckpointError(
-                        f"{self.directory}: another cm-run ({holder.splitlines()[0]}) is writing to this output "
-                        f"directory (lock object {lock}); wait for it to end, or choose another output.dir. "
-                        "If that run is gone (killed on another machine), delete the lock object and rerun."
-                    )
+            lease.take()
+        except LockHeld as held:
+            holder = held.holder
+            if holder.lease_seconds is None:
+                gone = "If that run is gone (killed on another machine), delete the lock object and rerun."
+            else:
+                left = max(0.0, holder.lease_seconds + 1 - holder.age_seconds)
+                gone = (
+                    f"It renews a lease of {holder.lease_seconds:g} s while it runs: if it was killed, "
+                    f"a rerun takes over once that runs out (in {left:.0f} s)."
+                )
+            raise CheckpointError(
+                f"{self.directory}: another cm-run ({holder.name}, lock last renewed {holder.last_renewed}) "
+                f"is writing to this output directory (lock object {lock}); wait for it to end, or choose "
+                f"another output.dir. {gone}"
+            ) from None
         except StorageError as error:
             raise CheckpointError(f"output.dir: {error}") from None
         try:
-            yield
+            with fenced(self.directory, lease.check):
+                yield
         finally:
-            with contextlib.suppress(StorageError, FileNotFoundError):
-                if _read_holder(lock) == mine:  # not another run's lock that replaced a stale one
-                    lock.unlink(missing_ok=True)
+            lease.release()
 
     def open(self, *, restart: bool = False) -> Manifest:
         """Create the directory, or check it holds this job's earlier run and resume it."""
@@ -507,10 +512,3 @@ class Checkpoint:
         """Shards the manifest records that are also on disk (one listing: on a store, one request, not one a shard)."""
         present = {path.name for path in (self.directory / SHARD_DIRS[phase]).glob("part-*.parquet")}
         return {n for n in manifest.finished_shards.get(phase, []) if self.shard_path(phase, n).name in present}
-
-
-def _read_holder(lock: ObjectPath) -> str:
-    try:
-        return lock.read_text().strip() or "unknown"
-    except FileNotFoundError:  # released between our PUT and this read
-        return "unknown"

@@ -481,6 +481,13 @@ class OutputSpec(_Strict):
         description="A chunk still running after this many seconds saves its finished rows (again each "
         "time this passes), so an interrupted job loses about this much work at any engine speed.",
     )
+    lock_lease_seconds: Annotated[float, Field(ge=1)] = Field(
+        default=60.0,
+        description="With an s3:// output.dir: the lease of the job's lock object, renewed every third of it "
+        "while the job runs. A run killed without releasing it (on any node) blocks the directory until it "
+        "runs out; a run that cannot renew it for two thirds of it stops writing. A local output.dir is "
+        "locked with flock, released by the OS however the job ends: no lease.",
+    )
 
 
 class ExecutorSpec(_Strict):

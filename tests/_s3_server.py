@@ -22,12 +22,28 @@ ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "secret-never-written-anywhere-0123456789"
 
 
+# moto's server app answering one request at a time. moto (5.2.1, and its main branch in Aug 2026)
+# checks a conditional PUT's If-Match/If-None-Match and then writes, unlocked, in a threaded server:
+# two racing PUTs on one ETag both succeeded in 2 of 300 tries here. S3 evaluates the condition and
+# the write as one step; served one at a time, moto does too.
+_SERIAL = (
+    "import os, sys; from werkzeug.serving import run_simple; "
+    "from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app; "
+    "os.environ['MOTO_PORT'] = sys.argv[1]; "
+    "run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False)"
+)
+
+
 @contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """Start ``moto_server`` on a free port; yield its endpoint URL; stop it (no process left)."""
+def s3_server(*, serial: bool = False) -> Iterator[str]:
+    """Start ``moto_server`` on a free port; yield its endpoint URL; stop it (no process left).
+
+    ``serial``: one request at a time, so that conditional writes are atomic as on S3 (see ``_SERIAL``).
+    """
     port = free_ports(1)[0]
+    command = ["-c", _SERIAL, str(port)] if serial else ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, *command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

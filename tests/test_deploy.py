@@ -7,11 +7,14 @@ Nothing here launches a cloud or Kubernetes cluster (there is none on the CI mac
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,9 @@ from runner.spec import load_spec
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 IMAGE_ROOT = "/app/"  # where deploy/Dockerfile puts the checkout
+BUCKET = "my-cm-runner-bucket"  # the placeholder the cluster specs name, to be replaced (deploy/README.md)
+S3_SECRET = "cm-runner-s3"  # the Kubernetes secret whose AWS_* keys every pod gets as environment variables
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 RAY_MINOR = ".".join(ray.__version__.split(".")[:2])
 
 
@@ -75,7 +81,14 @@ def test_kuberay_manifests_describe_a_gpu_cluster_of_this_ray_version(kind, path
     assert len(images) == 1  # head and workers must run the same code and Ray
     (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     assert {"name": "dashboard", "containerPort": 8265} in head["ports"]  # where jobs are submitted
-    assert any(mount["mountPath"] == "/data" for mount in head["volumeMounts"])  # datasets and outputs
+    # the driver (head) and the Ray Data workers (every node) reach S3 with the secret's AWS_* variables;
+    # no credential is written in the manifest, and no volume is needed: data and outputs are on S3
+    for container in (c for pod in pod_specs(cluster) for c in pod["containers"]):
+        assert {"secretRef": {"name": S3_SECRET}} in container["envFrom"]
+        literal = {e["name"] for e in container.get("env", []) if "value" in e}
+        assert not literal & set(CREDENTIALS)
+        assert not any(m["mountPath"] == "/data" for m in container.get("volumeMounts", []))
+    assert S3_SECRET in (DEPLOY / "README.md").read_text()
 
 
 def test_rayjob_runs_a_replica_spec_and_its_runtime_env_parses():
@@ -87,29 +100,57 @@ def test_rayjob_runs_a_replica_spec_and_its_runtime_env_parses():
     spec = load_spec(REPO / argv[1].removeprefix(IMAGE_ROOT))
     workers = sum(group["replicas"] for group in job["rayClusterSpec"]["workerGroupSpecs"])
     assert spec.engine.kind == "vllm" and spec.engine.replicas == workers and spec.engine.num_gpus_per_replica == 1
+    assert spec.executor.kind == "ray" and spec.output.dir.startswith(f"s3://{BUCKET}/")
 
 
 @pytest.mark.slow
-def test_the_rayjob_entrypoint_runs_here_up_to_reading_the_data(tmp_path):
-    # The same command the head node runs, on this checkout instead of the image's /app: the CLI,
-    # the spec and its base resolve; with no datasets in --data-dir it stops before any engine.
+def test_the_rayjob_entrypoint_runs_here_up_to_reading_the_data(tmp_path, s3_bucket):
+    # The same command the head node runs, on this checkout instead of the image's /app, against the
+    # local S3 server holding the spec's bucket, empty: the CLI, the spec and its base resolve, the
+    # output's lock is taken on S3 and released, and with no datasets there it stops before any engine.
+    import boto3
+
+    from runner._storage import ObjectPath
+    from runner.checkpoint import LOCK_NAME
+
+    s3 = boto3.client("s3", region_name=os.environ["AWS_REGION"])
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+        s3.create_bucket(Bucket=BUCKET)
     argv = shlex.split(kuberay("RayJob", "kuberay/rayjob.yaml")["spec"]["entrypoint"])
     assert shutil.which(argv[0]), "cm-run is not installed"
     argv[1] = str(REPO / argv[1].removeprefix(IMAGE_ROOT))
-    done = subprocess.run(
-        [*argv, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=os.environ)
     assert done.returncode == 2, done.stderr
-    assert re.search(r"massive/en-US/train\.jsonl: data file not found", done.stderr), done.stderr
+    missing = rf"s3://{BUCKET}/datasets/massive/en-US/train\.jsonl: data file not found"
+    assert re.search(missing, done.stderr), done.stderr
+    output = ObjectPath(load_spec(argv[1]).output.dir)
+    assert not (output / LOCK_NAME).is_file()
 
 
 def test_job_specs_for_ray_load_and_the_gpu_ones_fit_one_replica_per_gpu():
-    specs = {path.name: load_spec(path) for path in sorted((REPO / "jobs/ray").glob("*.yaml"))}
+    paths = sorted((REPO / "jobs/ray").glob("*.yaml"))
+    specs = {path.name: load_spec(path) for path in paths}
     assert specs and all(spec.engine.kind == "vllm" and spec.engine.uses_ray for spec in specs.values())
-    cpu = specs["massive-cpu-2replicas.yaml"].engine
+    # every one on the Ray Data path, said in the spec (not left to auto)
+    assert all(spec.executor.kind == "ray" and spec.runs_on_ray for spec in specs.values())
+    for path in paths:  # credentials come from the environment, never from a spec's keys
+        keys = json.dumps(yaml.safe_load(path.read_text()))
+        assert not re.search(r"AWS_|aws_access|aws_secret|AKIA[0-9A-Z]{16}", keys, re.IGNORECASE), path
+    one_machine = specs["massive-cpu-2replicas.yaml"]
+    cpu = one_machine.engine
     assert cpu.replicas == 2 and cpu.num_gpus_per_replica == 0 and cpu.model == "smollm2-135m-instruct"
-    gpu = [spec.engine for name, spec in specs.items() if "llama3-8b" in name]
-    assert gpu
+    # one machine: a local Ray (nothing to join) and local paths, which its workers all reach
+    assert cpu.ray_address is None and one_machine.executor.ray_address is None
+    places = (one_machine.user_split.path, one_machine.corpus.path, one_machine.output.dir)
+    assert not any("://" in place for place in places)
+    clusters = {name: spec for name, spec in specs.items() if "llama3-8b" in name}
+    assert clusters
+    for spec in clusters.values():  # every node reaches the data and the output: on the bucket
+        for place in (spec.user_split.path, spec.corpus.path, spec.output.dir):
+            assert place.startswith(f"s3://{BUCKET}/"), place
+        assert spec.output.lock_lease_seconds >= 30  # a driver on a busy head renews in time
+    assert BUCKET in (DEPLOY / "README.md").read_text()
+    gpu = [spec.engine for spec in clusters.values()]
     for engine in gpu:
         assert engine.model == "meta-llama/Meta-Llama-3-8B-Instruct"
         assert engine.num_gpus_per_replica == engine.tensor_parallel_size == 1
@@ -124,6 +165,10 @@ def test_dockerfile_copies_what_exists_and_matches_the_ray_version():
     sources = [source for line in copied for source in line.split()]
     assert sources and all((REPO / source).exists() for source in sources)
     assert "cm-run prepare-model" in dockerfile
+    install = re.search(r'pip install --no-cache-dir "\.\[([^\]]+)\]"', dockerfile)
+    assert install and "s3" in install.group(1).split(",")  # boto3, for the specs' s3:// paths
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dependency.startswith("boto3") for dependency in extras["s3"])
 
 
 def test_readme_commands_name_files_that_exist():

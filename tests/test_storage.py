@@ -1,9 +1,16 @@
 """Object storage: a job reading its data from and writing its output to S3 (a real local server, moto's)."""
 
+import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import orjson
@@ -112,35 +119,226 @@ async def test_review_export_and_import_on_a_job_on_s3(job, s3_bucket, tmp_path)
     assert reviewed.select("id", "label").rows() == [(str(review["id"][0]), "a")]
 
 
-def test_the_lock_on_s3_refuses_a_second_run_naming_the_holder(job, s3_bucket):
-    spec, _ = job
+LEASE = 2.0  # seconds: renewed every 0.67 s; a lease left unrenewed is taken over after 3 s (the store's clock)
+ME = f"{os.getpid()}@{socket.gethostname()}"
+REPO = Path(__file__).resolve().parents[1]
+
+# A cm-run's hold on an output directory, in a process of its own: it takes the lock as a job does,
+# then writes an object every 50 ms (as a job writes its shards) until its writes are refused.
+HOLDER = """
+import itertools, socket, sys, time
+spec_path, url, host, lease = sys.argv[1:]
+if host != "-":
+    socket.gethostname = lambda: host  # a holder on another node
+from runner._durable import write_atomic
+from runner._storage import StorageError, location
+from runner.checkpoint import Checkpoint
+from runner.spec import load_spec
+
+spec = load_spec(spec_path)
+spec = spec.model_copy(update={"output": spec.output.model_copy(update={"lock_lease_seconds": float(lease)})})
+directory = location(url)
+try:
+    with Checkpoint(directory, spec).locked():
+        print("holding", flush=True)
+        for n in itertools.count():
+            write_atomic(directory / f"beat-{n:05d}", b"x")
+            time.sleep(0.05)
+except StorageError as error:  # LockLost is one
+    print(error, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+@contextlib.contextmanager
+def holder_process(spec_path: Path, directory: ObjectPath, host: str = "-") -> Iterator[subprocess.Popen]:
+    command = [sys.executable, "-c", HOLDER, str(spec_path), str(directory), host, str(LEASE)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert process.stdout.readline().strip() == "holding", process.communicate()[1]
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()  # a stopped process too
+        process.communicate()
+
+
+def leased(spec, seconds: float = LEASE):
+    return spec.model_copy(update={"output": spec.output.model_copy(update={"lock_lease_seconds": seconds})})
+
+
+def lock_body(directory: ObjectPath) -> dict:
+    return orjson.loads((directory / LOCK_NAME).read_bytes())
+
+
+def take_when_free(directory: ObjectPath, spec, within: float) -> contextlib.ExitStack:
+    """Hold the lock as soon as a run may take it, polling; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(Checkpoint(directory, spec).locked())
+            return stack
+        except CheckpointError:
+            assert time.monotonic() < deadline, f"the lock of {directory} was not free within {within} s"
+            time.sleep(0.2)
+
+
+def test_a_live_lease_refuses_a_second_run_naming_the_holder_and_its_last_renewal(job, s3_bucket):
+    spec = leased(job[0])
     directory = ObjectPath(f"{s3_bucket}/out")
     with Checkpoint(directory, spec).locked():
-        holder = ObjectPath(f"{directory}/{LOCK_NAME}").read_text().splitlines()[0]
-        assert holder == f"{os.getpid()}@{socket.gethostname()}"
-        with (
-            pytest.raises(CheckpointError, match=rf"another cm-run \({holder}\) is writing"),
-            Checkpoint(directory, spec).locked(),
-        ):
-            pass
-    assert not ObjectPath(f"{directory}/{LOCK_NAME}").is_file()
-    with Checkpoint(directory, spec).locked():  # released: free again
+        first = lock_body(directory)
+        assert (first["holder"], first["lease_seconds"], first["renewal"]) == (ME, LEASE, 0)
+        refused = rf"another cm-run \({ME}, lock last renewed \S+ \((\d) s ago\)\) is writing to this output"
+        until = time.monotonic() + 2 * LEASE  # past the lease and its second of margin: only renewals keep it
+        while time.monotonic() < until:
+            with pytest.raises(CheckpointError, match=refused + r".* lease of 2 s .*\(in \d s\)") as error:
+                Checkpoint(directory, spec).locked().__enter__()
+            assert int(re.search(refused, str(error.value)).group(1)) <= LEASE  # renewed within the lease
+            time.sleep(0.3)
+        last = lock_body(directory)
+        assert last["token"] == first["token"] and last["renewal"] >= 3  # every LEASE / 3 s
+    assert not (directory / LOCK_NAME).is_file()  # released
+    with Checkpoint(directory, spec).locked():  # free again
         pass
 
 
-def test_a_lock_left_by_a_killed_run_is_taken_over_on_its_host_only(job, s3_bucket):
-    spec, _ = job
+@pytest.mark.slow  # kills (and pauses) a process holding the lock
+def test_a_lock_whose_holder_was_killed_on_another_node_is_taken_over_once_its_lease_runs_out(job, s3_bucket, tmp_path):
+    spec = leased(job[0])
     directory = ObjectPath(f"{s3_bucket}/out")
-    lock = ObjectPath(f"{directory}/{LOCK_NAME}")
+    with holder_process(tmp_path / "job.yaml", directory, host="another-node") as process:
+        time.sleep(LEASE)
+        holder = f"{process.pid}@another-node"
+        assert lock_body(directory)["holder"] == holder and lock_body(directory)["renewal"] >= 1
+        process.send_signal(signal.SIGKILL)  # as a lost spot node: its lock stays
+        process.wait()
+    killed = time.monotonic()
+    gone = r"if it was killed, a rerun takes over once that runs out \(in \d s\)"
+    with pytest.raises(CheckpointError, match=rf"another cm-run \({holder}, lock last renewed .*{gone}"):
+        Checkpoint(directory, spec).locked().__enter__()
+    with take_when_free(directory, spec, within=LEASE + 4):
+        taken = time.monotonic() - killed
+        assert lock_body(directory)["holder"] == ME
+    # not before its lease (less the time since its last renewal, at most LEASE / 3) had run out
+    assert taken >= LEASE - LEASE / 3 - 0.2
+    assert not (directory / LOCK_NAME).is_file()
+
+
+@pytest.fixture(scope="module")
+def serial_s3_endpoint():
+    from tests._s3_server import s3_server
+
+    with s3_server(serial=True) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def serial_bucket(serial_s3_endpoint, monkeypatch) -> Iterator[str]:
+    """A bucket on a moto server that answers one request at a time: conditional writes atomic, as on S3."""
+    from runner import _storage
+    from tests._s3_server import environment, make_bucket
+
+    for name, value in environment(serial_s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    _storage._client.cache_clear()
+    make_bucket("race")
+    yield "s3://race"
+    _storage._client.cache_clear()
+
+
+def test_of_runs_racing_to_take_over_an_expired_lock_exactly_one_wins(job, serial_bucket):
+    spec = leased(job[0])
+    rounds, takers = 5, 4
+    directories = [ObjectPath(f"{serial_bucket}/out-{n}") for n in range(rounds)]
+    for directory in directories:  # each a lease of 1 s its holder stopped renewing
+        body = {"holder": "4242@another-node", "started": 1.0, "token": "gone", "lease_seconds": 1.0, "renewal": 7}
+        (directory / LOCK_NAME).write_bytes(orjson.dumps(body))
+    # expired once older than 1 s + the second of margin by the store's whole-second clock: 2-4 s from now
+    deadline = time.monotonic() + 6
+    while (directories[-1] / LOCK_NAME).read_versioned().age_seconds <= 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for directory in directories:
+        barrier = threading.Barrier(takers)
+        won: list[contextlib.ExitStack] = []
+        refused: list[str] = []
+
+        def take(directory=directory, barrier=barrier, won=won, refused=refused) -> None:
+            stack = contextlib.ExitStack()
+            barrier.wait()
+            try:
+                stack.enter_context(Checkpoint(directory, spec).locked())
+                won.append(stack)
+            except CheckpointError as error:
+                refused.append(str(error))
+
+        threads = [threading.Thread(target=take) for _ in range(takers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(won) == 1 and len(refused) == takers - 1, refused
+        assert all(f"another cm-run ({ME}, lock last renewed" in message for message in refused)
+        assert lock_body(directory)["holder"] == ME
+        won[0].close()
+        assert not (directory / LOCK_NAME).is_file()
+
+
+@pytest.mark.slow  # kills (and pauses) a process holding the lock
+def test_a_holder_whose_lock_was_taken_over_stops_and_writes_nothing_more(job, s3_bucket, tmp_path):
+    spec = leased(job[0])
+    directory = ObjectPath(f"{s3_bucket}/out")
+
+    def beats() -> set[str]:
+        return {path.name for path in directory.glob("beat-*")}
+
+    def wait_for(condition, within: float) -> None:
+        deadline = time.monotonic() + within
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    with holder_process(tmp_path / "job.yaml", directory) as process:
+        holder = f"{process.pid}@{socket.gethostname()}"
+        # paused past its lease, nobody taking over: on waking its lease renews and its writes go on
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(LEASE + 1.5)
+        paused = len(beats())
+        process.send_signal(signal.SIGCONT)
+        wait_for(lambda: len(beats()) > paused + 2, within=5)
+        assert process.poll() is None
+
+        process.send_signal(signal.SIGSTOP)  # paused again (a stalled node): this time another run takes over
+        with take_when_free(directory, spec, within=LEASE + 4):
+            written = beats()
+            process.send_signal(signal.SIGCONT)
+            _, stderr = process.communicate(timeout=30)
+            assert process.returncode == 3, stderr
+            assert f"this run ({holder}) no longer holds the output directory" in stderr
+            assert f"taken over by {ME}" in stderr and "writes nothing more" in stderr
+            assert beats() == written  # not one write after the take-over
+            assert lock_body(directory)["holder"] == ME  # nor did it delete or overwrite the new holder's lock
+    assert not (directory / LOCK_NAME).is_file()
+
+
+def test_a_lock_of_a_dead_process_of_this_host_is_taken_over_at_once_one_without_a_lease_never(job, s3_bucket):
+    spec = leased(job[0])
+    directory = ObjectPath(f"{s3_bucket}/out")
+    lock = directory / LOCK_NAME
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_bytes(f"{gone.stdout.strip()}@{socket.gethostname()}\n".encode())  # as a SIGKILLed run leaves it
+    dead = {"holder": f"{gone.stdout.strip()}@{socket.gethostname()}", "token": "t", "lease_seconds": 60.0}
+    lock.write_bytes(orjson.dumps(dead))  # as a SIGKILLed run of this host leaves it
     with Checkpoint(directory, spec).locked():
-        assert lock.read_text().splitlines()[0] == f"{os.getpid()}@{socket.gethostname()}"
+        assert lock_body(directory)["holder"] == ME
     # our own pid but another start time: a restarted container whose new cm-run got the killed one's pid
-    lock.write_bytes(f"{os.getpid()}@{socket.gethostname()}\n12345.000\n".encode())
+    lock.write_bytes(orjson.dumps(dead | {"holder": ME, "started": 12345.0}))
     with Checkpoint(directory, spec).locked():
         pass
-    lock.write_bytes(b"4242@another-node\n")  # another machine's: whether it runs cannot be seen from here
+    lock.write_bytes(b"4242@another-node\n")  # an older cm-runner's lock: no lease, another machine's
     with pytest.raises(CheckpointError, match=r"4242@another-node.*delete the lock object"):
         Checkpoint(directory, spec).locked().__enter__()
     assert lock.read_text().strip() == "4242@another-node"
