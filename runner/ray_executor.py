@@ -7,7 +7,9 @@ own HTTP client for an API, or a dispatcher over the driver's long-lived vLLM re
 model loads once per replica per job). For each chunk number it reads that chunk from the corpus
 file, runs the same block function as the one-machine executor (``pipeline.work_on_chunk`` over
 ``pipeline.annotate_work``) and writes the shard; the driver receives one small record per chunk
-and records the shard in the manifest. No corpus row passes through the driver.
+and records the shard in the manifest. No corpus row passes through the driver. A rescore (a rerun
+after a review changed the fit) is the same pass over the finished chunks, each worker running
+``pipeline.rescore_block`` over its chunk and that chunk's shard (``rescore_on_ray``).
 
 Why chunk numbers and not ``ray.data.read_parquet``: a chunk is the unit of checkpoint and resume,
 numbered by position in the corpus. Ray Data's blocks have no stable numbering across runs, so
