@@ -815,6 +815,25 @@ async def _start_fit(
     return _Fit(draft, asyncio.ensure_future(finish()))
 
 
+async def rescore_block(
+    chunk: pl.DataFrame,
+    shard: pl.DataFrame,
+    stages: Sequence[StageWork],
+    labels: LabelSet,
+    max_chars: int | None,
+    reviewed: pl.DataFrame | None,
+    chose_within_sets: bool,
+) -> pl.DataFrame:
+    """A finished chunk scored again with this fit, as both executors run it: ``annotate_block`` with its
+    shard's answers as ``previous``. An earlier label is the model's choice within its set only if
+    ``chose_within_sets``."""
+    rows = chunk.join(shard.select("id"), on="id", how="semi", maintain_order="left")
+    previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
+    if not chose_within_sets:  # labels decided without asking: no choice of the model's to reuse
+        previous = previous.with_columns(pl.lit(None, dtype=pl.String).alias("y_hat"))
+    return await annotate_block(rows, stages, labels, max_chars, reviewed, previous=previous)
+
+
 async def _rescore(
     spec: JobSpec,
     inputs: JobInputs,
@@ -837,13 +856,8 @@ async def _rescore(
     async def one(number: int, chunk: pl.DataFrame) -> None:
         nonlocal total
         shard = pl.read_parquet(checkpoint.shard_path("annotate", number))
-        rows = chunk.join(shard.select("id"), on="id", how="semi", maintain_order="left")
-        previous = rows.select("id").join(shard, on="id", how="left", maintain_order="left")
-        if not chose_within_sets:  # labels decided without asking: no choice of the model's to reuse
-            previous = previous.with_columns(pl.lit(None, dtype=pl.String).alias("y_hat"))
-        rescored = await annotate_block(
-            rows, stages, inputs.labels, spec.dataset.max_text_chars, reviewed, previous=previous
-        )
+        max_chars = spec.dataset.max_text_chars
+        rescored = await rescore_block(chunk, shard, stages, inputs.labels, max_chars, reviewed, chose_within_sets)
         checkpoint.write_shard(manifest, "annotate", number, rescored)
         total += rescored.height
 
@@ -1078,13 +1092,21 @@ async def _run_job(
                     for stage, old in zip(stages, earlier or [None] * len(stages), strict=False)
                 )
                 final = await accepted
-                work = [
-                    StageWork(s.name, s.engine, s.strategy, f, None, s.embed)
-                    for s, f in zip(stages, final, strict=True)
-                ]
-                run["rows_rescored"] = await _rescore(
-                    spec, inputs, work, checkpoint, manifest, reviewed, chose, in_flight
-                )
+                if spec.runs_on_ray:  # the workers rescore, as they annotate: no corpus row passes through here
+                    from runner.ray_executor import RayStage, rescore_on_ray
+
+                    on_ray = tuple(RayStage(s.name, s.spec, s.strategy, f) for s, f in zip(stages, final, strict=True))
+                    run["rows_rescored"] = await rescore_on_ray(
+                        spec, inputs, on_ray, reviewed, job_engine, checkpoint, manifest, chose
+                    )
+                else:
+                    work = [
+                        StageWork(s.name, s.engine, s.strategy, f, None, s.embed)
+                        for s, f in zip(stages, final, strict=True)
+                    ]
+                    run["rows_rescored"] = await _rescore(
+                        spec, inputs, work, checkpoint, manifest, reviewed, chose, in_flight
+                    )
             manifest.fit_key = key
             checkpoint.save(manifest)
         started, started_cpu = time.perf_counter(), time.process_time()

@@ -7,7 +7,9 @@ own HTTP client for an API, or a dispatcher over the driver's long-lived vLLM re
 model loads once per replica per job). For each chunk number it reads that chunk from the corpus
 file, runs the same block function as the one-machine executor (``pipeline.work_on_chunk`` over
 ``pipeline.annotate_work``) and writes the shard; the driver receives one small record per chunk
-and records the shard in the manifest. No corpus row passes through the driver.
+and records the shard in the manifest. No corpus row passes through the driver. A rescore (a rerun
+after a review changed the fit) is the same pass over the finished chunks, each worker running
+``pipeline.rescore_block`` over its chunk and that chunk's shard (``rescore_on_ray``).
 
 Why chunk numbers and not ``ray.data.read_parquet``: a chunk is the unit of checkpoint and resume,
 numbered by position in the corpus. Ray Data's blocks have no stable numbering across runs, so
@@ -30,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -43,6 +45,9 @@ from runner.fit import FittedCM
 from runner.labels import LabelSet
 from runner.spec import JobSpec
 from runner.strategies import Strategy
+
+if TYPE_CHECKING:
+    from runner.pipeline import ChunkOutcome
 
 PHASE = "annotate"
 
@@ -68,6 +73,8 @@ class _ChunkJob:
     reviewed: pl.DataFrame | None
     replica_actors: list[Any] | None  # the driver's vLLM replicas; None: each worker makes its own engine
     workers: int
+    rescore: bool = False  # score finished chunks again with this fit (pipeline.rescore_block), not annotate
+    chose_within_sets: bool = True  # a rescore's: earlier labels are the model's choices within their sets
 
 
 class _StageClock:
@@ -122,6 +129,7 @@ class _ChunkWorker:
             embed = _embedder(stage.spec) if fitted is not None and fitted.uses_neighbours else None
             timed = self._timed_embed(embed) if embed is not None else None
             work.append(StageWork(stage.name, self._engines[key], stage.strategy, fitted, None, timed))
+        self._stages = work
         self._work = annotate_work(work, job.labels, spec.dataset.max_text_chars, job.reviewed)
 
     def _timed_embed(self, embed: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
@@ -148,7 +156,9 @@ class _ChunkWorker:
             chunk = self._corpus.chunk(number, spec.output.chunk_size)
             started = clock.timed("read", started)
             outcome = self._loop.run_until_complete(
-                work_on_chunk(
+                self._rescore(number, chunk)
+                if self._job.rescore
+                else work_on_chunk(
                     PHASE,
                     number,
                     chunk,
@@ -171,6 +181,19 @@ class _ChunkWorker:
             for stage in stages:
                 out[f"cpu_{stage}"].append(clock.seconds.get(stage, 0.0))
         return out
+
+    async def _rescore(self, number: int, chunk: pl.DataFrame) -> ChunkOutcome:
+        """A finished chunk scored again with this fit, its shard rewritten (the driver records it)."""
+        from runner.pipeline import ChunkOutcome, rescore_block
+
+        job = self._job
+        shard = pl.read_parquet(self._checkpoint.shard_path(PHASE, number))
+        max_chars = job.spec.dataset.max_text_chars
+        rows = await rescore_block(
+            chunk, shard, self._stages, job.labels, max_chars, job.reviewed, job.chose_within_sets
+        )
+        self._checkpoint.write_shard_file(PHASE, number, rows)
+        return ChunkOutcome(rows.height, True)
 
     def __del__(self) -> None:
         loop = getattr(self, "_loop", None)
@@ -271,6 +294,38 @@ async def annotate_on_ray(
         if progress:
             progress(PHASE, done, inputs.corpus.height)
     return worked, summary.report(workers)
+
+
+async def rescore_on_ray(
+    spec: JobSpec,
+    inputs: Any,
+    stages: tuple[RayStage, ...],
+    reviewed: pl.DataFrame | None,
+    engine: Engine,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    chose_within_sets: bool,
+) -> int:
+    """Score every finished chunk again with this fit through Ray Data workers (after a review import); rows
+    rescored. The one-machine ``pipeline._rescore`` on the workers: each reads its chunk and the chunk's shard
+    and runs ``pipeline.rescore_block``; the driver records the rewritten shards.
+    """
+    job = _ChunkJob(
+        spec=spec,
+        corpus_path=inputs.corpus.path,
+        labels=inputs.labels,
+        stages=stages,
+        reviewed=reviewed,
+        replica_actors=await _replica_actors(engine),
+        workers=workers_of(spec),
+        rescore=True,
+        chose_within_sets=chose_within_sets,
+    )
+    items = [{"number": n, "finished": True} for n in sorted(checkpoint.finished(manifest, PHASE))]
+    rescored = 0
+    async for row in _stream(job, items, job.workers, lambda row: _record(row, checkpoint, manifest)):
+        rescored += row["worked"]
+    return rescored
 
 
 def _record(row: dict[str, Any], checkpoint: Checkpoint, manifest: Manifest) -> None:

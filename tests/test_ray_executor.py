@@ -139,6 +139,56 @@ def test_the_ray_executor_writes_the_one_machine_rows_and_its_driver_reads_no_co
     assert set(executor["worker_cpu_ms_per_row"]) == {"read", "annotate", "embed", "write"}
 
 
+def rescored_after_review(tmp_path: Path, data: Path, base_url: str, finished: Path, executor: str) -> Path:
+    """A copy of a finished job's output, a review of its first 48 rows imported (their gold labels: the bank and
+    so the fit change), and the job run again with ``executor``: every shard rescored."""
+    from runner.review import import_reviewed
+
+    spec = write_spec(tmp_path, data, base_url, executor)
+    out = Path(load_spec(spec).output.dir)
+    shutil.copytree(Path(load_spec(finished).output.dir), out)
+    ids = pl.read_parquet(out / "annotations.parquet")["id"][:48]
+    gold = {row["id"]: row["label"] for row in pl.read_ndjson(data / "corpus.jsonl").iter_rows(named=True)}
+    (tmp_path / "reviewed.csv").write_text("id,label\n" + "".join(f"{i},{gold[i]}\n" for i in ids))
+    import_reviewed(out, tmp_path / "reviewed.csv", LABELS)
+    return spec
+
+
+def test_a_rescore_after_a_review_runs_on_the_workers_and_writes_the_one_machine_rows(
+    tmp_path, data, fault_server, cluster, local_run, monkeypatch
+):
+    """A finished job, a review imported, the job rerun: on Ray the workers score every shard again (the driver
+    reads no corpus row), asking what the one-machine rescore asks and writing its rows."""
+    monkeypatch.setenv(KEY_ENV, "x")
+    local = rescored_after_review(tmp_path / "local", data, fault_server, local_run[0], "{kind: local}")
+    before = served(fault_server)["requests"]
+    local_result = asyncio.run(run_job(load_spec(local)))
+    local_asked = served(fault_server)["requests"] - before
+
+    on_ray = rescored_after_review(tmp_path / "ray", data, fault_server, local_run[0], ray_executor(cluster))
+
+    def no_rows_here(*args: object) -> None:
+        raise AssertionError("the driver read corpus rows")
+
+    monkeypatch.setattr(Corpus, "chunks", no_rows_here)
+    monkeypatch.setattr(Corpus, "chunk", no_rows_here)
+    cluster.join_from_this_process(monkeypatch)
+    before = served(fault_server)["requests"]
+    result = asyncio.run(run_job(load_spec(on_ray)))
+    asked = served(fault_server)["requests"] - before
+
+    assert result.metrics["run"]["rows_rescored"] == local_result.metrics["run"]["rows_rescored"] == N_CORPUS
+    rows, first = annotations(on_ray), annotations(local_run[0])
+    assert rows.equals(annotations(local))
+    assert (rows["source"] == "human").sum() == 48
+    # the review changed the fit: rows nobody reviewed scored anew, second calls within the new sets asked
+    machine = rows["source"] != "human"
+    assert not rows.filter(machine)["confidence"].equals(first.filter(machine)["confidence"])
+    assert asked == local_asked > 0
+    ours, theirs = metrics(on_ray), metrics(local)
+    assert {k: v for k, v in ours.items() if k != "run"} == {k: v for k, v in theirs.items() if k != "run"}
+
+
 def test_a_cascade_runs_on_ray_as_on_one_machine(tmp_path, data, fault_server, cluster, monkeypatch):
     """Two stages, the second over its own API engine (a model of the same server): the workers build both."""
     second = (

@@ -6,7 +6,8 @@ annotations must be identical:
   2. the same, with replica 0 SIGKILLed (as the OOM killer would) while it holds requests;
   3. `ray job submit -- cm-run ...` to a two-node Ray cluster started here with `ray start` on
      127.0.0.1, each node with one CPU, so the two replicas land on different nodes; rows go through
-     Ray Data workers (the cluster path), so its rows equal run 1's across the two executors.
+     Ray Data workers (the cluster path), so its rows equal run 1's across the two executors; one
+     replica is SIGKILLed once a chunk is done (Ray restarts it; the workers' dispatchers re-send).
 """
 
 from __future__ import annotations
@@ -171,37 +172,58 @@ def two_node_cluster(local_runs) -> Iterator[LocalCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def replica_processes(cluster: LocalCluster) -> list[psutil.Process]:
+    """The cluster's vLLM replica actors (never another cluster's: the marker in their environment says whose)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any("VLLMReplica" in part for part in process.info["cmdline"] or ()) and (
+                process.environ().get("CM_TEST_RAY_CLUSTER") == cluster.marker
+            ):
+                found.append(process)
+    return found
+
+
+def finished_shards(output: Path) -> int:
+    with contextlib.suppress(FileNotFoundError, orjson.JSONDecodeError):
+        return len(orjson.loads((output / "manifest.json").read_bytes())["finished_shards"]["annotate"])
+    return 0
+
+
 @pytest.fixture(scope="module")
 def submitted_job(two_node_cluster, tmp_path_factory, data_dir) -> dict[str, Any]:
+    """The cluster path, with a replica SIGKILLed once the workers have annotated a chunk (issue 26 item 6):
+    Ray restarts it, the workers' dispatchers send its requests to the other replica meanwhile."""
     job_dir = tmp_path_factory.mktemp("ray-job")
     output = job_dir / "outputs"
     # the cluster path: Ray Data workers over the replicas (both nodes' one CPU each is a replica's)
     slice_spec(job_dir, output, executor="{kind: ray, workers: 2, num_cpus_per_worker: 0}")
-    submitted = subprocess.run(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            two_node_cluster.dashboard_url,
-            "--working-dir",
-            str(job_dir),
-            "--",
-            "cm-run",
-            "job.yaml",
-            "--data-dir",
-            str(data_dir),
-            "--quiet",
-        ],
-        env=two_node_cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    command = ["ray", "job", "submit", "--address", two_node_cluster.dashboard_url, "--working-dir", str(job_dir)]
+    command += ["--", "cm-run", "job.yaml", "--data-dir", str(data_dir), "--quiet"]
+    submitted = subprocess.Popen(
+        command, env=two_node_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    log = submitted.stdout + submitted.stderr
+    killed = None
+    try:
+        deadline = time.monotonic() + 900
+        while finished_shards(output) < 1 and submitted.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if submitted.poll() is None and (victims := replica_processes(two_node_cluster)):
+            killed = victims[0].pid
+            victims[0].send_signal(signal.SIGKILL)
+        log, _ = submitted.communicate(timeout=900)
+    finally:
+        if submitted.poll() is None:
+            submitted.kill()
     assert submitted.returncode == 0 and "succeeded" in log, log[-4000:]
     placed = dict(re.findall(r"replica (\d) up on node ([0-9a-f]+)", log))
-    return {"output": output, "placed": placed, "cluster_nodes": two_node_cluster.node_ids(), "log": log}
+    return {
+        "output": output,
+        "placed": placed,
+        "cluster_nodes": two_node_cluster.node_ids(),
+        "log": log,
+        "killed": killed,
+    }
 
 
 def test_a_job_submitted_to_a_two_node_cluster_places_a_replica_on_each_node(submitted_job):
@@ -210,7 +232,12 @@ def test_a_job_submitted_to_a_two_node_cluster_places_a_replica_on_each_node(sub
     assert set(placed.values()) == submitted_job["cluster_nodes"] and len(submitted_job["cluster_nodes"]) == 2
 
 
-def test_the_cluster_job_annotates_exactly_like_the_local_run(submitted_job, local_runs):
+def test_the_cluster_job_with_a_replica_killed_annotates_exactly_like_the_local_run(submitted_job, local_runs):
+    """Every row once, equal row for row to the one-machine run without a kill; the workers saw the loss."""
+    assert submitted_job["killed"] is not None, "the job ended before a replica could be killed"
+    assert re.search(r"replica \d lost", submitted_job["log"]), submitted_job["log"][-4000:]
     output, uninterrupted = submitted_job["output"], local_runs["uninterrupted"]
+    table = annotations(output)
+    assert table.height == table["id"].n_unique() == 40
     assert_same_annotations(annotations(output), annotations(uninterrupted))
     assert load_bank(output / "memory_bank.json").digest() == load_bank(uninterrupted / "memory_bank.json").digest()
