@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 _SITE_SUFFIXES = (".stackexchange.com", ".com", ".net", ".org")
 _NON_WORD = re.compile(r"[^0-9a-zà-ÿ]+")
@@ -79,8 +80,22 @@ class LabelSet:
     def index(self, label: str) -> int:
         return self.labels.index(label)
 
+    @cached_property
+    def _shown_of(self) -> dict[str, str]:
+        return dict(zip(self.labels, self.shown, strict=True))
+
+    @cached_property
+    def _exact(self) -> dict[str, str]:
+        """Exact answer text -> the first label (in order) shown or named so: ``parse``'s first rule."""
+        exact: dict[str, str] = {}
+        for label, shown in zip(self.labels, self.shown, strict=True):
+            exact.setdefault(shown, label)
+            exact.setdefault(label, label)
+        return exact
+
     def shown_for(self, labels: Sequence[str]) -> list[str]:
-        lookup = dict(zip(self.labels, self.shown, strict=True))
+        # the lookup is built once: rebuilt per call, it was most of a first call's prompt and parse CPU
+        lookup = self._shown_of
         return [lookup[label] for label in labels]
 
     def match_free_text(self, answer: str) -> str | None:
@@ -108,9 +123,12 @@ class LabelSet:
         """
         if answer is None:
             return None
-        candidates = list(allowed) if allowed is not None else list(self.labels)
-        forms = {label: self.shown_for([label])[0] for label in candidates}
+        every = allowed is None or allowed is self.labels or tuple(allowed) == self.labels
+        candidates = self.labels if allowed is None else allowed
         stripped = answer.strip().strip("\"'`*.").strip()
+        if every and stripped in self._exact:  # the usual answer, constrained to the labels: one lookup
+            return self._exact[stripped]
+        forms = {label: self._shown_of[label] for label in candidates}
         for label, shown in forms.items():
             if stripped in (shown, label):
                 return label

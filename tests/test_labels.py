@@ -59,3 +59,12 @@ def test_parse_respects_the_allowed_subset():
 def test_parse_prefers_the_longest_contained_label():
     labels = LabelSet.build(["card", "card_arrival"])
     assert labels.parse("I think card arrival") == "card_arrival"
+
+
+def test_an_exact_answer_means_the_first_label_shown_or_named_so_among_all_or_some():
+    # label "a" is shown as "b", the raw name of the next label: the first rule takes labels in order
+    labels = LabelSet.build(["a", "b"], {"a": "b", "b": "c"})
+    assert labels.parse("b") == "a"
+    assert labels.parse("b", labels.labels) == "a"
+    assert labels.parse("b", ["b"]) == "b"  # among "b" alone, its raw name
+    assert labels.parse("c", ["a", "b"]) == "b"
