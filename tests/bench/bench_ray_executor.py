@@ -9,6 +9,7 @@ by stage.
 
     python tests/bench/bench_ray_executor.py                       # 40,000 rows, three configurations
     python tests/bench/bench_ray_executor.py --rows 4000 --configs off   # a quick look
+    python tests/bench/bench_ray_executor.py --configs off,recommended --executors local  # one machine only
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--executors", default="local,ray", help="comma list of ['local', 'ray']")
     parser.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("CM_DATA_DIR", REPO.parent / "shared/datasets"))
     )
@@ -143,7 +145,8 @@ def main() -> None:
         bare = asyncio.run(_bare(url, cm_off_requests(bare_spec, args.rows), concurrency=256))
         print(f"| bare aiohttp + orjson client, the same CM-off requests | - | {bare:.0f} | - | - |", flush=True)
         for config in args.configs.split(","):
-            for executor, setting in executors.items():
+            for executor in args.executors.split(","):
+                setting = executors[executor]
                 name = f"{config}-{executor}"
                 result = run(write_spec(root, name, args.data_dir, corpus, url, CONFIGS[config], setting))
                 stages = result.get("executor", {}).get("worker_cpu_ms_per_row", {})
