@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from runner._cpu_stages import StageSampler, split
 from runner._storage import ObjectPath, location
 from runner.checkpoint import Checkpoint, Manifest
 from runner.data import Corpus
@@ -45,6 +46,9 @@ from runner.spec import JobSpec
 from runner.strategies import Strategy
 
 PHASE = "annotate"
+WORKER_STAGES = ("read", "prompt", "embed", "engine_client", "cm_apply", "write", "other", "outside_loop")
+"""A worker's CPU per chunk, split: ``other`` is the loop's own bookkeeping (row records, polars frames,
+asyncio), ``outside_loop`` the process's other threads (Ray's core worker, the sampler)."""
 
 
 @dataclass(frozen=True)
@@ -70,32 +74,20 @@ class _ChunkJob:
     workers: int
 
 
-class _StageClock:
-    """CPU seconds of this process per stage of a chunk (threads included: embedding runs off the loop)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def timed(self, stage: str, started: float) -> float:
-        now = time.process_time()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - started
-        return now
-
-
 class _TimedCheckpoint(Checkpoint):
-    """The job's checkpoint, counting the CPU its shard writes take (the write stage)."""
+    """The job's checkpoint, counting the CPU its shard writes take on the calling thread (the write stage)."""
 
     write_seconds = 0.0
 
     def write_shard_file(self, phase: str, number: int, rows: pl.DataFrame) -> None:
-        started = time.process_time()
+        started = time.thread_time()
         super().write_shard_file(phase, number, rows)
-        self.write_seconds += time.process_time() - started
+        self.write_seconds += time.thread_time() - started
 
     def write_partial(self, phase: str, number: int, rows: pl.DataFrame) -> None:
-        started = time.process_time()
+        started = time.thread_time()
         super().write_partial(phase, number, rows)
-        self.write_seconds += time.process_time() - started
+        self.write_seconds += time.thread_time() - started
 
 
 class _ChunkWorker:
@@ -139,37 +131,45 @@ class _ChunkWorker:
 
         spec = self._job.spec
         out: dict[str, list[Any]] = {"number": [], "rows": [], "worked": [], "wrote": [], "pid": []}
-        stages = ("read", "annotate", "embed", "write")
-        out |= {f"cpu_{stage}": [] for stage in stages}
-        for number, finished in zip(batch["number"].tolist(), batch["finished"].tolist(), strict=True):
-            clock = _StageClock()
-            self._embed_seconds = self._checkpoint.write_seconds = 0.0
-            started = time.process_time()
-            chunk = self._corpus.chunk(number, spec.output.chunk_size)
-            started = clock.timed("read", started)
-            outcome = self._loop.run_until_complete(
-                work_on_chunk(
-                    PHASE,
-                    number,
-                    chunk,
-                    self._work,
-                    self._checkpoint,
-                    finished,
-                    spec.output.checkpoint_seconds,
-                    lambda rows: None,
+        out |= {f"cpu_{stage}": [] for stage in WORKER_STAGES}
+        sampler = StageSampler(threading.get_ident())  # this thread runs the chunk's event loop
+        try:
+            for number, finished in zip(batch["number"].tolist(), batch["finished"].tolist(), strict=True):
+                self._embed_seconds = self._checkpoint.write_seconds = 0.0
+                process_started, started = time.process_time(), time.thread_time()
+                chunk = self._corpus.chunk(number, spec.output.chunk_size)
+                read = time.thread_time() - started
+                sampler.take()
+                started = time.thread_time()
+                outcome = self._loop.run_until_complete(
+                    work_on_chunk(
+                        PHASE,
+                        number,
+                        chunk,
+                        self._work,
+                        self._checkpoint,
+                        finished,
+                        spec.output.checkpoint_seconds,
+                        lambda rows: None,
+                    )
                 )
-            )
-            clock.timed("annotate", started)  # embedding and writes happen inside: split out below
-            clock.seconds["embed"] = self._embed_seconds
-            clock.seconds["write"] = self._checkpoint.write_seconds
-            clock.seconds["annotate"] -= self._embed_seconds + self._checkpoint.write_seconds
-            out["number"].append(number)
-            out["rows"].append(chunk.height)
-            out["worked"].append(outcome.worked)
-            out["wrote"].append(outcome.wrote)
-            out["pid"].append(os.getpid())
-            for stage in stages:
-                out[f"cpu_{stage}"].append(clock.seconds.get(stage, 0.0))
+                # the loop thread's CPU but the shard writes (timed themselves), split by where its samples fell
+                write = self._checkpoint.write_seconds
+                counts = sampler.take()
+                counts.pop("write", None)
+                seconds = split(time.thread_time() - started - write, counts)
+                seconds |= {"read": read, "embed": self._embed_seconds, "write": write}
+                # the rest of the process's CPU: Ray's threads, the sampler, the embedding's pool
+                seconds["outside_loop"] = max(0.0, time.process_time() - process_started - sum(seconds.values()))
+                out["number"].append(number)
+                out["rows"].append(chunk.height)
+                out["worked"].append(outcome.worked)
+                out["wrote"].append(outcome.wrote)
+                out["pid"].append(os.getpid())
+                for stage in WORKER_STAGES:
+                    out[f"cpu_{stage}"].append(seconds.get(stage, 0.0))
+        finally:
+            sampler.stop()
         return out
 
     def __del__(self) -> None:
@@ -250,6 +250,7 @@ async def annotate_on_ray(
     path and height are read here.
     """
     workers = workers_of(spec)
+    cpu_started = time.process_time()  # the driver's share from here: the job's fit and setup are not per row
     job = _ChunkJob(
         spec=spec,
         corpus_path=inputs.corpus.path,
@@ -270,7 +271,7 @@ async def annotate_on_ray(
         summary.add(row)
         if progress:
             progress(PHASE, done, inputs.corpus.height)
-    return worked, summary.report(workers)
+    return worked, summary.report(workers, time.process_time() - cpu_started)
 
 
 def _record(row: dict[str, Any], checkpoint: Checkpoint, manifest: Manifest) -> None:
@@ -362,11 +363,14 @@ class _Summary:
             if key.startswith("cpu_"):
                 self.cpu[key[4:]] = self.cpu.get(key[4:], 0.0) + value
 
-    def report(self, workers: int) -> dict[str, Any]:
+    def report(self, workers: int, driver_cpu: float) -> dict[str, Any]:
         per_row = (lambda seconds: round(1000 * seconds / self.rows, 4)) if self.rows else (lambda seconds: None)
         return {
             "kind": "ray",
             "workers": workers,
             "worker_processes": len(self.pids),
-            "worker_cpu_ms_per_row": {stage: per_row(seconds) for stage, seconds in sorted(self.cpu.items())},
+            # the driver process's CPU (all threads, Ray's own included) while the pipeline ran
+            "driver_cpu_ms_per_row": per_row(driver_cpu),
+            "worker_cpu_ms_per_row": {stage: per_row(self.cpu.get(stage, 0.0)) for stage in WORKER_STAGES}
+            | {"total": per_row(sum(self.cpu.values()))},
         }
