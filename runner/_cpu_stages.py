@@ -25,6 +25,9 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cm_apply", ("/runner/apply.py", "/runner/fit.py", "/runner/posterior.py", "/runner/trust.py")),
     ("cm_apply", ("/runner/probe.py", "/runner/novelty.py", "/sklearn/", "/scipy/")),
     ("write", ("/runner/checkpoint.py", "/runner/_storage.py", "/runner/_durable.py")),
+    # the block function's own bookkeeping: each row's record, the chunk's polars frames
+    ("rows", ("/runner/pipeline.py", "/polars/")),
+    ("event_loop", ("/asyncio/",)),
 )
 
 

@@ -46,9 +46,13 @@ from runner.spec import JobSpec
 from runner.strategies import Strategy
 
 PHASE = "annotate"
-WORKER_STAGES = ("read", "prompt", "embed", "engine_client", "cm_apply", "write", "other", "outside_loop")
-"""A worker's CPU per chunk, split: ``other`` is the loop's own bookkeeping (row records, polars frames,
-asyncio), ``outside_loop`` the process's other threads (Ray's core worker, the sampler)."""
+WORKER_STAGES = (
+    *("read", "prompt", "embed", "engine_client", "cm_apply", "write"),
+    *("rows", "event_loop", "other", "outside_loop"),
+)
+"""A worker's CPU per chunk, split (``runner._cpu_stages``): ``rows`` is the block function's bookkeeping
+(each row's record, the chunk's polars frames), ``event_loop`` asyncio's own, ``outside_loop`` the
+process's other threads (Ray's core worker, the sampler)."""
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ def _function_in(filename: str, source: str) -> Any:
 def test_the_innermost_owned_frame_names_the_stage() -> None:
     engine = _function_in("/site-packages/aiohttp/client.py", "def f(g):\n    return g()\n")
     apply = _function_in("/repo/runner/apply.py", "def f(g):\n    return g()\n")
-    polars = _function_in("/site-packages/polars/frame.py", "def f():\n    return sys._getframe()\n")
-    assert stage_of(apply(polars)) == "cm_apply"  # polars owns nothing: the caller's stage
-    assert stage_of(apply(lambda: engine(polars))) == "engine_client"
-    assert stage_of(polars()) == "other"
+    numpy = _function_in("/site-packages/numpy/linalg.py", "def f():\n    return sys._getframe()\n")
+    assert stage_of(apply(numpy)) == "cm_apply"  # numpy owns nothing: the caller's stage
+    assert stage_of(apply(lambda: engine(numpy))) == "engine_client"
+    assert stage_of(numpy()) == "other"
     selector = _function_in("/usr/lib/python3/selectors.py", "def f(g):\n    return g()\n")
-    assert stage_of(engine(lambda: selector(polars))) == "idle"
+    assert stage_of(engine(lambda: selector(numpy))) == "idle"
 
 
 def test_split_shares_seconds_by_samples() -> None:
