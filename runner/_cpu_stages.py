@@ -4,8 +4,9 @@ A chunk's rows run as interleaved coroutines on one event loop: a timer around a
 count the other rows' work done while that step awaited, so per-stage timers cannot split the
 loop's CPU. Instead a thread samples the loop thread's stack every ``interval`` seconds and names
 the stage from the innermost frame a stage owns (the engine's modules and aiohttp, the strategy's
-prompts, the CM's math, ...); samples where the loop waits in ``select`` are idle and not counted. The loop
-thread's CPU over a chunk is then split in proportion to the samples. ``read``, ``embed`` and
+prompts, the CM's math, ...); samples where the loop waits (in ``select``, or inside uvloop's C
+loop, which Ray's workers install) are idle and not counted. The loop thread's CPU over a chunk is
+then split in proportion to the samples. ``read``, ``embed`` and
 ``write`` are timed directly by the worker (they run as plain calls or in a thread of their own).
 """
 
@@ -19,6 +20,9 @@ from types import FrameType
 # the first rule matching a frame's file, innermost frame first, names the stage
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("idle", ("/selectors.py",)),
+    # the frame that runs the loop, innermost: the thread is inside the loop's C code (Ray workers run
+    # uvloop), waiting on epoll or between callbacks; its bookkeeping CPU is shared out with the rest
+    ("idle", ("/runner/ray_executor.py",)),
     ("engine_client", ("/runner/engines/", "/aiohttp/", "/yarl/", "/multidict/", "/asyncio/selector_events.py")),
     ("engine_client", ("/asyncio/sslproto.py",)),
     ("prompt", ("/runner/strategies.py", "/runner/prompts.py", "/runner/labels.py")),

@@ -53,3 +53,9 @@ def test_the_sampler_sees_a_busy_thread_in_its_stage() -> None:
     counts = sampler.take()
     assert sum(counts.values()) >= 10
     assert counts["prompt"] / sum(counts.values()) == pytest.approx(1.0, abs=0.2)
+
+
+def test_a_thread_inside_the_workers_c_event_loop_is_idle() -> None:
+    """Ray's workers run uvloop: waiting, the loop thread's innermost Python frame is the one that runs it."""
+    runs_the_loop = _function_in("/repo/runner/ray_executor.py", "def f():\n    return sys._getframe()\n")
+    assert stage_of(runs_the_loop()) == "idle"
