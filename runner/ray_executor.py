@@ -231,8 +231,8 @@ def ray_session(spec: JobSpec) -> Iterator[None]:
         setting="engine.replicas x engine.num_cpus_per_replica",
         extra_cpus=workers_of(spec) * spec.executor.num_cpus_per_worker,
     )
-    _configure_ray_data()
     try:
+        _configure_ray_data()
         yield
     finally:
         if owns:
