@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from runner._cpu_stages import StageSampler, split
 from runner._storage import ObjectPath, location
 from runner.checkpoint import Checkpoint, Manifest
 from runner.data import Corpus
@@ -50,6 +51,13 @@ if TYPE_CHECKING:
     from runner.pipeline import ChunkOutcome
 
 PHASE = "annotate"
+WORKER_STAGES = (
+    *("read", "prompt", "embed", "engine_client", "cm_apply", "write"),
+    *("rows", "event_loop", "other", "outside_loop"),
+)
+"""A worker's CPU per chunk, split (``runner._cpu_stages``): ``rows`` is the block function's bookkeeping
+(each row's record, the chunk's polars frames), ``event_loop`` asyncio's own, ``outside_loop`` the
+process's other threads (Ray's core worker, the sampler)."""
 
 
 @dataclass(frozen=True)
@@ -77,32 +85,20 @@ class _ChunkJob:
     chose_within_sets: bool = True  # a rescore's: earlier labels are the model's choices within their sets
 
 
-class _StageClock:
-    """CPU seconds of this process per stage of a chunk (threads included: embedding runs off the loop)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def timed(self, stage: str, started: float) -> float:
-        now = time.process_time()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - started
-        return now
-
-
 class _TimedCheckpoint(Checkpoint):
-    """The job's checkpoint, counting the CPU its shard writes take (the write stage)."""
+    """The job's checkpoint, counting the CPU its shard writes take on the calling thread (the write stage)."""
 
     write_seconds = 0.0
 
     def write_shard_file(self, phase: str, number: int, rows: pl.DataFrame) -> None:
-        started = time.process_time()
+        started = time.thread_time()
         super().write_shard_file(phase, number, rows)
-        self.write_seconds += time.process_time() - started
+        self.write_seconds += time.thread_time() - started
 
     def write_partial(self, phase: str, number: int, rows: pl.DataFrame) -> None:
-        started = time.process_time()
+        started = time.thread_time()
         super().write_partial(phase, number, rows)
-        self.write_seconds += time.process_time() - started
+        self.write_seconds += time.thread_time() - started
 
 
 class _ChunkWorker:
@@ -147,39 +143,47 @@ class _ChunkWorker:
 
         spec = self._job.spec
         out: dict[str, list[Any]] = {"number": [], "rows": [], "worked": [], "wrote": [], "pid": []}
-        stages = ("read", "annotate", "embed", "write")
-        out |= {f"cpu_{stage}": [] for stage in stages}
-        for number, finished in zip(batch["number"].tolist(), batch["finished"].tolist(), strict=True):
-            clock = _StageClock()
-            self._embed_seconds = self._checkpoint.write_seconds = 0.0
-            started = time.process_time()
-            chunk = self._corpus.chunk(number, spec.output.chunk_size)
-            started = clock.timed("read", started)
-            outcome = self._loop.run_until_complete(
-                self._rescore(number, chunk)
-                if self._job.rescore
-                else work_on_chunk(
-                    PHASE,
-                    number,
-                    chunk,
-                    self._work,
-                    self._checkpoint,
-                    finished,
-                    spec.output.checkpoint_seconds,
-                    lambda rows: None,
+        out |= {f"cpu_{stage}": [] for stage in WORKER_STAGES}
+        sampler = StageSampler(threading.get_ident())  # this thread runs the chunk's event loop
+        try:
+            for number, finished in zip(batch["number"].tolist(), batch["finished"].tolist(), strict=True):
+                self._embed_seconds = self._checkpoint.write_seconds = 0.0
+                process_started, started = time.process_time(), time.thread_time()
+                chunk = self._corpus.chunk(number, spec.output.chunk_size)
+                read = time.thread_time() - started
+                sampler.take()
+                started = time.thread_time()
+                outcome = self._loop.run_until_complete(
+                    self._rescore(number, chunk)
+                    if self._job.rescore
+                    else work_on_chunk(
+                        PHASE,
+                        number,
+                        chunk,
+                        self._work,
+                        self._checkpoint,
+                        finished,
+                        spec.output.checkpoint_seconds,
+                        lambda rows: None,
+                    )
                 )
-            )
-            clock.timed("annotate", started)  # embedding and writes happen inside: split out below
-            clock.seconds["embed"] = self._embed_seconds
-            clock.seconds["write"] = self._checkpoint.write_seconds
-            clock.seconds["annotate"] -= self._embed_seconds + self._checkpoint.write_seconds
-            out["number"].append(number)
-            out["rows"].append(chunk.height)
-            out["worked"].append(outcome.worked)
-            out["wrote"].append(outcome.wrote)
-            out["pid"].append(os.getpid())
-            for stage in stages:
-                out[f"cpu_{stage}"].append(clock.seconds.get(stage, 0.0))
+                # the loop thread's CPU but the shard writes (timed themselves), split by where its samples fell
+                write = self._checkpoint.write_seconds
+                counts = sampler.take()
+                counts.pop("write", None)
+                seconds = split(time.thread_time() - started - write, counts)
+                seconds |= {"read": read, "embed": self._embed_seconds, "write": write}
+                # the rest of the process's CPU: Ray's threads, the sampler, the embedding's pool
+                seconds["outside_loop"] = max(0.0, time.process_time() - process_started - sum(seconds.values()))
+                out["number"].append(number)
+                out["rows"].append(chunk.height)
+                out["worked"].append(outcome.worked)
+                out["wrote"].append(outcome.wrote)
+                out["pid"].append(os.getpid())
+                for stage in WORKER_STAGES:
+                    out[f"cpu_{stage}"].append(seconds.get(stage, 0.0))
+        finally:
+            sampler.stop()
         return out
 
     async def _rescore(self, number: int, chunk: pl.DataFrame) -> ChunkOutcome:
@@ -251,10 +255,23 @@ def ray_session(spec: JobSpec) -> Iterator[None]:
         extra_cpus=workers_of(spec) * spec.executor.num_cpus_per_worker,
     )
     try:
+        _configure_ray_data()
         yield
     finally:
         if owns:
             ray.shutdown()
+
+
+def _configure_ray_data() -> None:
+    """Ray Data imported and set up once per job, with Ray (its import takes ~0.5 s of the driver's CPU)."""
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown cm-run's progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # cm-run prints its own progress
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.issue_detectors_config.detectors = []  # hang and memory checks that only log
 
 
 async def annotate_on_ray(
@@ -273,6 +290,7 @@ async def annotate_on_ray(
     path and height are read here.
     """
     workers = workers_of(spec)
+    cpu_started = time.process_time()  # the driver's share from here: the job's fit and setup are not per row
     job = _ChunkJob(
         spec=spec,
         corpus_path=inputs.corpus.path,
@@ -293,7 +311,7 @@ async def annotate_on_ray(
         summary.add(row)
         if progress:
             progress(PHASE, done, inputs.corpus.height)
-    return worked, summary.report(workers)
+    return worked, summary.report(workers, time.process_time() - cpu_started)
 
 
 async def rescore_on_ray(
@@ -361,10 +379,6 @@ async def _stream(
 
     def run() -> None:
         try:
-            logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown cm-run's progress
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False  # cm-run prints its own progress
-            context.print_on_execution_start = False
             dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
             annotated = dataset.map_batches(
                 _ChunkWorker,
@@ -376,12 +390,14 @@ async def _stream(
                 # Ray Data's defaults for an actor pool restart a worker that dies (a killed process, a lost
                 # node) and give its chunk again: max_restarts and max_task_retries -1
             )
-            for row in annotated.iter_rows():
+            # a block per chunk (batch_size 1): each batch is one chunk's record, taken without a prefetch thread
+            for batch in annotated.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                 if stop.is_set():
                     break
-                row = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
-                record(row)
-                rows.put(row)
+                columns = {key: values.tolist() for key, values in batch.items()}
+                for row in (dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)):
+                    record(row)
+                    rows.put(row)
         except BaseException as error:  # handed to the driver's coroutine, raised there
             rows.put(error)
         finally:
@@ -417,11 +433,14 @@ class _Summary:
             if key.startswith("cpu_"):
                 self.cpu[key[4:]] = self.cpu.get(key[4:], 0.0) + value
 
-    def report(self, workers: int) -> dict[str, Any]:
+    def report(self, workers: int, driver_cpu: float) -> dict[str, Any]:
         per_row = (lambda seconds: round(1000 * seconds / self.rows, 4)) if self.rows else (lambda seconds: None)
         return {
             "kind": "ray",
             "workers": workers,
             "worker_processes": len(self.pids),
-            "worker_cpu_ms_per_row": {stage: per_row(seconds) for stage, seconds in sorted(self.cpu.items())},
+            # the driver process's CPU (all threads, Ray's own included) while the pipeline ran
+            "driver_cpu_ms_per_row": per_row(driver_cpu),
+            "worker_cpu_ms_per_row": {stage: per_row(self.cpu.get(stage, 0.0)) for stage in WORKER_STAGES}
+            | {"total": per_row(sum(self.cpu.values()))},
         }

@@ -27,6 +27,7 @@ import pytest
 
 from runner import load_spec, run_job
 from runner.data import Corpus
+from runner.ray_executor import WORKER_STAGES
 from tests._ray_cluster import LocalCluster
 from tests._s3_server import environment as s3_environment
 from tests.fault_server import served, serving_process
@@ -136,7 +137,11 @@ def test_the_ray_executor_writes_the_one_machine_rows_and_its_driver_reads_no_co
     assert {k: v for k, v in ours.items() if k != "run"} == {k: v for k, v in theirs.items() if k != "run"}
     executor = result.metrics["run"]["executor"]
     assert executor["kind"] == "ray" and executor["worker_processes"] == 2
-    assert set(executor["worker_cpu_ms_per_row"]) == {"read", "annotate", "embed", "write"}
+    stages = executor["worker_cpu_ms_per_row"]
+    assert list(stages) == [*WORKER_STAGES, "total"]
+    assert stages["engine_client"] > 0 and min(stages.values()) >= 0  # the workers' HTTP client is seen working
+    assert sum(stages[stage] for stage in WORKER_STAGES) == pytest.approx(stages["total"], abs=1e-3)
+    assert executor["driver_cpu_ms_per_row"] > 0
 
 
 def rescored_after_review(tmp_path: Path, data: Path, base_url: str, finished: Path, executor: str) -> Path:
