@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import aiohttp
 import orjson
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from runner.engines._batch_record import BatchEntry, BatchRecord, StoredAnswer
 from runner.engines._batch_wire import (
@@ -99,7 +99,9 @@ class OpenAIBatchEngine:
         self.row_errors: Counter[str] = Counter()
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, spec.max_retries) + 1),
-            wait=wait_exponential_jitter(initial=0.5, max=30.0, jitter=0.5),
+            # 0.5 s doubling to 30 s, plus up to 0.5 s of jitter (wait_exponential_jitter's `initial` is
+            # deprecated in tenacity 9.2 and its replacement absent before it)
+            wait=wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5),
             retry=retry_if_exception_type(RetryableError),
             reraise=True,
         )
