@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import orjson
@@ -64,6 +64,9 @@ from runner.review import (
 )
 from runner.spec import MAIN_STAGE, JobSpec
 from runner.strategies import Answer, Strategy, first_answers, make_strategy
+
+if TYPE_CHECKING:  # imports Ray Data's executor module: only for a job on Ray
+    from runner.ray_executor import RayEstimate
 
 logger = logging.getLogger("runner")
 T = TypeVar("T")
@@ -222,6 +225,13 @@ async def _estimate_chunk(
             batched.flush()
 
 
+def estimate_work(
+    engine: Engine, strategy: Strategy, labels: LabelSet, max_chars: int | None, *, asks: bool = True
+) -> ChunkWork:
+    """The estimate phase's block function, as both executors run it: the model's answer for each user sample."""
+    return lambda chunk, finished: _estimate_chunk(chunk, engine, strategy, labels, max_chars, finished, asks=asks)
+
+
 async def estimate_phase(
     spec: JobSpec,
     engine: Engine,
@@ -230,34 +240,36 @@ async def estimate_phase(
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None = None,
+    on_ray: RayEstimate | None = None,
 ) -> MemoryBank:
     """Run G under Z on every user sample and count (Y', Y) pairs into the memory bank.
 
-    Answers are checkpointed in chunks, so an interrupted estimate resumes where it stopped.
+    Answers are checkpointed in chunks, so an interrupted estimate resumes where it stopped. ``on_ray``:
+    the chunks go through the Ray Data workers, as the corpus's do.
     """
     rows = inputs.user.rows
     step = spec.output.chunk_size
     chunks = list(enumerate(rows.slice(start, step) for start in range(0, rows.height, step)))
+    asks = spec.cm.first_call != "never"
+    max_chars = spec.dataset.max_text_chars
     for attempt in range(ESTIMATE_PASSES):  # a later pass asks again only the rows the engine failed on
-        await _run_chunks(
-            "estimate",
-            chunks,
-            rows.height,
-            lambda chunk, finished: _estimate_chunk(
-                chunk,
-                engine,
-                strategy,
-                inputs.labels,
-                spec.dataset.max_text_chars,
-                finished,
-                asks=spec.cm.first_call != "never",
-            ),
-            checkpoint,
-            manifest,
-            progress if attempt == 0 else None,
-            _in_flight(spec, engine),
-            spec.output.checkpoint_seconds,
-        )
+        shown = progress if attempt == 0 else None
+        if on_ray is not None and asks:  # a stage that asks nothing has no calls to move
+            from runner.ray_executor import estimate_on_ray  # imports Ray Data: only for a job on it
+
+            await estimate_on_ray(on_ray, spec, strategy, inputs.labels, chunks, checkpoint, manifest, shown)
+        else:
+            await _run_chunks(
+                "estimate",
+                chunks,
+                rows.height,
+                estimate_work(engine, strategy, inputs.labels, max_chars, asks=asks),
+                checkpoint,
+                manifest,
+                shown,
+                _in_flight(spec, engine),
+                spec.output.checkpoint_seconds,
+            )
         estimate = pl.read_parquet([checkpoint.shard_path("estimate", n) for n in range(len(chunks))])
         n_failed = estimate.filter(pl.col("error_kind") == "engine").height
         if not n_failed:
@@ -875,6 +887,7 @@ async def _bank_phase(
     checkpoint: Checkpoint,
     manifest: Manifest,
     progress: Progress | None,
+    on_ray: RayEstimate | None = None,
 ) -> MemoryBank | None:
     if not spec.cm.enabled and spec.cm.accept is None:
         return None  # no CM and no confidence asked for: the user split is not needed
@@ -885,7 +898,7 @@ async def _bank_phase(
         bank = load_bank(bank_path, labels=inputs.labels.labels)
         if bank.digest() == manifest.bank_digest:
             return bank  # estimated by an earlier, interrupted run of this job
-    bank = await estimate_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress)
+    bank = await estimate_phase(spec, engine, strategy, inputs, checkpoint, manifest, progress, on_ray)
     save_bank(bank, bank_path)
     manifest.bank_digest = bank.digest()
     checkpoint.save(manifest)
@@ -1029,6 +1042,7 @@ async def _run_job(
     job_engine = engine or LazyEngine(make_engine(spec.engine, _state_dir(checkpoint)))
     stack = contextlib.AsyncExitStack()
     stages: list[_Stage] = []
+    on_ray: RayEstimate | None = None
     accepted: asyncio.Future[tuple[FittedCM, ...]] | None = None
     run: dict[str, Any] = {}
     try:
@@ -1045,9 +1059,13 @@ async def _run_job(
         if len(stages) > 1:
             run["stages"] = [{"stage": s.name, "model": s.engine.model_id, "strategy": s.strategy.name} for s in stages]
         started = time.perf_counter()
+        if spec.runs_on_ray:
+            from runner.ray_executor import RayEstimate
+
+            on_ray = RayEstimate(spec, job_engine)  # the user split's calls go through the workers too
         for stage in stages:
             stage.bank = await _bank_phase(
-                stage.spec, stage.engine, stage.strategy, inputs, stage.checkpoint, stage.manifest, progress
+                stage.spec, stage.engine, stage.strategy, inputs, stage.checkpoint, stage.manifest, progress, on_ray
             )
         run["estimate_seconds"] = round(time.perf_counter() - started, 2)
 

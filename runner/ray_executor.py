@@ -9,7 +9,9 @@ file, runs the same block function as the one-machine executor (``pipeline.work_
 ``pipeline.annotate_work``) and writes the shard; the driver receives one small record per chunk
 and records the shard in the manifest. No corpus row passes through the driver. A rescore (a rerun
 after a review changed the fit) is the same pass over the finished chunks, each worker running
-``pipeline.rescore_block`` over its chunk and that chunk's shard (``rescore_on_ray``).
+``pipeline.rescore_block`` over its chunk and that chunk's shard (``rescore_on_ray``). The estimate
+phase's chunks of the user split go through the workers too (``estimate_on_ray``, over
+``pipeline.estimate_work``), handed over with their rows: the driver holds the split to fit on it.
 
 Why chunk numbers and not ``ray.data.read_parquet``: a chunk is the unit of checkpoint and resume,
 numbered by position in the corpus. Ray Data's blocks have no stable numbering across runs, so
@@ -83,6 +85,16 @@ class _ChunkJob:
     workers: int
     rescore: bool = False  # score finished chunks again with this fit (pipeline.rescore_block), not annotate
     chose_within_sets: bool = True  # a rescore's: earlier labels are the model's choices within their sets
+    phase: str = PHASE  # "estimate": the chunks are the user split's, handed over with their rows
+    directory: Path | ObjectPath | None = None  # where shards go (a cascade stage's own); None: output.dir
+
+
+@dataclass(frozen=True)
+class RayEstimate:
+    """What a stage's estimate needs to run on the workers: the job's spec and engine (whose replicas they share)."""
+
+    job_spec: JobSpec
+    job_engine: Engine
 
 
 class _TimedCheckpoint(Checkpoint):
@@ -105,13 +117,18 @@ class _ChunkWorker:
     """A Ray Data actor: annotates each chunk number it is given, writing the chunk's shard."""
 
     def __init__(self, job: _ChunkJob):
-        from runner.pipeline import StageWork, _embedder, annotate_work
+        from runner.pipeline import StageWork, _embedder, annotate_work, estimate_work
 
         spec = job.spec
         self._job = job
         self._loop = asyncio.new_event_loop()
-        self._corpus = Corpus(job.corpus_path, spec.dataset, spec.corpus, job.labels.labels, checked=False)
-        self._checkpoint = _TimedCheckpoint(location(spec.output.dir), spec)
+        # an estimate's chunks come with their rows (the user split, which the driver holds anyway)
+        self._corpus = (
+            Corpus(job.corpus_path, spec.dataset, spec.corpus, job.labels.labels, checked=False)
+            if job.phase == PHASE
+            else None
+        )
+        self._checkpoint = _TimedCheckpoint(job.directory or location(spec.output.dir), spec)
         self._embed_seconds = 0.0
         # one engine per distinct engine spec (the job's own is the one over the driver's replicas)
         self._engines: dict[str, Engine] = {}
@@ -126,7 +143,10 @@ class _ChunkWorker:
             timed = self._timed_embed(embed) if embed is not None else None
             work.append(StageWork(stage.name, self._engines[key], stage.strategy, fitted, None, timed))
         self._stages = work
-        self._work = annotate_work(work, job.labels, spec.dataset.max_text_chars, job.reviewed)
+        if job.phase == PHASE:
+            self._work = annotate_work(work, job.labels, spec.dataset.max_text_chars, job.reviewed)
+        else:
+            self._work = estimate_work(work[0].engine, work[0].strategy, job.labels, spec.dataset.max_text_chars)
 
     def _timed_embed(self, embed: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         def timed(texts: Any) -> np.ndarray:
@@ -146,10 +166,12 @@ class _ChunkWorker:
         out |= {f"cpu_{stage}": [] for stage in WORKER_STAGES}
         sampler = StageSampler(threading.get_ident())  # this thread runs the chunk's event loop
         try:
-            for number, finished in zip(batch["number"].tolist(), batch["finished"].tolist(), strict=True):
+            handed = batch["rows"].tolist() if "rows" in batch else [None] * len(batch["number"])
+            numbers, done = batch["number"].tolist(), batch["finished"].tolist()
+            for number, finished, given in zip(numbers, done, handed, strict=True):
                 self._embed_seconds = self._checkpoint.write_seconds = 0.0
                 process_started, started = time.process_time(), time.thread_time()
-                chunk = self._corpus.chunk(number, spec.output.chunk_size)
+                chunk = self._corpus.chunk(number, spec.output.chunk_size) if given is None else pl.read_ipc(given)
                 read = time.thread_time() - started
                 sampler.take()
                 started = time.thread_time()
@@ -157,7 +179,7 @@ class _ChunkWorker:
                     self._rescore(number, chunk)
                     if self._job.rescore
                     else work_on_chunk(
-                        PHASE,
+                        self._job.phase,
                         number,
                         chunk,
                         self._work,
@@ -344,6 +366,59 @@ async def rescore_on_ray(
     async for row in _stream(job, items, job.workers, lambda row: _record(row, checkpoint, manifest)):
         rescored += row["worked"]
     return rescored
+
+
+async def estimate_on_ray(
+    ray_job: RayEstimate,
+    spec: JobSpec,
+    strategy: Strategy,
+    labels: LabelSet,
+    chunks: list[tuple[int, pl.DataFrame]],
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    progress: Callable[[str, int, int], None] | None,
+) -> int:
+    """A stage's estimate through Ray Data workers: each asks the model about chunks of the user split
+    (``pipeline.estimate_work``, the one-machine block function) and writes their shards; the driver records
+    them. Rows worked on. The chunks travel with their rows (Arrow IPC): the driver holds the user split to fit
+    on it anyway, and the model's calls, the per-row work, are the workers'.
+    """
+    import io
+
+    def ipc(chunk: pl.DataFrame) -> bytes:
+        buffer = io.BytesIO()
+        chunk.write_ipc(buffer)
+        return buffer.getvalue()
+
+    # the job's engine's replicas serve a stage that asks the job's model; a stage with its own API engine
+    # gets a client in each worker
+    shares_replicas = spec.engine == ray_job.job_spec.engine
+    job = _ChunkJob(
+        spec=spec,
+        corpus_path=Path(),
+        labels=labels,
+        stages=(RayStage("estimate", spec, strategy, None),),
+        reviewed=None,
+        replica_actors=await _replica_actors(ray_job.job_engine) if shares_replicas else None,
+        workers=workers_of(spec),
+        phase="estimate",
+        directory=checkpoint.directory,
+    )
+    finished = checkpoint.finished(manifest, "estimate")
+    items = [{"number": n, "finished": n in finished, "rows": ipc(chunk)} for n, chunk in chunks]
+    total = sum(chunk.height for _, chunk in chunks)
+    worked = done = 0
+
+    def record(row: dict[str, Any]) -> None:
+        if row["wrote"]:
+            checkpoint.record_shard(manifest, "estimate", row["number"])
+
+    async for row in _stream(job, items, job.workers, record):
+        worked += row["worked"]
+        done += row["rows"]
+        if progress:
+            progress("estimate", done, total)
+    return worked
 
 
 def _record(row: dict[str, Any], checkpoint: Checkpoint, manifest: Manifest) -> None:

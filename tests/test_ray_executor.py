@@ -135,6 +135,13 @@ def test_the_ray_executor_writes_the_one_machine_rows_and_its_driver_reads_no_co
     assert annotations(spec).equals(annotations(local_run[0]))
     ours, theirs = metrics(spec), metrics(local_run[0])
     assert {k: v for k, v in ours.items() if k != "run"} == {k: v for k, v in theirs.items() if k != "run"}
+    # the user split's answers came from the workers too: the same answers, none asked by the driver's engine
+    out, local_out = (Path(load_spec(s).output.dir) for s in (spec, local_run[0]))
+    assert pl.read_parquet(out / "estimate.parquet").equals(pl.read_parquet(local_out / "estimate.parquet"))
+    corpus_calls = int(annotations(local_run[0])["calls"].sum())
+    n_user = 48
+    driver_calls = theirs["run"]["engine"]["calls"] - n_user - corpus_calls  # the trial's questions, if any
+    assert ours["run"]["engine"]["calls"] == driver_calls
     executor = result.metrics["run"]["executor"]
     assert executor["kind"] == "ray" and executor["worker_processes"] == 2
     stages = executor["worker_cpu_ms_per_row"]
