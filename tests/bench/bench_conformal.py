@@ -15,6 +15,10 @@ scores tau was taken on, so corpus and calibration scores come from the same kin
 
     python tests/bench/bench_conformal.py --data-dir ../shared/datasets --seeds 0 1 --n 1000 --diagnose
 
+``--pool-control`` also scores ``--n`` items held out from the pool the user split is drawn from (the pool's
+rows not in the split, a seeded sample per split): items exchangeable with the pool by construction, beside
+the test file's, to tell a test file unlike its train pool from sets that miss their guarantee.
+
 Embeddings are cached in ``--cache`` (one .npy per list of texts), so a rerun loads no model.
 """
 
@@ -71,13 +75,16 @@ def test_items(name: str, data_dir: str, n: int):
     return spec, next(iter(corpus.chunks(corpus.height)))[1]
 
 
-def probe_bank(name: str, split, fraction: float, seed: int):
+def probe_bank(name: str, split, fraction: float, seed: int, stratified: bool):
     """A bank whose every answer is one stand-in label: with w = 0 the answer cannot move the posterior."""
     texts, truths = split.rows["text"].to_list(), split.rows["label"].to_list()
     answer = split.labels[0]
     ids = split.rows["id"].to_list()  # as a job's samples: the file's ids, which fix each sample's draw
     samples = [Sample(id=i, text=t, answer=answer, truth=y) for i, t, y in zip(ids, texts, truths, strict=True)]
-    info = UserSplitInfo(path="-", fraction=fraction, seed=seed, stratified=True, n_samples=len(texts))
+    provenance = dict(path="-", fraction=fraction, seed=seed, stratified=stratified, n_samples=len(texts))
+    if "pool_label_counts" in UserSplitInfo.model_fields:  # a checkout before weighted conformal: no such field
+        provenance["pool_label_counts"] = split.pool_label_counts
+    info = UserSplitInfo(**provenance)
     return estimate_bank(
         [(answer, y) for y in truths],
         split.labels,
@@ -171,6 +178,23 @@ def _probe_once(fit_probe):
     return once
 
 
+def pool_held_out(spec, data_dir: str, split, n: int, seed: int):
+    """``n`` rows of the user split's pool that are not in the split, a seeded sample: the pool-control items."""
+    import polars as pl
+
+    whole = spec.user_split.model_copy(update={"fraction": None})
+    pool = load_user_split(spec.resolve_data_path(spec.user_split.path, data_dir), spec.dataset, whole).rows
+    rest = pool.filter(~pl.col("id").is_in(split.rows["id"].implode()))
+    return rest.sample(n=min(n, rest.height), seed=seed)
+
+
+def _sets(fitted, vectors: np.ndarray, ids: list) -> list[tuple[str, ...]]:
+    seeded = "row_id" in inspect.signature(apply.refine).parameters  # a checkout before seeded sets: none
+    contexts = apply.neighbourhoods(fitted, vectors)
+    keyed = [{"row_id": str(i)} if seeded else {} for i in ids]
+    return [apply.refine(fitted, c, None, **i).refinement.candidates for c, i in zip(contexts, keyed, strict=True)]
+
+
 def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
     spec, items = test_items(name, args.data_dir, args.n)
     item_vectors = cached_embed(items["text"].to_list(), args.cache)
@@ -186,20 +210,23 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         index = {label: i for i, label in enumerate(split.labels)}
         gold_labels = items["label"].to_list()
         gold = np.array([index.get(label, -1) for label in gold_labels])
-        bank = probe_bank(name, split, args.fraction, seed)
+        bank = probe_bank(name, split, args.fraction, seed, not args.unstratified)
         user_vectors = cached_embed(split.rows["text"].to_list(), args.cache)
-        seeded = "row_id" in inspect.signature(apply.refine).parameters  # a checkout before seeded sets: none
+        control = pool_held_out(spec, args.data_dir, split, args.n, seed) if args.pool_control else None
+        control_vectors = cached_embed(control["text"].to_list(), args.cache) if control is not None else None
         for coverage in args.coverages:
             fitted = fit_cm(bank, CMSpec(**PROBE_ONLY, coverage=coverage), user_vectors)
-            contexts = apply.neighbourhoods(fitted, item_vectors)
-            ids = [{"row_id": str(i)} if seeded else {} for i in items["id"].to_list()]
-            sets = [
-                apply.refine(fitted, c, None, **i).refinement.candidates for c, i in zip(contexts, ids, strict=True)
-            ]
+            sets = _sets(fitted, item_vectors, items["id"].to_list())
             row = {"dataset": name, "seed": seed, "coverage": coverage, "n_user": len(bank.samples)}
             row |= {"n_test": len(sets), "tau": fitted.tau}
             row["covered"] = float(np.mean([g in s for g, s in zip(gold_labels, sets, strict=True)]))
             row["size"] = float(np.mean([len(s) for s in sets]))
+            if control is not None:
+                pool_sets = _sets(fitted, control_vectors, control["id"].to_list())
+                truths = control["label"].to_list()
+                row["n_pool"] = len(pool_sets)
+                row["covered_pool"] = float(np.mean([g in s for g, s in zip(truths, pool_sets, strict=True)]))
+                row["size_pool"] = float(np.mean([len(s) for s in pool_sets]))
             if args.diagnose:
                 row |= diagnose(fitted, user_vectors, item_vectors, gold, coverage, np.random.default_rng(seed))
             rows.append(row)
@@ -220,17 +247,29 @@ def main() -> None:
         "--unstratified", action="store_true", help="a uniform random user split (default: stratified, as the specs)"
     )
     parser.add_argument("--diagnose", action="store_true", help="also the four kinds of set that tell causes apart")
+    parser.add_argument(
+        "--pool-control", action="store_true", help="also score --n pool rows held out of the user split"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
     args = parser.parse_args()
     fit_module.fit_probe = _probe_once(fit_module.fit_probe)
     rows = [row for name in args.datasets for row in run_dataset(name, args)]
-    print("\n| dataset | seed | n user | " + " | ".join(f"covered / size @{c:.2f}" for c in args.coverages) + " |")
+    pooled = " (test file; pool held out)" if args.pool_control else ""
+    print("\n| dataset | seed | n user | " + " | ".join(f"@{c:.2f}{pooled}" for c in args.coverages) + " |")
     print("|" + "---|" * (3 + len(args.coverages)))
     for (name, seed), group in _groups(rows).items():
-        cells = [f"{100 * r['covered']:.1f}% / {r['size']:.2f}" for r in group]
+        cells = [_cell(r) for r in group]
         print(f"| {name} | {seed} | {group[0]['n_user']} | " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text("".join(orjson.dumps(row).decode() + "\n" for row in rows))
+
+
+def _cell(row: dict) -> str:
+    """Covered / mean size on the test file, and on the held-out pool rows where scored."""
+    cell = f"{100 * row['covered']:.1f}% / {row['size']:.2f}"
+    if "covered_pool" in row:
+        cell += f"; {100 * row['covered_pool']:.1f}% / {row['size_pool']:.2f}"
+    return cell
 
 
 def _groups(rows: list[dict]) -> dict:
