@@ -143,6 +143,15 @@ class UserSplitInfo(BaseModel):
     seed: int
     stratified: bool
     n_samples: int = Field(ge=0, description="User samples the bank was estimated on.")
+    pool_label_counts: dict[str, int] | None = Field(
+        default=None,
+        description=(
+            "Rows per label of the labelled file the split was drawn from (null: the whole file is the split, or "
+            "a bank from before they were kept). A stratified draw over-represents rare labels; tau weights each "
+            "drawn sample by its label's share of the pool over its share of the split, so the sets' coverage "
+            "is the pool's (a split not drawn, or drawn uniformly, weighs every sample 1)."
+        ),
+    )
 
 
 class MemoryBank(BaseModel):
@@ -202,6 +211,9 @@ class MemoryBank(BaseModel):
         for sample in self.samples or ():
             if sample.truth not in known or (sample.answer is not None and sample.answer not in answers):
                 raise ValueError(f"sample {sample.id!r} has a label that is not in labels")
+        pool = self.user_split.pool_label_counts or {}
+        if set(pool) - known or any(count < 0 for count in pool.values()):
+            raise ValueError("user_split.pool_label_counts: non-negative counts of the bank's labels only")
         return self
 
     @property
@@ -351,6 +363,8 @@ def merge_banks(banks: Sequence[MemoryBank]) -> MemoryBank:
         samples=[s for bank in banks for s in bank.samples or []] if keep_samples else None,
     )
     split = merged.user_split.model_copy(update={"path": joined(b.user_split.path for b in banks)})
+    if any(b.user_split.pool_label_counts != first.user_split.pool_label_counts for b in banks):
+        split = split.model_copy(update={"pool_label_counts": None})  # splits of different pools: no one weighting
     return merged.model_copy(
         update={
             "model": joined(b.model for b in banks),

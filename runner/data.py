@@ -107,6 +107,8 @@ class UserSplit:
     path: DataPath
     rows: pl.DataFrame
     labels: tuple[str, ...]
+    # rows per label of the file the split was drawn from; None when the whole file is the split
+    pool_label_counts: dict[str, int] | None = None
 
 
 def load_user_split(path: DataPath, dataset: DatasetSpec, split: UserSplitSpec) -> UserSplit:
@@ -118,7 +120,9 @@ def load_user_split(path: DataPath, dataset: DatasetSpec, split: UserSplitSpec) 
     labels = tuple(dataset.labels) if dataset.labels else tuple(sorted(pool["label"].unique().to_list()))
     _check_rows(path, pool, labels)
     rows = sample_user_split(pool, split.fraction, seed=split.seed, stratified=split.stratified)
-    return UserSplit(path=path, rows=rows, labels=labels)
+    drawn = split.fraction is not None and split.fraction < 1
+    counts = dict(sorted(pool.group_by("label").len().iter_rows())) if drawn else None
+    return UserSplit(path=path, rows=rows, labels=labels, pool_label_counts=counts)
 
 
 def sample_user_split(pool: pl.DataFrame, fraction: float | None, *, seed: int, stratified: bool) -> pl.DataFrame:

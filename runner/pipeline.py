@@ -306,6 +306,7 @@ async def estimate_phase(
             seed=split.seed,
             stratified=split.stratified,
             n_samples=estimate.height,
+            pool_label_counts=inputs.user.pool_label_counts,
         ),
         samples=samples,
     )

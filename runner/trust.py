@@ -12,12 +12,13 @@ new corpus item's would.
   per-label testing, of every well-sampled label's bound too. Either way it reports how each
   assigned label's accepted samples fared (``Acceptance.below_target``).
 - ``conformal_tau``: the split-conformal quantile of held-out scores, for candidate sets that hold
-  the truth with probability at least ``coverage`` on items exchangeable with the user split.
+  the truth with probability at least ``coverage`` on items exchangeable with the user split; with
+  ``label_shift_weights``, the weighted quantile for a stratified split, whose label shares are not
+  the pool's (weighted conformal prediction under label shift).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -302,17 +303,49 @@ def conformity_scores(posteriors: FloatArray, truths: np.ndarray, u: FloatArray)
     return scores[np.arange(len(posteriors)), np.asarray(truths)]
 
 
-def conformal_tau(scores: FloatArray, coverage: float) -> float:
-    """The ceil((n+1) * coverage)-th smallest of n held-out conformity scores; 1 when that exceeds n.
+def conformal_tau(scores: FloatArray, coverage: float, weights: FloatArray | None = None) -> float:
+    """The weighted split-conformal quantile of n held-out conformity scores at ``coverage``; 1 where none.
 
-    Split-conformal prediction: a new item exchangeable with the n scored ones has its truth in
-    the set of mass tau with probability >= coverage (Vovk et al.; Angelopoulos & Bates, 2021).
+    Each score carries its ``weights`` entry (all 1 by default) and the new item a point mass at
+    infinity; tau is the smallest score whose cumulative weight reaches ``coverage`` of the total.
+    With unit weights that is the ceil((n+1) * coverage)-th smallest score, split-conformal prediction:
+    a new item exchangeable with the n scored ones has its truth in the set of mass tau with probability
+    >= coverage (Vovk et al.; Angelopoulos & Bates, 2021). With label-shift weights (p_pool(y) /
+    p_split(y), ``label_shift_weights``) the scores stand for the pool rather than the split (Tibshirani
+    et al., 2019; Podkopaev & Ramdas, 2021). The new item's own weight depends on its unknown label:
+    it gets the largest, which can only raise tau (one tau for every label; conservative by at most
+    max(w) / (sum(w) + max(w)), about 1/(n+1)).
     """
-    n = len(scores)
-    rank = math.ceil((n + 1) * coverage)
-    if n == 0 or rank > n:
+    scores = np.asarray(scores, dtype=float)
+    if len(scores) == 0:
         return 1.0
-    return float(min(1.0, np.sort(scores)[rank - 1]))
+    weights = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=float)
+    if weights.shape != scores.shape or np.any(weights < 0):
+        raise ValueError("conformal_tau: one non-negative weight per score")
+    order = np.argsort(scores, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    # the product in this order, so unit weights give exactly the rank ceil((n+1) * coverage)
+    first = int(np.searchsorted(cumulative, (cumulative[-1] + weights.max()) * coverage, side="left"))
+    if first >= len(scores):
+        return 1.0
+    return float(min(1.0, scores[order][first]))
+
+
+def label_shift_weights(truths: IntArray, pool_counts: FloatArray) -> FloatArray:
+    """Per user sample of label y, how many pool items it stands for relative to the rest: p_pool(y) / p_split(y).
+
+    ``truths`` are the drawn samples' label indices, ``pool_counts`` the pool's rows per label index. A
+    stratified split keeps at least one sample of every label, so a label with a single pool row in a
+    hundred has a share of the split many times its share of the pool; weighting its samples down makes
+    the weighted split's label shares the pool's (the weights' mean is 1).
+    """
+    truths = np.asarray(truths, dtype=np.int64)
+    pool = np.asarray(pool_counts, dtype=float)
+    split = np.bincount(truths, minlength=len(pool)).astype(float)
+    if np.any((split > 0) & (pool <= 0)):
+        raise ValueError("a user sample's label has no row in the pool it was drawn from")
+    ratio = np.divide(pool / pool.sum(), split / len(truths), out=np.zeros_like(pool), where=split > 0)
+    return ratio[truths]
 
 
 def risk_coverage(confidences: FloatArray, right: BoolArray) -> tuple[FloatArray, FloatArray]:

@@ -109,6 +109,30 @@ def test_invalid_bank_names_the_file_and_problem(tmp_path, mutate, message):
     assert str(path) in str(error.value)
 
 
+def test_a_bank_from_before_pool_counts_loads_with_none_and_bad_counts_are_named(tmp_path):
+    path = tmp_path / "bank.json"
+    save_bank(make_bank([("4", "1")]), path)
+    raw = orjson.loads(path.read_bytes())
+    raw["user_split"].pop("pool_label_counts")  # as banks were written before the field
+    path.write_bytes(orjson.dumps(raw))
+    assert load_bank(path).user_split.pool_label_counts is None  # tau then weighs every sample 1
+    raw["user_split"]["pool_label_counts"] = {"1": 40, "9": 2}
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(BankError, match="pool_label_counts") as error:
+        load_bank(path)
+    assert str(path) in str(error.value)
+
+
+def test_merging_splits_of_different_pools_drops_the_pool_counts():
+    from runner.bank import merge_banks
+
+    counted = make_bank([("1", "1")]).model_copy(
+        update={"user_split": SPLIT.model_copy(update={"pool_label_counts": {"1": 40, "2": 2}})}
+    )
+    assert merge_banks([counted, counted]).user_split.pool_label_counts == {"1": 40, "2": 2}
+    assert merge_banks([counted, make_bank([("1", "1")])]).user_split.pool_label_counts is None
+
+
 def test_corrupt_or_mismatched_bank(tmp_path):
     path = tmp_path / "bank.json"
     path.write_bytes(b'{"labels": [')

@@ -16,6 +16,16 @@ def test_stratified_user_split_keeps_every_label(data_dir):
     assert again.rows["id"].to_list() == split.rows["id"].to_list()  # the seed makes it repeatable
 
 
+def test_a_drawn_split_keeps_the_pools_label_counts_for_the_weights(write):
+    rows = [f'{{"text": "t{i}", "label": "{"a" if i < 18 else "b"}"}}' for i in range(20)]
+    path = write("pool.jsonl", "\n".join(rows) + "\n")
+    drawn = load_user_split(path, DATASET, UserSplitSpec(path="pool.jsonl", fraction=0.1))
+    assert drawn.pool_label_counts == {"a": 18, "b": 2}
+    assert drawn.rows["label"].value_counts().sort("label")["count"].to_list() == [2, 1]  # round(0.2) -> 1
+    whole = load_user_split(path, DATASET, UserSplitSpec(path="pool.jsonl", fraction=None))
+    assert whole.pool_label_counts is None  # the file is the split, nothing was drawn: weights 1
+
+
 def test_fraction_per_label_and_seed_changes_the_draw():
     pool = pl.DataFrame({"id": [str(i) for i in range(200)], "text": ["t"] * 200, "label": ["a"] * 100 + ["b"] * 100})
     first = sample_user_split(pool, 0.05, seed=0, stratified=True)

@@ -26,6 +26,7 @@ from runner.fit import (
     finish_fit,
     fit_cm,
     prepare_fit,
+    split_weights,
 )
 from runner.probe import fit_probe
 from runner.review import with_reviewed
@@ -200,6 +201,58 @@ def test_tau_is_the_conformal_quantile_of_held_out_conformity_scores(coverage):
     assert draft.tau == pytest.approx(expected)
     covered = np.mean([truth in chosen for truth, chosen in zip(TRUTHS, draft.held_out_sets, strict=True)])
     assert covered >= coverage  # the held-out sets hold the truth at least as often as asked
+
+
+def weighted_quantile_by_hand(scores, weights, coverage):
+    """The smallest score whose cumulative weight (lowest first) reaches coverage of the total plus the
+    largest weight (the new item's, at infinity); 1 when none does."""
+    total, reached = sum(weights) + max(weights), 0.0
+    for score, weight in sorted(zip(scores, weights, strict=True)):
+        reached += weight
+        if reached >= coverage * total:
+            return score
+    return 1.0
+
+
+POOL = {"pets": 80, "weather": 10, "music": 10}  # of 100 pool rows; SAMPLES has 4 / 2 / 3 of 9
+
+
+def stratified_bank(samples, *, stratified=True, pool=POOL):
+    split = UserSplitInfo(path="u", fraction=0.05, seed=0, stratified=stratified, n_samples=9, pool_label_counts=pool)
+    pairs = [(s.answer, s.truth) for s in samples]
+    return estimate_bank(pairs, LABELS, dataset="toy", model="m", strategy="z", user_split=split, samples=samples)
+
+
+@pytest.mark.parametrize("coverage", [0.45, 0.55, 0.75])
+def test_a_stratified_splits_tau_weighs_each_sample_by_its_labels_pool_share_over_split_share(coverage):
+    # weights: pets 0.8 / (4/9) = 1.8, weather 0.1 / (2/9) = 0.45, music 0.1 / (3/9) = 0.3. Two pets samples
+    # score 0.73 and 0.76, the rest 0: weighted, 0.55 and 0.75 ask for them (unweighted: 0 and 0.73).
+    cm = CMSpec(variant="counts", coverage=coverage, likelihood_weight=1.0)
+    scores = [
+        conformity_by_hand(counts_posterior_by_hand(SAMPLES, i, weight=1.0), TRUTHS[i], SAMPLES[i].id)
+        for i in range(len(SAMPLES))
+    ]
+    by_label = {"pets": 0.8 / (4 / 9), "weather": 0.1 / (2 / 9), "music": 0.1 / (3 / 9)}
+    weights = [by_label[s.truth] for s in SAMPLES]
+    assert prepare_fit(stratified_bank(SAMPLES), cm).tau == pytest.approx(
+        weighted_quantile_by_hand(scores, weights, coverage)
+    )
+    unweighted = conformal_quantile_by_hand(scores, coverage)
+    assert prepare_fit(stratified_bank(SAMPLES, stratified=False), cm).tau == pytest.approx(unweighted)
+    assert prepare_fit(stratified_bank(SAMPLES, pool=None), cm).tau == pytest.approx(unweighted)  # an old bank
+    if coverage > 0.5:
+        assert weighted_quantile_by_hand(scores, weights, coverage) > unweighted
+
+
+def test_split_weights_count_only_the_drawn_samples():
+    from runner.bank import update_bank
+
+    reviewed = update_bank(stratified_bank(SAMPLES), [Sample(id="c", text="cat", answer="pets", truth="music")])
+    truths = np.array([LABELS.index(s.truth) for s in reviewed.samples])
+    drawn = np.array([s.source == "user_split" for s in reviewed.samples])
+    by_label = {"pets": 0.8 / (4 / 9), "weather": 0.1 / (2 / 9), "music": 0.1 / (3 / 9)}
+    expected = [by_label[s.truth] for s in SAMPLES] + [1.0]  # the correction is never held out: any weight
+    assert split_weights(reviewed, truths, drawn) == pytest.approx(expected)
 
 
 def test_a_coverage_the_held_out_scores_cannot_certify_keeps_every_label():

@@ -62,6 +62,16 @@ async def test_cm_flow_end_to_end(job, tmp_path):
     assert metrics == result.metrics
 
 
+async def test_the_bank_of_a_drawn_split_keeps_the_pools_label_counts(job, tmp_path):
+    # what the fit weighs a stratified split's held-out scores by (runner.fit.split_weights)
+    spec, make_engine = job
+    drawn = spec.model_copy(update={"user_split": spec.user_split.model_copy(update={"fraction": 0.5})})
+    await run_job(drawn, engine=make_engine())
+    bank = load_bank(tmp_path / "out/memory_bank.json")
+    assert bank.user_split.pool_label_counts == {"alarm": 1, "iot": 1, "music": 2}
+    assert bank.user_split.stratified and bank.n_samples == 3  # one sample a label, at least
+
+
 async def test_metrics_count_rows_without_an_answer_as_wrong(job, tmp_path):
     spec, _ = job
     first = {t: a for t, _, a in USER} | {t: a for t, _, a, _ in CORPUS}
