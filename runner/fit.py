@@ -313,7 +313,7 @@ def split_weights(bank: MemoryBank, truths: np.ndarray, drawn: np.ndarray) -> np
     """Per bank sample, what its held-out score weighs in tau: p_pool(y) / p_split(y) for a stratified draw.
 
     A stratified draw keeps at least one sample of every label, so rare labels are over-represented
-    (6.8% of MTOP's 5% split are the only sample of their label, against 1.7% of its pool); their held-out
+    (6.8% of MTOP's 5% split are the only sample of their label; those labels are 3.5% of its pool); their held-out
     scores sit near 1 and pulled tau up to sets of 106 of 113 labels. The draw's weights are known
     exactly from the pool's counts (``UserSplitInfo.pool_label_counts``). Every sample weighs 1 where the
     split is a uniform draw or the whole file (exchangeable with it as it is), or the counts were not kept.
