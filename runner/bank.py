@@ -211,9 +211,13 @@ class MemoryBank(BaseModel):
         for sample in self.samples or ():
             if sample.truth not in known or (sample.answer is not None and sample.answer not in answers):
                 raise ValueError(f"sample {sample.id!r} has a label that is not in labels")
-        pool = self.user_split.pool_label_counts or {}
-        if set(pool) - known or any(count < 0 for count in pool.values()):
-            raise ValueError("user_split.pool_label_counts: non-negative counts of the bank's labels only")
+        pool = self.user_split.pool_label_counts
+        if pool is not None:
+            if set(pool) - known or any(count < 0 for count in pool.values()):
+                raise ValueError("user_split.pool_label_counts: non-negative counts of the bank's labels only")
+            drawn = {s.truth for s in self.samples or () if s.source == "user_split"}
+            if missing := sorted(label for label in drawn if pool.get(label, 0) == 0):
+                raise ValueError(f"user_split.pool_label_counts: no pool rows of sampled label(s) {missing}")
         return self
 
     @property

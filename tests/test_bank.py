@@ -121,6 +121,11 @@ def test_a_bank_from_before_pool_counts_loads_with_none_and_bad_counts_are_named
     with pytest.raises(BankError, match="pool_label_counts") as error:
         load_bank(path)
     assert str(path) in str(error.value)
+    raw["user_split"]["pool_label_counts"] = {"1": 40}
+    raw["samples"] = [{"id": "a", "text": "t", "answer": "4", "truth": "2"}]  # drawn from a pool without label 2
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(BankError, match=r"no pool rows of sampled label\(s\) \['2'\]"):
+        load_bank(path)
 
 
 def test_merging_splits_of_different_pools_drops_the_pool_counts():
