@@ -24,6 +24,7 @@ import polars as pl
 
 from runner import apply
 from runner._fitted_store import load_fitted, save_fitted
+from runner._gc import fewer_collections
 from runner._memory import PeakMemory
 from runner._storage import StorageError, location, on_object_store
 from runner.bank import MemoryBank, Sample, UserSplitInfo, estimate_bank, load_bank, save_bank
@@ -1048,6 +1049,7 @@ async def _run_job(
     run: dict[str, Any] = {}
     try:
         memory = stack.enter_context(PeakMemory())
+        stack.enter_context(fewer_collections())
         if spec.runs_on_ray:
             from runner.ray_executor import ray_session  # imports Ray: only for a job that runs on it
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from runner._cpu_stages import StageSampler, split
+from runner._gc import ROWS_THRESHOLD
 from runner._storage import ObjectPath, location
 from runner.checkpoint import Checkpoint, Manifest
 from runner.data import Corpus
@@ -121,6 +123,9 @@ class _ChunkWorker:
 
         spec = job.spec
         self._job = job
+        # the actor's process is this job's alone: the one machine's collection thresholds for all of it
+        # (a chunk keeps thousands of rows in flight; runner/_gc.py says why that makes the default costly)
+        gc.set_threshold(*ROWS_THRESHOLD)
         self._loop = asyncio.new_event_loop()
         # an estimate's chunks come with their rows (the user split, which the driver holds anyway)
         self._corpus = (

@@ -45,5 +45,6 @@ class LazyEngine:
                 self.started = True
 
     async def complete(self, requests: Sequence[ChoiceRequest]) -> list[Completion]:
-        await self.start()
+        if not self.started:  # the lock only until started: taking it on every request costs CPU per row
+            await self.start()
         return await self.inner.complete(requests)
