@@ -1,4 +1,5 @@
-"""The novelty check (cm.ood): its p-values by hand, its flag rate by simulation, and a job that keeps junk out."""
+"""The novelty check (cm.ood): its p-values by hand, its flag rate by simulation (embeddings and character
+n-grams), junk against a MASSIVE user split, and a job that keeps junk out."""
 
 from __future__ import annotations
 
@@ -91,6 +92,122 @@ def test_rows_far_from_the_user_split_are_flagged():
     far = _mixture(rng, 200, rng.normal(size=(3, 16)), spread=0.2)  # another domain: other centres
     assert fitted.flags(far).mean() >= 0.95
     assert np.all(fitted.p_values(far[fitted.flags(far)]) <= 0.01)
+
+
+# The lexical check (cm.ood.lexical): character n-gram sets, a second p-value, Bonferroni.
+
+
+def _ngram_set(text: str) -> set[str]:
+    """Character 2- to 4-grams of each space-padded, lowercased word: what the hashed vectors hold, by hand."""
+    grams = set()
+    for word in text.lower().split():
+        padded = f" {word} "
+        grams |= {padded[i : i + n] for n in (2, 3, 4) for i in range(len(padded) - n + 1)}
+    return grams
+
+
+def _set_distance(a: str, b: str) -> float:
+    """1 - cosine of binary n-gram vectors: 1 - |A & B| / sqrt(|A| |B|)."""
+    x, y = _ngram_set(a), _ngram_set(b)
+    return 1 - len(x & y) / np.sqrt(len(x) * len(y))
+
+
+def test_lexical_scores_are_the_n_gram_set_distance_to_the_kth_nearest_user_text():
+    user = ["wake me up at nine", "wake me up at ten", "set an alarm for nine", "what is the weather"]
+    rows = ["wake me at nine", '=HYPERLINK("http://x")', "what's the weather like"]
+    fitted = fit_novelty(_circle(0.0, 0.1, 0.3, 1.0), neighbours=2, level=0.4, texts=user)
+    assert fitted.lexical is not None and fitted.lexical.neighbours == 2
+    # leave-one-out: each user text's second nearest other user text
+    expected = [sorted(_set_distance(u, v) for v in user if v is not u)[1] for u in user]
+    assert np.allclose(fitted.lexical.calibration, np.sort(expected), atol=1e-6)
+    by_hand = [sorted(_set_distance(r, u) for u in user)[1] for r in rows]
+    assert np.allclose(fitted.lexical.scores(rows), by_hand, atol=1e-6)
+    assert _set_distance('=HYPERLINK("http://x")', "wake me up at nine") > 0.9  # a formula shares few n-grams
+    # p-values rank the scores among the calibration as the embedding's do
+    p_lex = fitted.lexical.p_values(rows)
+    assert np.allclose(p_lex, [(1 + np.sum(np.array(expected) >= d - 1e-9)) / 5 for d in by_hand])
+
+
+def test_a_row_is_flagged_by_either_p_value_at_half_the_level():
+    user_vectors = _circle(0.0, 0.1, 0.3, 1.0)
+    user = ["wake me up at nine", "wake me up at ten", "set an alarm for nine", "what is the weather"]
+    both = fit_novelty(user_vectors, neighbours=1, level=0.4, texts=user)
+    alone = fit_novelty(user_vectors, neighbours=1, level=0.4)
+    assert alone.lexical is None
+    # row 1: near in both spaces; row 2: far by embedding (p 0.2), a user text; row 3: near by embedding, junk
+    vectors, texts = _circle(0.05, 2.0, 0.05), ["wake me up at nine", "wake me up at ten", "=SUM(A1:B2)"]
+    p_embed = both.p_values(vectors)
+    p_lex = both.lexical.p_values(texts)
+    assert np.allclose(p_embed, [1.0, 0.2, 1.0]) and np.allclose(p_lex, [1.0, 1.0, 0.2])
+    assert np.allclose(both.combined_p_values(vectors, texts), [1.0, 0.4, 0.4])  # min(1, 2 min(p_e, p_l))
+    assert both.flags(vectors, texts).tolist() == [False, True, True]
+    assert alone.flags(vectors).tolist() == [False, True, False]  # the embedding alone misses the formula
+    with pytest.raises(ValueError, match="needs the rows' texts"):
+        both.flags(vectors)
+    with pytest.raises(ValueError, match="2 texts for 4"):
+        fit_novelty(user_vectors, neighbours=1, level=0.4, texts=user[:2])
+
+
+@pytest.fixture(scope="module")
+def massive_texts(data_dir) -> list[str]:
+    """MASSIVE en-US validation utterances (2,033): a pool of real short requests."""
+    import polars as pl
+
+    return pl.read_ndjson(data_dir / "massive/en-US/validation.jsonl")["text"].to_list()
+
+
+def _word_vectors(texts: list[str]) -> np.ndarray:
+    """A cheap fixed embedding (hashed words, unit rows), standing in for MiniLM in the simulations."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    hashed = HashingVectorizer(n_features=256, alternate_sign=False).transform(texts).toarray() + 1e-3
+    return hashed / np.linalg.norm(hashed, axis=1, keepdims=True)
+
+
+def test_real_utterances_exchangeable_with_the_user_split_are_flagged_at_most_level_of_the_time(massive_texts):
+    """User split and rows drawn without replacement from one pool of real utterances: exchangeable."""
+    rng = np.random.default_rng(5)
+    pool = np.array(massive_texts, dtype=object)
+    vectors = _word_vectors(massive_texts)
+    levels, trials, n, m = np.array([0.02, 0.05, 0.1]), 120, 199, 50
+    combined, lexical = np.empty((trials, len(levels))), np.empty((trials, len(levels)))
+    for t in range(trials):
+        drawn = rng.permutation(len(pool))[: n + m]
+        user, rows = drawn[:n], drawn[n:]
+        fitted = fit_novelty(vectors[user], neighbours=5, level=0.05, texts=list(pool[user]))
+        assert fitted.lexical is not None
+        # the p-values do not depend on the level: read each level's flags off the same draws
+        combined[t] = (fitted.combined_p_values(vectors[rows], list(pool[rows]))[:, None] <= levels).mean(axis=0)
+        lexical[t] = (fitted.lexical.p_values(list(pool[rows]))[:, None] <= levels).mean(axis=0)
+    for rates in (combined, lexical):  # trials are the unit: rows within one share its user split
+        error = rates.std(axis=0, ddof=1) / np.sqrt(trials)
+        assert np.all(rates.mean(axis=0) <= levels + 3 * error), (rates.mean(axis=0), error)
+    # not vacuous: the lexical p-value alone is near exact (duplicates in the pool tie at distance 0)
+    assert np.all(lexical.mean(axis=0) >= 0.6 * levels), lexical.mean(axis=0)
+
+
+def test_junk_is_flagged_against_a_massive_user_split_by_the_lexical_check(massive_texts):
+    user, held = massive_texts[:300], massive_texts[300:800]
+    # an embedding that sees no difference at all: every p-value it gives is 1, the flags are the lexical check's
+    flat = np.ones((1, 4)) / 2.0
+    fitted = fit_novelty(np.repeat(flat, len(user), axis=0), neighbours=5, level=0.01, texts=user)
+    junk = [
+        '=HYPERLINK("http://x")',
+        '=HYPERLINK("http://example.com/a1")',
+        "=SUM(A1:B22)",
+        '=IMPORTXML("https://abcd.org", "//data")',
+        "https://www.kq3vzt.com/xr7?id=1",
+        "Xk29fQpLz0wRt",
+        "qx7 zt3k vv9w",
+        '<div class="row">a1b2</div>',
+        '{"user": 123456}',
+        "804233917",
+        "jsmith42@mail.com",
+    ]
+    flags = fitted.flags(np.repeat(flat, len(junk), axis=0), junk)
+    assert flags.all(), [j for j, f in zip(junk, flags, strict=True) if not f]
+    own = fitted.flags(np.repeat(flat, len(held), axis=0), held)
+    assert own.mean() <= 0.02  # real utterances like the split's: about level / 2 at most
 
 
 # A job on the scripted engine: pets, weather and music user samples, and a corpus with a junk row.
