@@ -148,6 +148,20 @@ def test_a_row_is_flagged_by_either_p_value_at_half_the_level():
         fit_novelty(user_vectors, neighbours=1, level=0.4, texts=user[:2])
 
 
+def test_a_fit_pickled_before_the_lexical_check_reads_back_as_the_embedding_check_it_was():
+    import pickle
+
+    user = ["wake me up at nine", "wake me up at ten", "set an alarm for nine", "what is the weather"]
+    fitted = fit_novelty(_circle(0.0, 0.1, 0.3, 1.0), neighbours=1, level=0.4, texts=user)
+    old = pickle.loads(pickle.dumps(fitted))
+    del old.__dict__["lexical"]  # what an older cm-runner's Novelty pickled: no such attribute
+    reread = pickle.loads(pickle.dumps(old))
+    assert reread.lexical is None
+    vectors = _circle(0.05, 2.0, 0.05)
+    assert reread.flags(vectors).tolist() == [False, True, False]  # no texts needed, the embedding's flags
+    assert pickle.loads(pickle.dumps(fitted)).flags(vectors, ["a", "b", "=SUM(A1:B2)"]).tolist()[2]
+
+
 @pytest.fixture(scope="module")
 def massive_texts(data_dir) -> list[str]:
     """MASSIVE en-US validation utterances (2,033): a pool of real short requests."""
@@ -169,16 +183,20 @@ def test_real_utterances_exchangeable_with_the_user_split_are_flagged_at_most_le
     rng = np.random.default_rng(5)
     pool = np.array(massive_texts, dtype=object)
     vectors = _word_vectors(massive_texts)
-    levels, trials, n, m = np.array([0.02, 0.05, 0.1]), 120, 199, 50
+    levels, trials, n, m = np.array([0.02, 0.05, 0.1]), 100, 199, 50
     combined, lexical = np.empty((trials, len(levels))), np.empty((trials, len(levels)))
     for t in range(trials):
         drawn = rng.permutation(len(pool))[: n + m]
         user, rows = drawn[:n], drawn[n:]
         fitted = fit_novelty(vectors[user], neighbours=5, level=0.05, texts=list(pool[user]))
         assert fitted.lexical is not None
+        p_lex = fitted.lexical.p_values(list(pool[rows]))
+        p_combined = np.minimum(1.0, 2.0 * np.minimum(fitted.p_values(vectors[rows]), p_lex))  # Bonferroni
+        if t == 0:  # what a job flags by (worked out by hand in the test above)
+            assert np.array_equal(p_combined, fitted.combined_p_values(vectors[rows], list(pool[rows])))
         # the p-values do not depend on the level: read each level's flags off the same draws
-        combined[t] = (fitted.combined_p_values(vectors[rows], list(pool[rows]))[:, None] <= levels).mean(axis=0)
-        lexical[t] = (fitted.lexical.p_values(list(pool[rows]))[:, None] <= levels).mean(axis=0)
+        combined[t] = (p_combined[:, None] <= levels).mean(axis=0)
+        lexical[t] = (p_lex[:, None] <= levels).mean(axis=0)
     for rates in (combined, lexical):  # trials are the unit: rows within one share its user split
         error = rates.std(axis=0, ddof=1) / np.sqrt(trials)
         assert np.all(rates.mean(axis=0) <= levels + 3 * error), (rates.mean(axis=0), error)
@@ -272,8 +290,33 @@ async def test_a_junk_row_in_the_corpus_is_not_accepted_and_is_in_review_saying_
     assert exported["ood"].to_list() == [True]
 
 
+@pytest.mark.parametrize("lexical", [True, False])
+async def test_a_formula_the_embedding_cannot_tell_from_the_user_samples_is_flagged_by_its_characters(
+    tmp_path, toy_job, lexical
+):
+    import polars as pl
+
+    from runner import run_job
+    from tests.scripted_engine import ScriptedEngine
+
+    formula = "=SUM(A1:B2) cat dog"  # to _embed, the words cat and dog: the same vector as "cat dog"
+    user = _samples() * 2
+    corpus = [("cat dog dog", "pets"), ("sun rain", "weather"), ("band song", "music"), (formula, None)]
+    cm = (
+        "{variant: neighbour_prior, prior: neighbours, neighbours: 3, neighbour_temperature: 0.01, "
+        f"likelihood_weight: 0, first_call: when_weighted, second_call: never, "
+        f"ood: {{level: 0.05, lexical: {str(lexical).lower()}}}, accept: {{target_accuracy: 0.8, min_accepted: 10}}}}"
+    )
+    spec = toy_job(user, corpus, labels=["music", "pets", "weather"], extra=f"cm: {cm}")
+    await run_job(spec, engine=ScriptedEngine({text: label for text, label in user}, n_labels=3), embed=_embed)
+    table = pl.read_parquet(tmp_path / "out/annotations.parquet")
+    # 48 user samples: the smallest p-value is 1/49, so 2/49 <= 0.05 can still flag with both checks
+    assert table["ood"].to_list() == [False, False, False, lexical]
+    assert table["accepted"].to_list() == [True, True, True, not lexical]
+
+
 def test_the_ood_level_is_part_of_what_a_neighbour_job_resumes_on_and_unread_by_the_paper_variant(toy_job):
-    from runner.checkpoint import changed_keys, material_spec, spec_digest
+    from runner.checkpoint import _digest, changed_keys, material_spec, spec_digest
 
     def spec(cm: str):
         return toy_job([("cat", "pets"), ("rain", "weather")], [("cat", None)], extra=f"cm: {cm}")
@@ -281,9 +324,16 @@ def test_the_ood_level_is_part_of_what_a_neighbour_job_resumes_on_and_unread_by_
     neighbour = spec("{variant: neighbour_prior}")
     stricter = spec("{variant: neighbour_prior, ood: {level: 0.05}}")
     off = spec("{variant: neighbour_prior, ood: null}")
+    embedding_only = spec("{variant: neighbour_prior, ood: {lexical: false}}")
     assert changed_keys(material_spec(neighbour), material_spec(stricter)) == ["cm.ood.level"]
     assert changed_keys(material_spec(neighbour), material_spec(off)) == ["cm.ood"]
-    assert len({spec_digest(s) for s in (neighbour, stricter, off)}) == 3  # and so the fit's key
+    assert changed_keys(material_spec(neighbour), material_spec(embedding_only)) == ["cm.ood.lexical"]
+    assert len({spec_digest(s) for s in (neighbour, stricter, off, embedding_only)}) == 4  # and so the fit's key
+    # a run recorded before cm.ood.lexical resumes (the default filled in); its fit's key differs, so the
+    # fit on file (embedding check alone) is not reused and the finished shards are scored again
+    before = {key: value for key, value in material_spec(neighbour).items() if key != "cm.ood.lexical"}
+    assert changed_keys(before, material_spec(neighbour)) == []
+    assert _digest(before) != spec_digest(neighbour)
     # the paper variant embeds nothing and checks no row: its setting changes nothing
     paper, paper_off = spec("{variant: paper}"), spec("{variant: paper, ood: null}")
     assert changed_keys(material_spec(paper), material_spec(paper_off)) == []
