@@ -9,6 +9,7 @@ is accepted (never one flagged unlike the user split: ``runner.novelty``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +37,13 @@ class Refined:
     scores: np.ndarray  # per label: posterior probability, or the bank row's share (paper, plain)
 
 
-def neighbourhoods(fitted: FittedCM | FitDraft, vectors: np.ndarray) -> list[Neighbourhood | None]:
+def neighbourhoods(
+    fitted: FittedCM | FitDraft, vectors: np.ndarray, texts: Sequence[str] | None = None
+) -> list[Neighbourhood | None]:
     """One neighbourhood per embedded item (None for variants that do not look at X).
 
     A draft suffices: the neighbourhood and the probe are chosen before the model is asked anything.
+    ``texts``, the items' texts as embedded, are needed by cm.ood's lexical check (``runner.novelty``).
     """
     if not fitted.uses_neighbours:
         return [None] * len(vectors)
@@ -50,7 +54,7 @@ def neighbourhoods(fitted: FittedCM | FitDraft, vectors: np.ndarray) -> list[Nei
     )
     priors = fitted.probe.prior(vectors) if fitted.probe else vote_priors
     votes = [fitted.labels[i] for i in vote_priors.argmax(axis=1)]
-    flags = [bool(f) for f in fitted.novelty.flags(vectors)] if fitted.novelty else [None] * len(vectors)
+    flags = [bool(f) for f in fitted.novelty.flags(vectors, texts)] if fitted.novelty else [None] * len(vectors)
     return [Neighbourhood(*item) for item in zip(similarities, priors, votes, flags, strict=True)]
 
 

@@ -115,7 +115,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # stop a run from resuming. A cm setting not named here is read by every variant.
 _COUNTS_ONLY = {"cm.coverage", "cm.tau", "cm.second_call", "cm.first_call", "cm.alpha", "cm.likelihood_weight"}
 _NEIGHBOURS_ONLY = {"cm.neighbours", "cm.neighbour_temperature", "cm.prior", "cm.embedding_model"}
-_NEIGHBOURS_ONLY |= {"cm.ood", "cm.ood.level", "cm.ood.neighbours"}  # the novelty check needs the embeddings
+_NEIGHBOURS_ONLY |= {"cm.ood", "cm.ood.level", "cm.ood.neighbours", "cm.ood.lexical"}  # it needs the embeddings
 _INSTANCE_ONLY = {"cm.instance_neighbours", "cm.blend"}
 _CM_NOT_READ = {
     "paper": _COUNTS_ONLY | _NEIGHBOURS_ONLY | _INSTANCE_ONLY,

@@ -29,7 +29,8 @@ corpus. In this order:
    ``cm.accept.per_label``, and of each well-sampled label's, by the label assigned).
 
 With ``cm.ood``, the variants that embed also fit the novelty check on the random split's embeddings
-(``runner.novelty``): a corpus row unlike the user split is then never accepted.
+(and, with ``cm.ood.lexical``, its texts' character n-grams: ``runner.novelty``): a corpus row unlike
+the user split is then never accepted.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     common |= dict(user_vectors=user_vectors, probe=probe, held=held, held_ids=tuple(samples[i].id for i in held))
     if uses_neighbours and cm.ood is not None:  # distances among the random split only: they are exchangeable
         assert user_vectors is not None
-        common["novelty"] = fit_novelty(user_vectors[drawn], cm.ood.neighbours, cm.ood.level)
+        texts = [s.text for s, d in zip(samples, drawn, strict=True) if d] if cm.ood.lexical else None
+        common["novelty"] = fit_novelty(user_vectors[drawn], cm.ood.neighbours, cm.ood.level, texts)
 
     if variant in ("plain", "paper"):
         # held-out rows of the bank: counts without the sample's own (answer, truth) pair

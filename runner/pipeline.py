@@ -501,7 +501,7 @@ async def annotate_rows(
     if known is not None and known.uses_neighbours:
         assert embed is not None
         # embedding is CPU work: off the event loop, so other chunks' requests keep their timeouts
-        contexts = apply.neighbourhoods(known, await asyncio.to_thread(embed, texts))
+        contexts = apply.neighbourhoods(known, await asyncio.to_thread(embed, texts), texts)
     earlier = previous if previous is not None else [None] * len(texts)
     ids = [str(i) for i in rows["id"].to_list()]  # a row's candidate set is randomised by its id
 

@@ -39,7 +39,7 @@ ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
     "y_neighbour": pl.String(),  # the vote of X's nearest user samples, where the CM variant computes it
     "stage": pl.String(),  # the cascade stage that answered the row (spec.MAIN_STAGE for a job without one)
     "stage_calls": pl.List(pl.Int32()),  # the calls each stage made on the row, cheapest first, up to its own
-    # unlike the user split (cm.ood: a conformal novelty p-value on embeddings): never accepted; null: not checked
+    # unlike the user split (cm.ood: novelty p-values of embeddings and character n-grams): never accepted; null: off
     "ood": pl.Boolean(),
 }
 

@@ -315,12 +315,23 @@ class OODSpec(_Strict):
             "Flag a row when its conformal novelty p-value (the distance of its embedding to its k-th nearest "
             "user sample, ranked among the user samples' own leave-one-out distances) is at most this. Under "
             "exchangeability a row from the user split's distribution is flagged at most this often; junk, "
-            "another language or another domain nearly always. The smallest p-value is 1/(n+1) for n user "
-            "samples: a level below it flags nothing."
+            "another language or another domain nearly always (with lexical, a row is flagged when either of "
+            "two p-values is at most level/2). The smallest p-value is 1/(n+1) for n user samples: a level "
+            "below it (with lexical, below 2/(n+1)) flags nothing."
         ),
     )
     neighbours: Annotated[int, Field(gt=0)] = Field(
         default=5, description="k: the distance to the k-th nearest user sample is the novelty score."
+    )
+    lexical: bool = Field(
+        default=True,
+        description=(
+            "Also score each row by the overlap of its character 2-4-grams with its k-th nearest user sample's, "
+            "ranked the same way, and flag it when either p-value is at most level/2 (Bonferroni: still at most "
+            "level on rows like the user split). Catches junk (formulas, URLs, numbers) where the user split is "
+            "spread out in embedding space (MASSIVE: ~100% against 11% by embeddings alone); needs at least "
+            "2/level - 1 user samples to flag anything (199 at 0.01). false: the embedding's p-value at level."
+        ),
     )
 
 

@@ -41,8 +41,11 @@ KEY_ENV = "CM_TEST_CASCADE_KEY"
 
 
 def cascade_job(toy_job, base_url: str, output: str = "", prices: str = ""):
+    # ood: the embedding's check alone. The toy's row names differ by split ("ue0" user, "ce0" corpus), so
+    # every corpus row is two characters from its nearest user rows where user rows are one from each other:
+    # lexically unlike the user split (cm.ood.lexical flags all of them), which is not what this test is about
     stages = [
-        "{name: neighbours, cm: {variant: neighbour_prior, first_call: never}}",
+        "{name: neighbours, cm: {variant: neighbour_prior, first_call: never, ood: {lexical: false}}}",
         "{name: scripted}",
         f"{{name: api, engine: {{kind: openai, model: fault-model, base_url: {base_url}, api_key_env: {KEY_ENV}, "
         f"structured_output: vllm_choice, max_retries: 1{prices}}}}}",

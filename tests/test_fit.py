@@ -77,7 +77,7 @@ def draft_of(samples, cm: CMSpec, embed=None) -> FitDraft:
 
 def refine_texts(fitted: FittedCM, embed, texts, answers):
     """Each text's refinement, its neighbourhood embedded as the pipeline does."""
-    contexts = apply.neighbourhoods(fitted, embed(texts))
+    contexts = apply.neighbourhoods(fitted, embed(texts), texts)
     refined = [
         apply.refine(fitted, c, a, row_id=f"t{i}") for i, (c, a) in enumerate(zip(contexts, answers, strict=True))
     ]

@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import inspect
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,8 @@ def pool_held_out(spec, data_dir: str, split, n: int, seed: int):
 
 def _sets(fitted, vectors: np.ndarray, ids: list) -> list[tuple[str, ...]]:
     seeded = "row_id" in inspect.signature(apply.refine).parameters  # a checkout before seeded sets: none
+    if getattr(fitted, "novelty", None) is not None:  # candidate sets do not read the ood flag (nor its texts)
+        fitted = replace(fitted, novelty=None)
     contexts = apply.neighbourhoods(fitted, vectors)
     keyed = [{"row_id": str(i)} if seeded else {} for i in ids]
     return [apply.refine(fitted, c, None, **i).refinement.candidates for c, i in zip(contexts, keyed, strict=True)]

@@ -58,7 +58,7 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
         ids = items["id"].to_list()
         refined = [
             apply.refine(fitted, c, None, row_id=i)
-            for c, i in zip(apply.neighbourhoods(fitted, item_vectors), ids, strict=True)
+            for c, i in zip(apply.neighbourhoods(fitted, item_vectors, items["text"].to_list()), ids, strict=True)
         ]
         given = [r.refinement.decided for r in refined]
         confidence = np.array(

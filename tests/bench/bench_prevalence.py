@@ -59,7 +59,8 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
             samples=samples,
         )
         fitted = fit_cm(bank, RECOMMENDED, embed(texts))
-        refined = [apply.refine(fitted, context, None) for context in apply.neighbourhoods(fitted, item_vectors)]
+        contexts = apply.neighbourhoods(fitted, item_vectors, items["text"].to_list())
+        refined = [apply.refine(fitted, context, None) for context in contexts]
         given = [r.refinement.decided for r in refined]
         confidence = np.array(
             [apply.confidence(fitted, apply.score(fitted, r, y)) for r, y in zip(refined, given, strict=True)]

@@ -72,7 +72,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict]:
         started = time.perf_counter()
         fitted = fit_cm(bank, RECOMMENDED, embed(texts))
         fit_seconds = time.perf_counter() - started
-        contexts = apply.neighbourhoods(fitted, item_vectors)
+        contexts = apply.neighbourhoods(fitted, item_vectors, items["text"].to_list())
         ids = items["id"].to_list()
         refined = [apply.refine(fitted, c, None, row_id=i) for c, i in zip(contexts, ids, strict=True)]
         labels_given = [r.refinement.decided for r in refined]

@@ -135,14 +135,15 @@ output: {{dir: {job_dir}}}
     # second_call never: nothing to ask the model while fitting
     vote_only = CMSpec(variant="neighbour_prior", likelihood_weight=0.0, tau=0.5, second_call="never")
     tuned = fit_cm(bank, vote_only, user_vectors)
-    tuned_votes = [context.vote for context in apply.neighbourhoods(tuned, item_vectors)]
+    tuned_votes = [context.vote for context in apply.neighbourhoods(tuned, item_vectors, table["text"].to_list())]
     row["tuned_vote"] = float(np.mean([v == g for v, g in zip(tuned_votes, gold, strict=True)]))
     row["tuned_vote_neighbourhood"] = [tuned.neighbours, tuned.temperature]
     if "probe" in args.priors:  # the probe alone, likewise: what the model's answer adds on top of it
         probe = fit_cm(bank, vote_only.model_copy(update={"prior": "probe"}), user_vectors)
+        probe_contexts = apply.neighbourhoods(probe, item_vectors, table["text"].to_list())
         probe_votes = [
             apply.refine(probe, context, labels[0], row_id=row_id).refinement.decided
-            for context, row_id in zip(apply.neighbourhoods(probe, item_vectors), ids, strict=True)
+            for context, row_id in zip(probe_contexts, ids, strict=True)
         ]
         probe_right = np.array([v == g for v, g in zip(probe_votes, gold, strict=True)])
         row["probe_vote"] = float(probe_right.mean())
@@ -153,7 +154,7 @@ output: {{dir: {job_dir}}}
         neighbours = None if k == "auto" else int(k)
         cm = CMSpec(variant=variant, prior=prior, second_call="never", coverage=args.coverage, neighbours=neighbours)
         fitted = fit_cm(bank, cm, user_vectors if variant != "counts" else None)
-        contexts = apply.neighbourhoods(fitted, item_vectors)
+        contexts = apply.neighbourhoods(fitted, item_vectors, table["text"].to_list())
         decided, covered, sizes = [], [], []
         for context, answer, truth, row_id in zip(contexts, answered, gold, ids, strict=True):
             if answer is None:
