@@ -115,6 +115,10 @@ class FittedCM(_KnownBeforeAsking):
     held_out_labels: np.ndarray | None = field(default=None, repr=False)
     held_out_truths: np.ndarray | None = field(default=None, repr=False)
     novelty: Novelty | None = None  # cm.ood, fitted on the random split's embeddings (variants that embed)
+    # per held-out sample: its label-shift weight p_pool(y) / p_split(y) (``split_weights``), which makes a
+    # stratified split's label shares the pool's in the corpus-level estimates. None in a fit pickled before
+    # they were kept: every sample weighs 1, as before (a dataclass default, so such pickles still load).
+    held_out_weights: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def class_likelihood(self) -> np.ndarray:
@@ -196,6 +200,7 @@ class FitDraft(_KnownBeforeAsking):
     questions: tuple[Question, ...]
     free_text: tuple[str, ...] = ()
     novelty: Novelty | None = None
+    held_weights: np.ndarray | None = None  # per held sample, split_weights (None: every sample weighs 1)
 
 
 def _variant(cm: CMSpec) -> Variant:
@@ -238,7 +243,7 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
     weight = 0.0 if asks_nothing else 1.0 if cm.likelihood_weight is None else cm.likelihood_weight
     tau = 1.0 if cm.tau is None else cm.tau
     common = dict(variant=variant, labels=labels, cm=cm, counts=counts, user_answers=answers, user_truths=truths)
-    common |= dict(free_text=free_text)
+    common |= dict(free_text=free_text, held_weights=split_weights(bank, truths, drawn)[held])
     common |= dict(user_vectors=user_vectors, probe=probe, held=held, held_ids=tuple(samples[i].id for i in held))
     if uses_neighbours and cm.ood is not None:  # distances among the random split only: they are exchangeable
         assert user_vectors is not None
@@ -286,7 +291,7 @@ def prepare_fit(bank: MemoryBank, cm: CMSpec, user_vectors: np.ndarray | None = 
         scores = post.posteriors(likelihood_rows, priors, weight)
         draws = np.array([post.row_uniform(samples[i].id) for i in held])  # as a corpus row's, from its id
         if cm.tau is None:
-            weights = split_weights(bank, truths, drawn)[held]
+            weights = common["held_weights"]
             tau = trust.conformal_tau(trust.conformity_scores(scores, truths[held], draws), cm.coverage, weights)
         sets = tuple(
             tuple(int(i) for i in post.mass_candidates(row, tau, u)) for row, u in zip(scores, draws, strict=True)
@@ -387,6 +392,7 @@ def finish_fit(draft: FitDraft, choices: Sequence[str | None] = ()) -> FittedCM:
         held_out_labels=given,
         held_out_truths=truths[draft.held],
         novelty=draft.novelty,
+        held_out_weights=draft.held_weights,
     )
 
 
@@ -407,25 +413,30 @@ def through_cascade(stages: Sequence[FittedCM]) -> FittedCM:
     if len(stages) == 1:
         return stages[0]
     if any(f.held_out_labels is None or f.held_out_truths is None for f in stages):
-        return replace(stages[0], held_out_labels=None, held_out_truths=None)
+        return replace(stages[0], held_out_labels=None, held_out_truths=None, held_out_weights=None)
     acceptance = stages[0].acceptance
     threshold = acceptance.threshold if acceptance is not None and acceptance.threshold is not None else np.inf
-    chosen: dict[str, tuple[int, int, float, bool]] = {}
+    # A sample's weight is its label's (the same split in every stage); a stage fitted before weights were
+    # kept weighs every sample 1, so weighting the others alone would mix two frames: then none is weighted.
+    weighted = all(f.held_out_weights is not None for f in stages)
+    chosen: dict[str, tuple[int, int, float, bool, float]] = {}
     for fitted in stages:
+        weights = fitted.held_out_weights if fitted.held_out_weights is not None else np.ones(len(fitted.held_out_ids))
         rows = zip(
             fitted.held_out_ids,
             fitted.held_out_labels,
             fitted.held_out_truths,
             fitted.held_out_confidence,
             fitted.held_out_right,
+            weights,
             strict=True,
         )
-        for sample, label, truth, confidence, right in rows:
+        for sample, label, truth, confidence, right, weight in rows:
             settled = sample in chosen and chosen[sample][2] >= threshold
             if not settled:  # not yet accepted: this later stage's answer stands
-                chosen[sample] = (int(label), int(truth), float(confidence), bool(right))
+                chosen[sample] = (int(label), int(truth), float(confidence), bool(right), float(weight))
     ids = tuple(chosen)
-    labels, truths, confidences, right = (np.array(column) for column in zip(*chosen.values(), strict=True))
+    labels, truths, confidences, right, weights = (np.array(column) for column in zip(*chosen.values(), strict=True))
     return replace(
         stages[0],
         held_out_ids=ids,
@@ -433,6 +444,7 @@ def through_cascade(stages: Sequence[FittedCM]) -> FittedCM:
         held_out_truths=truths,
         held_out_confidence=confidences,
         held_out_right=right.astype(bool),
+        held_out_weights=weights if weighted else None,
     )
 
 

@@ -23,6 +23,26 @@ the same f; what that assumes here:
 - samples whose first answer did not parse are not held out (``runner.fit``), while corpus rows with
   such answers are counted (as "no label", f uniform): with constrained answers there are none.
 
+Weights: a stratified split. A split drawn stratified by label (``runner.data.sample_user_split``:
+at least one sample a label) over-represents rare labels against the pool it was drawn from, and
+unweighted its label shares bias the estimate (about 3 points on MTOP). Each labelled sample then
+weighs p_pool(y) / p_split(y) (``runner.fit.split_weights``, from the pool's counts; ``ppi_py``'s ``w``),
+which makes the weighted split's label shares the pool's. That is a label-shift correction: it assumes
+p(x | y), and so f's behaviour on each label, is the same in split and pool, which the draw itself makes
+so (uniform within each label); and it moves the labelled side to the pool, not to the corpus, so it is
+the pool that must be exchangeable with the corpus (as an unweighted split must be). A split not drawn,
+drawn uniformly, or a fit from before the weights were kept weighs every sample 1: the estimate is then
+exactly the unweighted one (constant weights are passed as none). What ``ppi_py`` does with ``w``
+(version 0.2.3, tested in tests/test_prevalence.py):
+
+- it rescales ``w`` to mean 1 over the labelled samples, so only their ratios count;
+- the interval treats the weighted samples as independent draws: for a split with fixed counts per label
+  the between-label part of the correction's variance is not random, so the interval is conservative
+  (the gold-only one most: its centre is the pool's share exactly, its width the i.i.d. one);
+- lam is tuned with the weighted covariance Cov(w Y, w f) over the variance of f pooled with the corpus's
+  (mostly the corpus's) rather than Var(w f): a lam not quite variance-optimal, the interval still valid,
+  its width computed from the weighted residuals for whatever lam was chosen.
+
 The intervals are normal ones, valid as samples grow: a label with few user samples (15 of 300 in
 the simulation of tests/test_prevalence.py) gets one that holds a little less often than it says, as
 does the gold-only Wald interval beside it.
@@ -52,6 +72,19 @@ def _ppi() -> ModuleType:
     with warnings.catch_warnings():
         import ppi_py
     return ppi_py
+
+
+def _label_shift_weights(weights: FloatArray | None, n: int) -> FloatArray | None:
+    """``ppi_py``'s ``w``: None when every sample weighs the same (``ppi_py`` rescales w to mean 1, so equal
+    weights are no weights; passing them would still move the result by rounding in w / sum(w) * n)."""
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (n,):
+        raise ValueError(f"{len(w)} weights for {n} held-out user samples")
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+        raise ValueError("label-shift weights must be finite, non-negative and not all zero")
+    return None if np.all(w == w[0]) else w
 
 
 def label_predictions(given: IntArray, confidence: FloatArray, label: int, n_labels: int) -> FloatArray:
@@ -86,6 +119,7 @@ class Prevalence:
     n_labelled: int
     n_model: int  # corpus rows the model labelled
     n_known: int  # corpus rows a reviewer labelled, counted as they are
+    weighted: bool = False  # the user samples were weighted by label shift (a stratified split)
 
     def as_dict(self) -> dict[str, Any]:
         """metrics.json's ``prevalence``: labels ordered by estimate, largest first."""
@@ -106,6 +140,7 @@ class Prevalence:
             "n_user_samples": self.n_labelled,
             "n_model_rows": self.n_model,
             "n_reviewed_rows": self.n_known,
+            "label_shift_weighted": self.weighted,
             "labels": labels,
         }
 
@@ -119,12 +154,15 @@ def estimate_prevalence(
     corpus_confidence: FloatArray,
     known: IntArray,
     level: float = DEFAULT_LEVEL,
+    weights: FloatArray | None = None,
 ) -> Prevalence:
     """Each label's share of the corpus, its PPI++ interval and the gold-only one, all K at ``level`` jointly.
 
     ``truths``, ``labelled_given``, ``labelled_confidence``: per labelled user sample, its truth and the
     label (-1: none) and confidence it was given held out. ``corpus_given``, ``corpus_confidence``: the
     same for the corpus rows the model labelled. ``known``: the label of each row a reviewer labelled.
+    ``weights``: per labelled user sample, its label-shift weight p_pool(y) / p_split(y) (module
+    docstring); None or all equal: unweighted, exactly as without.
 
     Joint over labels by Bonferroni: each interval at 1 - (1 - level) / K, so by the union bound the
     chance that any of the K misses is at most 1 - level whatever their dependence (the shares are
@@ -149,6 +187,7 @@ def estimate_prevalence(
     n, n_model, n_known = len(truths), len(corpus_given), len(known)
     if n < 2:
         raise ValueError(f"corpus-level estimates need at least 2 held-out user samples, got {n}")
+    w = _label_shift_weights(weights, n)
     alpha = (1.0 - level) / n_labels
     total = n_model + n_known
     model_weight = n_model / total if total else 0.0
@@ -157,7 +196,7 @@ def estimate_prevalence(
     gold_low, gold_high = np.empty(n_labels), np.empty(n_labels)
     for k in range(n_labels):
         y = (truths == k).astype(float)
-        gold_low[k], gold_high[k] = ppi.classical_mean_ci(y, alpha=alpha)
+        gold_low[k], gold_high[k] = ppi.classical_mean_ci(y, w=w, alpha=alpha)
         if n_model == 0:  # every row was reviewed: the shares are known
             estimate[k] = low[k] = high[k] = 0.0
             continue
@@ -165,7 +204,7 @@ def estimate_prevalence(
         f_corpus = label_predictions(corpus_given, corpus_confidence, k, n_labels)
         # one label at a time (d = 1): lam tuned for each label's own variance, as ppi_py's
         # lam_optim_mode="element" does for all at once, without a rows x labels matrix of the corpus
-        lo, hi = ppi.ppi_mean_ci(y, f, f_corpus, alpha=alpha)
+        lo, hi = ppi.ppi_mean_ci(y, f, f_corpus, alpha=alpha, w=w)
         lo, hi = float(np.squeeze(lo)), float(np.squeeze(hi))
         if not (np.isfinite(lo) and np.isfinite(hi)):  # f constant on every row: lam is 0/0, no prediction helps
             lo, hi = float(gold_low[k]), float(gold_high[k])
@@ -185,4 +224,5 @@ def estimate_prevalence(
         n_labelled=n,
         n_model=n_model,
         n_known=n_known,
+        weighted=w is not None,
     )

@@ -260,6 +260,7 @@ def prevalence_metrics(annotations: Path, fitted: FittedCM | None) -> dict[str, 
         model["confidence"].fill_null(0.0).to_numpy(),
         known["given"].to_numpy(),
         accept.confidence_level if accept is not None else DEFAULT_LEVEL,
+        weights=fitted.held_out_weights,  # a stratified split's label-shift weights (None: a fit before them)
     )
     return estimated.as_dict()
 

@@ -714,3 +714,60 @@ async def test_switching_per_label_on_is_a_different_spec_with_cm_off_too(tmp_pa
     table = pl.read_parquet(tmp_path / "out/annotations.parquet").sort("id")
     threshold = result.metrics["trust"]["threshold"]
     assert table["accepted"].to_list() == [c >= threshold for c in table["confidence"].to_list()] == [True, False]
+
+
+@pytest.mark.parametrize("variant", ["counts", "paper"])
+def test_the_fit_keeps_each_held_out_samples_label_shift_weight(variant):
+    # the corpus-level estimates (runner.prevalence) weigh the held-out samples as tau does, every variant
+    by_label = {"pets": 0.8 / (4 / 9), "weather": 0.1 / (2 / 9), "music": 0.1 / (3 / 9)}
+    unparsed = [*SAMPLES[:-1], Sample(id="9", text="loud band", answer=None, truth="music")]  # not held out
+    bank = stratified_bank(unparsed)
+    cm = CMSpec(variant=variant, likelihood_weight=1.0)
+    draft = prepare_fit(bank, cm)
+    fitted = finish_fit(draft, [q.most_probable for q in draft.questions])
+    assert fitted.held_out_ids == tuple(s.id for s in SAMPLES[:-1])
+    assert fitted.held_out_weights == pytest.approx([by_label[s.truth] for s in SAMPLES[:-1]])
+    uniform = prepare_fit(stratified_bank(SAMPLES, stratified=False), cm)
+    plain = finish_fit(uniform, [q.most_probable for q in uniform.questions])
+    assert (plain.held_out_weights == 1).all()
+
+
+def _answered_fit(bank, cm: CMSpec) -> FittedCM:
+    draft = prepare_fit(bank, cm)
+    return finish_fit(draft, [q.most_probable for q in draft.questions])
+
+
+def test_a_fit_pickled_before_weights_were_kept_loads_with_none(tmp_path):
+    import pickle
+
+    from runner._fitted_store import load_fitted, save_fitted
+
+    fitted = _answered_fit(stratified_bank(SAMPLES), CMSpec(variant="counts", likelihood_weight=1.0))
+    old = object.__new__(FittedCM)
+    state = dict(fitted.__dict__)
+    del state["held_out_weights"]  # as an older cm-runner pickled it
+    object.__setattr__(old, "__dict__", state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert "held_out_weights" not in restored.__dict__ and restored.held_out_weights is None
+    save_fitted(tmp_path, "k", old)
+    loaded = load_fitted(tmp_path, "k")
+    assert loaded is not None and loaded.held_out_weights is None
+
+
+def test_through_cascade_carries_the_weight_of_each_sample_and_none_if_a_stage_has_none():
+    from dataclasses import replace
+
+    from runner.fit import accept_cascade, through_cascade
+
+    bank = stratified_bank(SAMPLES)
+    stages = accept_cascade(
+        [_answered_fit(bank, CMSpec(variant="counts", likelihood_weight=1.0)), _answered_fit(bank, CMSpec())],
+        AcceptSpec(target_accuracy=0.5, confidence_level=0.5, min_accepted=1),
+    )
+    whole = through_cascade(stages)
+    by_label = {"pets": 0.8 / (4 / 9), "weather": 0.1 / (2 / 9), "music": 0.1 / (3 / 9)}
+    truth_of = {s.id: s.truth for s in SAMPLES}
+    assert whole.held_out_weights is not None and len(whole.held_out_ids) == 9
+    assert whole.held_out_weights == pytest.approx([by_label[truth_of[i]] for i in whole.held_out_ids])
+    mixed = through_cascade([stages[0], replace(stages[1], held_out_weights=None)])
+    assert mixed.held_out_weights is None and mixed.held_out_labels is not None

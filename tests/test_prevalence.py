@@ -216,3 +216,85 @@ async def test_reviewed_rows_enter_a_jobs_shares_as_known(toy_job, tmp_path):
         entry = prevalence["labels"][label]
         assert entry["estimate"] == pytest.approx(13 / 22 * alone.estimate[k] + counted[label])
         assert entry["low"] == pytest.approx(max(0.0, 13 / 22 * alone.low[k] + counted[label]))
+
+
+# A stratified split: equal samples per label from a pool whose shares are SHARES; the corpus is drawn
+# like the pool. Weighted by p_pool(y) / p_split(y) the split stands for the pool (runner.prevalence).
+PER_LABEL = 60
+
+
+def _stratified(rng: np.random.Generator, accuracy: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    truth = np.repeat(np.arange(K), PER_LABEL)
+    chance = np.clip(accuracy + 0.1 * rng.standard_normal(len(truth)), 0.05, 0.999)
+    right = rng.random(len(truth)) < chance
+    given = np.where(right, truth, (truth + rng.integers(1, K, len(truth))) % K)
+    weights = SHARES[truth] / (1 / K)  # p_pool(y) / p_split(y), worked out from the design
+    return truth, given, chance, weights
+
+
+def test_weighted_estimates_are_ppi_pys_own_with_w():
+    rng = np.random.default_rng(4)
+    truth, given, confidence, weights = _stratified(rng, 0.7)
+    _, corpus_given, corpus_confidence = _draw(rng, 5000, 0.7)
+    got = estimate_prevalence(
+        LABELS, truth, given, confidence, corpus_given, corpus_confidence, np.zeros(0, int), 0.9, weights=weights
+    )
+    alpha = 0.1 / K
+    y, f, f_corpus = np.eye(K)[truth], _matrix(given, confidence), _matrix(corpus_given, corpus_confidence)
+    low, high = ppi_py.ppi_mean_ci(y, f, f_corpus, alpha=alpha, w=weights, lam_optim_mode="element")
+    point = ppi_py.ppi_mean_pointestimate(y, f, f_corpus, w=weights, lam_optim_mode="element")
+    assert np.allclose(got.low, low) and np.allclose(got.high, high) and np.allclose(got.estimate, point)
+    gold = [ppi_py.classical_mean_ci(y[:, k], w=weights, alpha=alpha) for k in range(K)]
+    assert np.allclose(got.gold_low, [g[0] for g in gold]) and np.allclose(got.gold_high, [g[1] for g in gold])
+    # the weighted split's label shares are the pool's: the gold-only intervals are centred on SHARES exactly
+    assert np.allclose((got.gold_low + got.gold_high) / 2, SHARES)
+    assert got.as_dict()["label_shift_weighted"] is True
+    # ppi_py's quirk: w is rescaled to mean 1, so only the weights' ratios count
+    scaled = estimate_prevalence(
+        LABELS, truth, given, confidence, corpus_given, corpus_confidence, np.zeros(0, int), 0.9, weights=3 * weights
+    )
+    assert np.allclose(scaled.low, got.low) and np.allclose(scaled.high, got.high)
+    with pytest.raises(ValueError, match="weights for"):
+        estimate_prevalence(
+            LABELS, truth, given, confidence, corpus_given, corpus_confidence, np.zeros(0, int), weights=weights[1:]
+        )
+
+
+def test_no_weights_or_equal_weights_give_exactly_the_unweighted_estimate():
+    rng = np.random.default_rng(5)
+    truth, given, confidence = _draw(rng, 49, 0.8)  # 1/49 * 49 != 1 in floating point: ones must not reach ppi_py
+    _, corpus_given, corpus_confidence = _draw(rng, 700, 0.8)
+    args = (LABELS, truth, given, confidence, corpus_given, corpus_confidence, np.zeros(0, int), 0.9)
+    bare, none = estimate_prevalence(*args), estimate_prevalence(*args, weights=None)
+    ones = estimate_prevalence(*args, weights=np.ones(49))
+    twos = estimate_prevalence(*args, weights=np.full(49, 2.0))
+    for name in ("estimate", "low", "high", "gold_low", "gold_high", "raw_share"):
+        for other in (none, ones, twos):
+            assert np.array_equal(getattr(bare, name), getattr(other, name)), name
+    assert bare.as_dict() == ones.as_dict() and bare.as_dict()["label_shift_weighted"] is False
+
+
+def test_weighted_intervals_cover_a_stratified_splits_pool_shares_and_unweighted_ones_are_biased():
+    """300 seeded stratified splits (60 per label, pool shares SHARES) and corpora drawn like the pool:
+    weighted, the estimates are unbiased (|mean error| < 0.01 on every label) and the joint intervals hold
+    the corpus's true shares at least as often as nominal less three Monte-Carlo errors (ppi_py's i.i.d.
+    variance is conservative for fixed per-label counts); unweighted, the shares move towards 1/K."""
+    rng = np.random.default_rng(6)
+    runs, level = 300, 0.9
+    covered, covered_bare = np.zeros(runs, dtype=bool), np.zeros(runs, dtype=bool)
+    error, error_bare = np.zeros((runs, K)), np.zeros((runs, K))
+    for run in range(runs):
+        truth, given, confidence, weights = _stratified(rng, 0.75)
+        corpus_truth, corpus_given, corpus_confidence = _draw(rng, 2000, 0.75)
+        args = (LABELS, truth, given, confidence, corpus_given, corpus_confidence, np.zeros(0, int), level)
+        weighted, bare = estimate_prevalence(*args, weights=weights), estimate_prevalence(*args)
+        share = np.bincount(corpus_truth, minlength=K) / len(corpus_truth)
+        covered[run] = np.all((weighted.low <= share) & (share <= weighted.high))
+        covered_bare[run] = np.all((bare.low <= share) & (share <= bare.high))
+        error[run], error_bare[run] = weighted.estimate - share, bare.estimate - share
+    mc = np.sqrt(level * (1 - level) / runs)
+    assert np.abs(error.mean(axis=0)).max() < 0.01, error.mean(axis=0)
+    assert covered.mean() >= level - 3 * mc, covered.mean()
+    # unweighted: the common label under-estimated, the rare one over-estimated, far outside the MC error
+    assert error_bare.mean(axis=0)[0] < -0.02 and error_bare.mean(axis=0)[-1] > 0.02, error_bare.mean(axis=0)
+    assert covered_bare.mean() < covered.mean(), (covered_bare.mean(), covered.mean())
