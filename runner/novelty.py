@@ -69,7 +69,9 @@ def char_ngrams(texts: Sequence[str]) -> sparse.csr_matrix:
     return _NGRAMS.transform(list(texts)).astype(np.float32).tocsr()
 
 
-def _kth_distances(vectors, reference, k: int, *, leave_one_out: bool) -> np.ndarray:
+def _kth_distances(
+    vectors: np.ndarray | sparse.csr_matrix, reference: np.ndarray | sparse.csr_matrix, k: int, *, leave_one_out: bool
+) -> np.ndarray:
     """Per row of ``vectors``, the cosine distance to its k-th nearest row of ``reference`` (unit rows,
     dense arrays or sparse matrices alike).
 
@@ -93,6 +95,11 @@ def _p_values(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """(1 + #{calibration scores >= score}) / (n + 1), calibration ascending."""
     at_least = len(calibration) - np.searchsorted(calibration, scores, side="left")
     return (1.0 + at_least) / (len(calibration) + 1.0)
+
+
+def either_p_value(p_embed: np.ndarray, p_lex: np.ndarray) -> np.ndarray:
+    """The Bonferroni p-value of two checks read together, ``min(1, 2 min(p_embed, p_lex))`` (module docstring)."""
+    return np.minimum(1.0, 2.0 * np.minimum(p_embed, p_lex))
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,7 @@ class Novelty:
             return p
         if texts is None or len(texts) != len(p):
             raise ValueError("cm.ood's lexical check needs the rows' texts, one per embedding")
-        return np.minimum(1.0, 2.0 * np.minimum(p, self.lexical.p_values(texts)))
+        return either_p_value(p, self.lexical.p_values(texts))
 
     def flags(self, vectors: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """True where a row is unlike the user split (its combined p-value at most ``level``)."""

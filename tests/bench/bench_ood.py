@@ -37,7 +37,7 @@ from runner.bank import Sample, UserSplitInfo, estimate_bank
 from runner.data import load_user_split
 from runner.embeddings import embed
 from runner.fit import fit_cm
-from runner.novelty import fit_novelty
+from runner.novelty import either_p_value, fit_novelty
 from runner.spec import CMSpec
 
 DATASETS = ["massive-en-US", "banking77", "clinc150"]
@@ -78,7 +78,7 @@ CHECKS = ("embedding", "lexical", "both")  # the embedding's p-value at level (b
 
 def check_flags(p_embed: np.ndarray, p_lex: np.ndarray, level: float) -> dict[str, np.ndarray]:
     """Each check's flags from the two p-values: either alone at ``level``, both by Bonferroni (runner.novelty)."""
-    return {"embedding": p_embed <= level, "lexical": p_lex <= level, "both": np.minimum(p_embed, p_lex) <= level / 2}
+    return {"embedding": p_embed <= level, "lexical": p_lex <= level, "both": either_p_value(p_embed, p_lex) <= level}
 
 
 def accepted_shares(
